@@ -61,6 +61,7 @@ class GIFT(nn.Module):
         self.phi = nn.Linear(in_features, rank, bias=False)  # default (kaiming-uniform) init
         self.psi = nn.Linear(rank, in_features, bias=False)
         nn.init.zeros_(self.psi.weight)                     # dW = 0: step 0 equals the base model
+        self.ran = False  # set by the layers using this Theta, checked after each forward (add_gift)
 
     def delta(self, weight):
         """Parameter form: dW = psi(phi(W)) = (W phi) psi, (d_out, d_in) -> (d_out, d_in)."""
@@ -86,14 +87,13 @@ class GIFTLinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias
         self.in_features, self.out_features, self.mode = base.in_features, base.out_features, mode
         self.refs = (base, theta)
-        self.ran = False  # set by forward; lets add_gift's hook catch a layer whose weight is read directly
 
     @property
     def theta(self) -> GIFT:
         return self.refs[1]
 
     def forward(self, x):
-        self.ran = True
+        self.theta.ran = True
         if self.mode == "activation":
             return F.linear(self.theta(x), self.weight, self.bias)
         return F.linear(x, self.weight + self.theta.delta(self.weight), self.bias)
@@ -150,14 +150,12 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
         raise ValueError(f"layers {twice} are matched by more than one target; make the targets disjoint")
     if share == "all":
         groups = {"all": [item for found in groups.values() for item in found]}
-    modules = dict(model.named_modules())
     for found in groups.values():
         for name, module in found:
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear; "
                                  f"GIFT edits Linear layers. Linear layers: {_linear_names(model)}")
-            parent = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            if isinstance(parent, nn.MultiheadAttention):  # it reads out_proj.weight, never calls it
+            if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):  # it reads out_proj.weight, never calls it
                 raise ValueError(f"target {name!r} is inside nn.MultiheadAttention, which reads its weight "
                                  f"directly instead of calling the layer, so GIFT cannot edit it. "
                                  f"Target other layers (e.g. linear1, linear2)")
@@ -179,26 +177,24 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, GIFTLinear(module, thetas[key], mode))
     model.gift = thetas
-
     model._gift_hooks = (model.register_forward_pre_hook(_reset_ran), model.register_forward_hook(_check_ran))
     return thetas
 
 
 def _reset_ran(model, args):
-    for _, layer in gift_layers(model):
-        layer.ran = False
+    for theta in model.gift.values():
+        theta.ran = False
 
 
 def _check_ran(model, args, output):
     """A Theta none of whose layers ran in a forward of the whole model would be silently ignored."""
-    layers = gift_layers(model)
     for key, theta in model.gift.items():
-        mine = [(n, layer.ran) for n, layer in layers if layer.theta is theta]
-        if not any(ran for _, ran in mine):
+        if not theta.ran:
+            names = [n for n, layer in gift_layers(model) if layer.theta is theta]
             raise RuntimeError(
-                f"GIFT: no layer of Theta {key!r} ({', '.join(n for n, _ in mine[:3])}, ...) ran in this forward: "
-                f"their parent read .weight directly (e.g. nn.TransformerEncoderLayer's fast path in eval() "
-                f"under no_grad). Run in train() mode, or merge_gift(model) before inference")
+                f"GIFT: no layer of Theta {key!r} ({', '.join(names[:3])}, ...) ran in this forward: their parent "
+                f"read .weight directly (e.g. nn.TransformerEncoderLayer's fast path in eval() under no_grad). "
+                f"Run in train() mode, or merge_gift(model) before inference")
 
 
 def gift_layers(model: nn.Module):
