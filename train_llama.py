@@ -1,0 +1,1310 @@
+"""GIFT on a hand-written LLaMA 1/2/3: raw Meta or HF checkpoints in, the Commonsense170k table out.
+
+The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; 6 epochs of
+Commonsense170k, batch 32, AdamW, lr 2.5e-4, linear schedule with 10% warmup; greedy evaluation on 8 test
+sets) with nothing but torch: the model, the checkpoint readers and the tokenizers are all in this file.
+
+Data (the LLM-Adapters layout): DATA/commonsense_170k.json and DATA/dataset/{boolq,piqa,social_i_qa,
+hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
+
+    python train_llama.py --demo                                         # < 1 min on a CPU, synthetic data
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
+    torchrun --nproc_per_node=4 train_llama.py --model Meta-Llama-3-8B/original --data DATA --out runs/l3
+    python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.pt --eval_only --out runs/l2
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --generate "Is water wet?"
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --merge runs/l2/merged
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
+
+--model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
+model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.model (or
+MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the paper's other variants.
+"""
+import argparse
+import base64
+import contextlib
+import functools
+import hashlib
+import heapq
+import json
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary
+from train_vit import atomic_save, read_safetensors, setup_distributed
+
+# -----------------------------------------------------------------------------
+# The model (Meta's module names, so that a consolidated.00.pth loads key for key)
+
+LLAMA31_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None      # None: as many as n_heads (no grouped-query attention)
+    vocab_size: int = -1               # -1 (Llama 1/2 params.json): the size of the embedding in the file
+    multiple_of: int = 256             # the FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5             # 1e-6 for LLaMA-1: always read it from the checkpoint
+    rope_theta: float = 10000.0        # 500000 for Llama 3
+    use_scaled_rope: bool = False      # Llama 3.1+: slow down RoPE's low frequencies
+    rope_scaling: dict | None = None   # the scaling's constants; None = Llama 3.1's (LLAMA31_ROPE_SCALING)
+    max_seq_len: int = 2048            # length of the RoPE tables, so the longest sequence the model takes
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides):
+        """From a Meta params.json: everything may be nested under "model"; unknown keys are ignored."""
+        params = params.get("model", params)
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in params.items() if k in known}, **overrides})
+
+    @property
+    def ffn_dim(self):
+        """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices), times a multiplier, rounded up."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)  # 11008 (7B), 14336 (Llama-3 8B)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # in float32 whatever the weights: the mean of squares overflows/rounds in bf16
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(args: ModelArgs):
+    """cos, sin of position * frequency, each (max_seq_len, head_dim / 2), float32."""
+    hd = args.dim // args.n_heads
+    freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd)  # (hd/2,)
+    if args.use_scaled_rope:  # Llama 3.1: keep the short wavelengths, stretch the long ones, blend between
+        s = args.rope_scaling or LLAMA31_ROPE_SCALING
+        factor, lo, hi, ctx = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                               s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / freqs
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        blended = torch.where(wavelen > ctx / lo, freqs / factor, (1 - smooth) * freqs / factor + smooth * freqs)
+        freqs = torch.where(wavelen < ctx / hi, freqs, blended)
+    angles = torch.outer(torch.arange(args.max_seq_len, device="cpu").float(), freqs)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates each adjacent pair (x[2i], x[2i+1]) of every head by position * freq_i (Meta's convention;
+    HF rotates (x[i], x[i + hd/2]), which is why HF's q/k rows are permuted). x: (B, T, H, hd)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)         # (B, T, H, hd/2) each
+    cos, sin = cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)  # (T, 1, hd/2): same for every head
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache = None  # (keys, values), each (B, S, n_kv_heads, hd), only while generate() runs
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.cache is not None:  # generation: store this step's keys/values, attend to all so far
+            self.cache[0][:, start_pos:start_pos + T], self.cache[1][:, start_pos:start_pos + T] = k, v
+            k, v = self.cache[0][:, :start_pos + T], self.cache[1][:, :start_pos + T]
+        rep = self.n_heads // self.n_kv_heads  # GQA: kv head j serves query heads j*rep .. j*rep+rep-1
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, hd)
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate (HF gate_proj)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down (HF down_proj)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up (HF up_proj)
+
+    def forward(self, x):  # SwiGLU
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention, self.feed_forward = Attention(args), FeedForward(args)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args, self.grad_checkpointing = args, False
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args)  # not persistent: recomputed, never read from a checkpoint
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, tokens, targets=None, start_pos=0, valid=None):
+        """tokens (B, T) -> logits (B, T, vocab_size), float32.
+        targets (B, T), -100 = ignore: returns the *summed* cross-entropy instead, computing logits only at
+        the target positions (the full (B, T, 128256) float32 logits would cost more memory than the model's
+        activations). start_pos: position of tokens[:, 0] (generation with the KV cache). valid (B,
+        start_pos + T), False on left padding: no token attends to a padding position."""
+        B, T = tokens.shape
+        if start_pos + T > self.cos.shape[0]:
+            raise ValueError(f"sequence of {start_pos + T} tokens > max_seq_len {self.cos.shape[0]}")
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
+        mask = None  # plain causal attention (training, and a prompt without padding)
+        if valid is not None or start_pos > 0:
+            i = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]  # query positions
+            j = torch.arange(start_pos + T, device=tokens.device)                      # key positions
+            mask = j <= i                                                              # (T, S)
+            if valid is not None:  # a padding query still sees itself: a row of -inf only would give NaN
+                mask = mask & (valid[:, None, None, :] | (j == i))                     # (B, 1, T, S)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:  # keep only each block's input; redo in backward
+                h = checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, start_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h).float()
+        keep = targets != -100
+        return F.cross_entropy(self.output(h[keep]).float(), targets[keep], reduction="sum")
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id=None):
+    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
+    Returns each prompt's generated ids (without the prompt), cut before the first eos_id."""
+    model = getattr(model, "module", model)  # DDP
+    B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        valid[b, P - len(p):] = True
+    attn = model.layers[0].attention
+    shape, dtype = (B, S, attn.n_kv_heads, attn.head_dim), model.tok_embeddings.weight.dtype
+    for layer in model.layers:
+        layer.attention.cache = (torch.zeros(shape, dtype=dtype, device=device),
+                                 torch.zeros(shape, dtype=dtype, device=device))
+    done, pos, end = torch.zeros(B, dtype=torch.bool, device=device), 0, P
+    try:
+        for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
+            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end])  # (B, end - pos, V)
+            tokens[:, end] = logits[:, -1].argmax(-1)
+            if eos_id is not None:
+                done |= tokens[:, end] == eos_id
+            pos = end
+            if done.all():
+                break
+    finally:
+        for layer in model.layers:
+            layer.attention.cache = None
+    out = []
+    for row in tokens[:, P:end + 1].tolist() if max_new_tokens else [[]] * B:
+        out.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Meta's consolidated.NN.pth shards and HF safetensors, read key by key with shape checks
+
+# Meta's model-parallel shards split column-parallel weights on dim 0 and row-parallel ones on dim 1.
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                  "post_attention_layernorm": "ffn_norm"}
+HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+def _read_meta(path: Path):
+    params = json.loads((path / "params.json").read_text())
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")
+    shards = []
+    for f in files:
+        try:  # mmap: a 7B file is paged in when used, not copied into RAM first
+            shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}")
+        shard.pop("rope.freqs", None)  # Llama 1/2 store the RoPE table; we compute it
+        if shards and shard.keys() != shards[0].keys():
+            odd = sorted(shard.keys() ^ shards[0].keys())[0]
+            raise ValueError(f"{f}: key {odd!r} is in only one of {files[0].name} and {f.name}")
+        shards.append(shard)
+    args = ModelArgs.from_params(params)
+    if "tok_embeddings.weight" not in shards[0]:
+        raise ValueError(f"{files[0]}: missing key 'tok_embeddings.weight'")
+    state = {}
+    for key in shards[0]:
+        parts, name = [s[key] for s in shards], key.split(".")[-2]
+        if len(parts) == 1 or name.endswith("norm"):  # norms are replicated on every shard
+            state[key] = parts[0]
+        elif name == "tok_embeddings":  # split on dim (Llama 1/2) or on vocab (Llama 3): look at the shape
+            state[key] = torch.cat(parts, 0 if parts[0].shape[1] == args.dim else 1)
+        elif name in SHARD_DIM:
+            state[key] = torch.cat(parts, SHARD_DIM[name])
+        else:
+            raise ValueError(f"{files[0]}: unexpected key {key!r}")
+    if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
+        args.vocab_size = state["tok_embeddings.weight"].shape[0]
+    return args, state, f"{path} ({', '.join(f.name for f in files)})", False
+
+
+def _read_hf(path: Path):
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{path}/config.json: biases in attention/MLP are not LLaMA's; not supported")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # older files / transformers >= 5
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{path}/config.json: rope type {rope_type!r} is not supported (default, llama3)")
+    dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
+    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
+                     multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base,
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     use_scaled_rope=rope_type == "llama3",
+                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None)
+    assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files, weight_map = ["model.safetensors"], None
+    state, where = {}, f"{path} ({', '.join(files)})"
+    for name in files:
+        for key, t in read_safetensors(path / name).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                raise ValueError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m and m[2] in HF_LAYER_NAMES
+                   else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
+            heads = {"wq": n_heads, "wk": args.n_kv_heads}.get(new.split(".")[-2])
+            if heads and t.shape[0] == heads * (dim // n_heads):  # HF's rotate-half row order -> Meta's pairs
+                t = t.view(heads, 2, t.shape[0] // heads // 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+            state[new] = t
+    if weight_map is not None and len(state) != len(weight_map):
+        raise ValueError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
+    return args, state, where, cfg.get("tie_word_embeddings", False)
+
+
+def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
+    """A Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) checkpoint folder ->
+    Transformer on the CPU, in the stored dtype unless dtype is given. Strict: a missing, unexpected or
+    misshapen weight is an error naming the key and the files."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        args, state, where, tied = _read_meta(path)
+    elif (path / "config.json").exists():
+        args, state, where, tied = _read_hf(path)
+    else:
+        raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    with torch.device("meta"):  # no memory, no random init: every weight comes from the file
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"{where}: missing weight {key!r}")
+        if state[key].shape != shape:
+            raise ValueError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
+                             f"implies {tuple(shape)}")
+    for key in state:
+        if key not in expected:
+            raise ValueError(f"{where}: unexpected weight {key!r}")
+    model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=False, assign=True)
+    if tied:  # embeddings tied (e.g. Llama 3.2 1B on HF): the output layer is the embedding matrix
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def save_meta(model: Transformer, out_dir):
+    """Writes a Meta checkpoint (params.json + consolidated.00.pth) that Meta's own code loads: params.json
+    holds only the keys of Meta's ModelArgs (Llama 2's code rejects unknown ones, so defaults are left out)."""
+    a, out_dir = model.args, Path(out_dir)
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "vocab_size": a.vocab_size,
+              "multiple_of": a.multiple_of, "norm_eps": a.norm_eps}
+    params |= {"n_kv_heads": a.n_kv_heads} if a.n_kv_heads else {}
+    params |= {"ffn_dim_multiplier": a.ffn_dim_multiplier} if a.ffn_dim_multiplier is not None else {}
+    params |= {"rope_theta": a.rope_theta} if a.rope_theta != 10000.0 else {}
+    params |= {"use_scaled_rope": True} if a.use_scaled_rope else {}
+    params |= {"rope_scaling": a.rope_scaling} if a.use_scaled_rope and a.rope_scaling not in (
+        None, LLAMA31_ROPE_SCALING) else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save(model.state_dict(), out_dir / "consolidated.00.pth")
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+
+
+def find_tokenizer(model_path, tokenizer=None):
+    for p in [tokenizer] if tokenizer else [Path(model_path) / "tokenizer.model",
+                                             Path(model_path) / "original" / "tokenizer.model"]:
+        if Path(p).exists():
+            return Tokenizer(p)
+    raise FileNotFoundError(f"no tokenizer.model in {model_path} (or its original/): pass --tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers, written by hand (no sentencepiece, no tiktoken, no regex package).
+# Tokenizer(path) reads a tokenizer.model and picks the kind from its content:
+#   - a SentencePiece ModelProto (LLaMA-1/2): score-ordered BPE over characters, with a dummy prefix
+#     and byte fallback;
+#   - a tiktoken rank file (Llama 3): regex pre-tokenizer, then rank-ordered byte-level BPE, with the
+#     256 special tokens appended after the ranks.
+# encode() treats its text as plain text: a string such as "<|eot_id|>" or "<s>" inside the text is
+# tokenized as ordinary characters, never as the special token (add specials by id).
+# -----------------------------------------------------------------------------
+
+
+def _bpe(symbols, priority):
+    """Merge adjacent symbols, best pair first, until no pair is in the vocabulary.
+
+    symbols: list of str (SentencePiece) or bytes (tiktoken); priority: {piece: number}, higher merges
+    first (score for SentencePiece, -rank for tiktoken); ties go to the leftmost pair, as both reference
+    implementations do. A heap with lazy deletion keeps long inputs O(n log n)."""
+    n = len(symbols)
+    if n < 2:
+        return symbols
+    sym, nxt, prv = list(symbols), list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        p = priority.get(sym[i] + sym[i + 1])
+        if p is not None:
+            heap.append((-p, i, sym[i] + sym[i + 1]))
+    heapq.heapify(heap)
+    while heap:
+        _, i, merged = heapq.heappop(heap)
+        j = nxt[i]
+        if sym[i] is None or j >= n or sym[i] + sym[j] != merged:
+            continue  # stale: one side was merged into something else since this pair was pushed
+        sym[i], sym[j] = merged, None
+        nxt[i] = nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+        for a, b in ((prv[i], i), (i, nxt[i])):
+            if a >= 0 and b < n:
+                p = priority.get(sym[a] + sym[b])
+                if p is not None:
+                    heapq.heappush(heap, (-p, a, sym[a] + sym[b]))
+    out, i = [], 0
+    while i < n:
+        out.append(sym[i])
+        i = nxt[i]
+    return out
+
+
+def _utf8(text):
+    """UTF-8 bytes of text; lone surrogates (possible from JSON escapes) become U+FFFD, as in tiktoken."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
+# --- protobuf, the few parts a SentencePiece model needs ---------------------------------------------
+def _pb_varint(buf, i, what):
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError(f"{what}: truncated varint at byte {i} (corrupt protobuf)")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError(f"{what}: varint longer than 10 bytes at byte {i} (corrupt protobuf)")
+
+
+def _pb_fields(buf, what):
+    """Yield (field_number, value) of one message: int for varints, bytes for the other wire types."""
+    i = 0
+    while i < len(buf):
+        key, i = _pb_varint(buf, i, what)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _pb_varint(buf, i, what)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                size, i = _pb_varint(buf, i, what)
+            else:
+                size = 8 if wire == 1 else 4
+            if i + size > len(buf):
+                raise ValueError(f"{what}: field {field} needs {size} bytes at byte {i}, "
+                                 f"only {len(buf) - i} left (truncated protobuf)")
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"{what}: unsupported protobuf wire type {wire} (field {field}) "
+                             f"before byte {i} (corrupt protobuf)")
+        if field == 0:
+            raise ValueError(f"{what}: field number 0 before byte {i} (corrupt protobuf)")
+        yield field, value
+
+
+def _pb_int32(value):  # varints hold negative int32s as 64-bit two's complement
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _pb_encode(fields):
+    """Encode [(field_number, value)]: bool/int -> varint, float -> fixed32, str/bytes -> length-delimited."""
+    def varint(v):
+        v &= (1 << 64) - 1  # negative int32/int64 -> ten bytes, as protobuf does
+        out = bytearray()
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+        return bytes(out)
+    out = bytearray()
+    for field, value in fields:
+        if isinstance(value, float):
+            out += varint(field << 3 | 5) + struct.pack("<f", value)
+        elif isinstance(value, int):  # bool is an int
+            out += varint(field << 3) + varint(int(value))
+        else:
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            out += varint(field << 3 | 2) + varint(len(data)) + data
+    return bytes(out)
+
+
+_SP_WORDS = re.compile("\u2581*[^\u2581]+|\u2581+")  # a word: its leading U+2581 run and what follows
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE = 1, 2, 3, 6  # SentencePiece.Type values
+
+
+def write_sentencepiece_model(path, pieces, trainer_spec=((3, 2), (35, True)),
+                              normalizer_spec=((1, "identity"), (3, True), (4, False))):
+    """Write a SentencePiece ModelProto. pieces: [(piece, score, type)], type None = field left out
+    (NORMAL). The specs are [(field_number, value)] of TrainerSpec / NormalizerSpec; the defaults say
+    BPE with byte fallback, identity normalisation, dummy prefix on, extra whitespace kept (as LLaMA)."""
+    fields = []
+    for piece, score, kind in pieces:
+        sub = [(1, piece), (2, float(score))] + ([] if kind is None else [(3, kind)])
+        fields.append((1, _pb_encode(sub)))
+    if trainer_spec is not None:
+        fields.append((2, _pb_encode(trainer_spec)))
+    if normalizer_spec is not None:
+        fields.append((3, _pb_encode(normalizer_spec)))
+    with open(path, "wb") as f:
+        f.write(_pb_encode(fields))
+    return path
+
+
+# --- the Llama 3 pre-tokenizer with Unicode \p{L}, \p{N}, \s, for Python's re ------------------------
+# Pattern: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+#          \s*[\r\n]+|\s+(?!\S)|\s+
+# re has no \p{..}, so the classes are built from unicodedata (L* and N* categories), and \s is spelled
+# out as Unicode White_Space (re's own \s also takes \x1c-\x1f, which the regex crate does not).
+# Alternation, backtracking and the lookahead behave as in the regex crate that tiktoken uses.
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.lru_cache(maxsize=None)
+def _llama3_pretokenizer():
+    letters, numbers = [], []
+    for cp in range(sys.maxunicode + 1):
+        cat = unicodedata.category(chr(cp))[0]
+        ranges = letters if cat == "L" else numbers if cat == "N" else None
+        if ranges is not None:
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+    cls = lambda ranges: "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+    L, N, S = cls(letters), cls(numbers), _WHITE_SPACE
+    return re.compile(
+        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
+        rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+def llama3_split(text):
+    """The Llama 3 pre-tokenizer: text -> list of pieces, each BPE-encoded on its own."""
+    return _llama3_pretokenizer().findall(text)
+
+
+LLAMA3_SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>"]
+                         + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                         + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>",
+                            "<|eot_id|>"]
+                         + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 names
+
+
+def train_tiny_tokenizer(texts, vocab_size, path):
+    """Learn a small byte-level BPE (256 byte tokens + merges, most frequent pair first, ties to the
+    smallest bytes) over the Llama 3 pre-tokenizer's pieces of texts, and write it as a tiktoken rank
+    file (base64 token, space, rank per line). Tokenizer(path) then adds the 256 special tokens after it.
+    Stops early when no pair is left to merge. Returns path."""
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size {vocab_size} < 256: the 256 byte tokens come first")
+    words = {}
+    for text in texts:
+        for piece in llama3_split(text):
+            word = tuple(bytes([b]) for b in _utf8(piece))
+            words[word] = words.get(word, 0) + 1
+    vocab = [bytes([b]) for b in range(256)]
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs = {}
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if a + b not in known:
+            vocab.append(a + b)
+            known.add(a + b)
+        merged = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    with open(path, "w", encoding="ascii") as f:
+        f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(vocab))
+    return path
+
+
+class Tokenizer:
+    """encode(text, bos, eos) -> ids and decode(ids) -> text for a LLaMA-1/2 or Llama 3 tokenizer.model.
+
+    Attributes: kind ("sentencepiece" | "tiktoken"), n_words, bos_id, eos_id, pad_id (None if absent),
+    stop_ids (ids that end a generation: eos, plus <|eot_id|> for Llama 3)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:1] in (b"\x0a", b"\x12", b"\x1a"):  # protobuf key of field 1, 2 or 3, length-delimited
+            self._load_sentencepiece(data)
+        elif re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", data):
+            self._load_tiktoken(data)
+        else:
+            raise ValueError(f"{self.path}: neither a SentencePiece model (protobuf) nor a tiktoken rank "
+                             f"file ('<base64> <rank>' lines); it starts with {data[:40]!r}")
+        # Chunk -> ids cache: words repeat, so a large corpus costs little more than its distinct words.
+        # (A plain dict, so a Tokenizer still pickles, e.g. into DataLoader workers.)
+        self._cache = {}
+
+    # --- LLaMA-1/2: SentencePiece BPE -------------------------------------------------------------------
+    def _load_sentencepiece(self, data):
+        what = self.path
+        self.kind = "sentencepiece"
+        self.pieces, types, scores = [], [], []
+        trainer, normalizer = {}, {}
+        for field, value in _pb_fields(data, what):
+            if field == 1:
+                if not isinstance(value, bytes):
+                    raise ValueError(f"{what}: piece {len(self.pieces)} is not a message (corrupt protobuf)")
+                piece, score, kind = None, 0.0, _SP_NORMAL
+                for f, v in _pb_fields(value, f"{what}: piece {len(self.pieces)}"):
+                    if f == 1 and isinstance(v, bytes):
+                        try:
+                            piece = v.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise ValueError(f"{what}: piece {len(self.pieces)} is not UTF-8: {v[:40]!r}") from None
+                    elif f == 2 and isinstance(v, bytes) and len(v) == 4:
+                        score = struct.unpack("<f", v)[0]
+                    elif f == 3 and isinstance(v, int):
+                        kind = v
+                if piece is None:
+                    raise ValueError(f"{what}: piece {len(self.pieces)} has no piece string")
+                self.pieces.append(piece)
+                scores.append(score)
+                types.append(kind)
+            elif field in (2, 3) and isinstance(value, bytes):
+                spec = trainer if field == 2 else normalizer
+                spec.update(_pb_fields(value, f"{what}: {'trainer' if field == 2 else 'normalizer'}_spec"))
+        if not self.pieces:
+            raise ValueError(f"{what}: SentencePiece model without pieces")
+        model_type = trainer.get(3, 1)  # proto default: UNIGRAM
+        if model_type != 2:
+            raise ValueError(f"{what}: SentencePiece model_type {model_type} is not BPE (2); only BPE is supported")
+        if normalizer.get(2):
+            raise ValueError(f"{what}: SentencePiece precompiled_charsmap normalisation (e.g. NFKC) is not "
+                             f"supported; LLaMA's tokenizer uses identity")
+        if normalizer.get(5, 1) != 1:
+            raise ValueError(f"{what}: escape_whitespaces=false is not supported")
+        if trainer.get(24, 0):
+            raise ValueError(f"{what}: treat_whitespace_as_suffix is not supported")
+        # NormalizerSpec proto defaults: add_dummy_prefix and remove_extra_whitespaces both true.
+        self.add_dummy_prefix = bool(normalizer.get(3, 1))
+        self.remove_extra_whitespaces = bool(normalizer.get(4, 1))
+        self.byte_fallback = bool(trainer.get(35, 0))
+        self._unk_surface = trainer.get(44, " \u2047 ".encode())  # what decode shows for <unk>
+        self.n_words = len(self.pieces)
+        ids = {}
+        for name, field, default in (("unk_id", 40, 0), ("bos_id", 41, 1), ("eos_id", 42, 2), ("pad_id", 43, -1)):
+            i = _pb_int32(trainer.get(field, default))
+            if not -1 <= i < self.n_words:
+                raise ValueError(f"{what}: {name} {i} out of range for {self.n_words} pieces")
+            ids[name] = None if i == -1 else i
+        for name in ("unk_id", "bos_id", "eos_id"):
+            if ids[name] is None:
+                raise ValueError(f"{what}: SentencePiece model without {name} (trainer_spec sets it to -1)")
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = ids["unk_id"], ids["bos_id"], ids["eos_id"], ids["pad_id"]
+        self.stop_ids = (self.eos_id,)
+        for i, t in enumerate(types):  # LLaMA has neither; sentencepiece treats them specially
+            if t not in (_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE):
+                raise ValueError(f"{what}: piece {i} {self.pieces[i]!r} has type {t}; only NORMAL, UNKNOWN, "
+                                 f"CONTROL and BYTE pieces are supported")
+        # Merges may only form NORMAL pieces (sentencepiece keeps control, unknown and byte pieces out of
+        # its merge table); the BPE picks the highest score.
+        self._piece_id = {p: i for i, (p, t) in enumerate(zip(self.pieces, types)) if t == _SP_NORMAL}
+        self._score = {p: scores[i] for p, i in self._piece_id.items()}
+        self._byte_id = {}
+        for i, (p, t) in enumerate(zip(self.pieces, types)):
+            if t == _SP_BYTE:
+                m = re.fullmatch(r"<0x([0-9A-F]{2})>", p)
+                if m is None:
+                    raise ValueError(f"{what}: BYTE piece {i} is {p!r}, expected <0xNN>")
+                self._byte_id[int(m.group(1), 16)] = i
+        if self._byte_id and not self.byte_fallback:  # sentencepiece refuses such a model too
+            raise ValueError(f"{what}: byte piece {self.pieces[min(self._byte_id.values())]} but byte_fallback is off")
+        if self.byte_fallback and len(self._byte_id) != 256:
+            raise ValueError(f"{what}: byte_fallback is on but only {len(self._byte_id)} of 256 <0xNN> pieces exist")
+        self._types = types
+        # Splitting the text before each run of U+2581 lets each word be merged (and cached) alone. That is
+        # exact only if no piece can straddle the cut, i.e. no piece holds "x\u2581" with x != U+2581.
+        self._glue = {p[k - 1] for p in self._piece_id for k in range(1, len(p))
+                      if p[k] == "\u2581" and p[k - 1] != "\u2581"}
+
+    def _sp_chunks(self, text):
+        words = _SP_WORDS.findall(text.replace(" ", "\u2581"))
+        if not self._glue:  # LLaMA's vocabulary: every word stands alone
+            return words
+        chunks = []
+        for chunk in words:
+            if chunks and chunks[-1][-1] in self._glue:
+                chunks[-1] += chunk
+            else:
+                chunks.append(chunk)
+        return chunks
+
+    def _sp_encode_chunk(self, chunk):
+        ids = []
+        for piece in _bpe(list(chunk), self._score):
+            i = self._piece_id.get(piece)
+            if i is not None:
+                ids.append(i)
+            elif self.byte_fallback:
+                ids.extend(self._byte_id[b] for b in _utf8(piece))
+            elif not ids or ids[-1] != self.unk_id:  # sentencepiece merges a run of unknowns into one
+                ids.append(self.unk_id)
+        return ids
+
+    # --- Llama 3: tiktoken byte-level BPE ---------------------------------------------------------------
+    def _load_tiktoken(self, data):
+        what = self.path
+        self.kind = "tiktoken"
+        self._rank = {}
+        for lineno, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f"{what}: line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}")
+            try:
+                token = base64.b64decode(parts[0], validate=True)
+            except ValueError as e:
+                raise ValueError(f"{what}: line {lineno}: bad base64 token {parts[0][:80]!r} ({e})") from None
+            rank = int(parts[1])
+            if token in self._rank:
+                raise ValueError(f"{what}: line {lineno}: token {token!r} appears twice")
+            self._rank[token] = rank
+        n = len(self._rank)
+        if sorted(self._rank.values()) != list(range(n)):
+            raise ValueError(f"{what}: ranks are not exactly 0..{n - 1}")
+        missing = [b for b in range(256) if bytes([b]) not in self._rank]
+        if missing:
+            raise ValueError(f"{what}: byte-level BPE needs all 256 single bytes; {len(missing)} missing "
+                             f"(first: {missing[0]:#04x})")
+        self._token = [b""] * n
+        for token, rank in self._rank.items():
+            self._token[rank] = token
+        self._neg_rank = {t: -r for t, r in self._rank.items()}
+        # Meta's layout: the 256 special tokens follow the ranks (128000.. for the real file).
+        self.special_tokens = {name: n + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self._special_name = {i: name for name, i in self.special_tokens.items()}
+        self.n_words = n + len(LLAMA3_SPECIAL_TOKENS)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.pad_id = None
+        self.stop_ids = (self.eos_id, self.eot_id)
+
+    def _tt_encode_chunk(self, piece):
+        data = _utf8(piece)
+        rank = self._rank.get(data)
+        if rank is not None:  # whole piece is one token: skip the merges (tiktoken's fast path)
+            return [rank]
+        return [self._rank[t] for t in _bpe([bytes([b]) for b in data], self._neg_rank)]
+
+    # --- common API -------------------------------------------------------------------------------------
+    def _encode_chunk(self, chunk):
+        ids = self._cache.get(chunk)
+        if ids is None:
+            if len(self._cache) >= 1 << 20:  # bound the memory on endless distinct input
+                self._cache.clear()
+            encode = self._sp_encode_chunk if self.kind == "sentencepiece" else self._tt_encode_chunk
+            ids = self._cache[chunk] = encode(chunk)
+        return ids
+
+    def encode(self, text, bos, eos):
+        """text -> token ids, with <s>/<|begin_of_text|> first if bos and </s>/<|end_of_text|> last if eos.
+        Special-token strings in text are plain text here."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = [self.bos_id] if bos else []
+        if self.kind == "sentencepiece":
+            if self.remove_extra_whitespaces:
+                text = re.sub(" +", " ", text).strip(" ")
+            if text and self.add_dummy_prefix:
+                text = " " + text
+            chunks = self._sp_chunks(text)
+        else:
+            chunks = llama3_split(text)
+        for chunk in chunks:
+            ids.extend(self._encode_chunk(chunk))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids):
+        """ids -> text. SentencePiece: control tokens vanish, U+2581 -> space, the dummy-prefix space is
+        dropped, byte pieces are joined; tiktoken: bytes joined, specials by name. Invalid UTF-8 -> U+FFFD."""
+        for i in ids:
+            if not 0 <= i < self.n_words:
+                raise ValueError(f"decode: token id {i} out of range [0, {self.n_words}) for {self.path}")
+        if self.kind == "tiktoken":
+            n = len(self._token)
+            parts = [self._token[i] if i < n else self._special_name[i].encode() for i in ids]
+            return b"".join(parts).decode("utf-8", errors="replace")
+        # sentencepiece's rules: a run of byte pieces is decoded on its own, one U+FFFD per invalid byte;
+        # the leading U+2581 the dummy prefix produced is dropped from the first non-byte piece while no
+        # text has come out yet (with remove_extra_whitespaces: from every such piece, not just one).
+        parts, run = [], bytearray()
+        strip, stripped = self.add_dummy_prefix or self.remove_extra_whitespaces, False
+        for i in [*ids, None]:
+            if i is not None and self._types[i] == _SP_BYTE:
+                run.append(int(self.pieces[i][3:5], 16))
+                continue
+            if run:
+                text = bytes(run).decode("utf-8", errors="surrogateescape")  # bad byte -> lone surrogate
+                parts.append(re.sub("[\udc80-\udcff]", "\ufffd", text))
+                run.clear()
+            if i is None:
+                break
+            strip = strip and not stripped and not any(parts)
+            stripped = False
+            if self._types[i] == _SP_UNKNOWN:
+                parts.append(self._unk_surface.decode("utf-8"))
+            elif self._types[i] == _SP_NORMAL:
+                piece = self.pieces[i]
+                if strip and piece.startswith("\u2581"):
+                    piece, stripped = piece[1:], not self.remove_extra_whitespaces
+                parts.append(piece.replace("\u2581", " "))
+        return "".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# Data: Commonsense170k in the LLM-Adapters layout
+
+TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+TRIGGER = "the correct answer is "  # the paper's (LoReFT's) target prefix; evaluation reads what follows it
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
+                "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
+
+# Paper (v3) Table: GIFT_QV r=64, accuracy % in TASKS order, then the average.
+PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
+         "Llama-2 7B": [72.0, 84.4, 80.9, 94.0, 85.1, 86.9, 74.5, 82.7, 82.6],
+         "Llama-3 8B": [74.7, 89.2, 81.7, 96.0, 88.2, 92.7, 82.7, 88.8, 86.7]}
+
+
+def read_records(path, required):
+    """A JSON list of dicts, each with the required string fields; errors name the file and the index."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        for field in required:
+            if not isinstance(r, dict) or not isinstance(r.get(field), str):
+                raise ValueError(f"{path}: record {i} has no string field {field!r}: {str(r)[:200]}")
+    return records
+
+
+def prompt_of(record, template):
+    if template == "paper":  # LoReFT's commonsense prompt: the instruction and a newline
+        return record["instruction"] + "\n"
+    return (ALPACA_INPUT if record.get("input") else ALPACA).format(**record)
+
+
+def target_of(record, template):
+    return TRIGGER + record["answer"] if template == "paper" else record["output"]
+
+
+def tokenize_train(tok, path, template, max_len, cache_dir, rank):
+    """[(ids, n_prompt)]: BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:].
+    Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text.
+    Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
+    path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                                for p in (path, tok.path)]
+    key = hashlib.sha256(json.dumps([stats, template, max_len]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"tokens-{key}.pt"
+    if rank == 0 and not cache.exists():
+        required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
+        ids, offsets, n_prompt = [], [0], []
+        for r in tqdm(read_records(path, required), desc=f"tokenizing {path.name}", mininterval=2):
+            prompt = prompt_of(r, template)
+            seq = tok.encode(prompt + target_of(r, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
+            ids += seq
+            offsets.append(len(ids))
+            n_prompt.append(len(tok.encode(prompt, bos=True, eos=False)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"ids": torch.tensor(ids, dtype=torch.int32), "offsets": torch.tensor(offsets),
+                     "n_prompt": torch.tensor(n_prompt, dtype=torch.int32)}, cache)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's cache
+    c = torch.load(cache, weights_only=True)
+    o = c["offsets"].tolist()
+    return [(c["ids"][o[i]:o[i + 1]].long(), n) for i, n in enumerate(c["n_prompt"].tolist())]
+
+
+def global_batches(lengths, batch_size, seed, epoch):
+    """The epoch's batches of indices, grouped by length as HF's group_by_length does: shuffle, cut into
+    megabatches of 50 batches, sort each by length, cut into batches; then (unlike HF, which keeps them
+    longest to shortest) shuffle the batches, so that an epoch is not a curriculum from long to short
+    questions. The last, partial batch is dropped (under batch_size examples, different ones each epoch)."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    batches, mega = [], 50 * batch_size
+    for i in range(0, len(perm), mega):
+        chunk = sorted(perm[i:i + mega], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def collate(examples, device):
+    """[(ids, n_prompt)] -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off the target."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.zeros(len(examples), T, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, (ids, n_prompt) in enumerate(examples):
+        x[b, :len(ids) - 1], y[b, :len(ids) - 1] = ids[:-1], ids[1:]
+        y[b, :n_prompt - 1] = -100  # position t predicts token t + 1: prompt tokens are not targets
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
+           "proj": (["attention.wo"], 128),              # GIFT_Proj
+           "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
+
+
+def gift_config(args):
+    targets, rank = PRESETS[args.preset]
+    return {"targets": args.targets.split(",") if args.targets else targets, "rank": args.rank or rank,
+            "share": args.share}
+
+
+def train(args, model, tok, rank, world, device):
+    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save_every steps) and adapter.pt."""
+    out = Path(args.out)
+    data = tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
+                          out / "cache", rank)
+    lengths = [len(ids) for ids, _ in data]
+    n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
+    if args.batch_size % (args.micro_batch_size * world):
+        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                         f"{args.micro_batch_size} x {world} processes")
+    accum = args.batch_size // (args.micro_batch_size * world)
+    steps_per_epoch = len(data) // args.batch_size
+    total = args.epochs * steps_per_epoch
+    if total == 0:
+        raise ValueError(f"{len(data)} training examples make no batch of {args.batch_size}")
+    warmup = math.ceil(args.warmup * total)  # as HF: warmup_ratio -> ceil(ratio * steps)
+    thetas = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(thetas, lr=args.lr, weight_decay=args.weight_decay)
+    step, ckpt_path = 0, out / "checkpoint.pt"
+    schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup", "weight_decay", "seed",
+                                              "template", "max_len", "preset", "targets", "rank", "share")}
+    if ckpt_path.exists() and not args.resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --out")
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["schedule"] != schedule:
+            raise ValueError(f"{ckpt_path} was written with {ckpt['schedule']}; this run has {schedule}")
+        load_gift_state_dict(model, ckpt["theta"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    if world > 1:  # each rank averages its gradients with the others' after the last micro-batch
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    def save(step):
+        if rank == 0:
+            atomic_save({"theta": gift_state_dict(model), "optimizer": opt.state_dict(), "step": step,
+                         "schedule": schedule}, ckpt_path)
+
+    model.train()
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
+    log = open(out / "log.jsonl", "a" if step else "w") if rank == 0 else None
+    batches, epoch = None, -1
+    while step < total and step < (args.stop_after or total):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            batches = global_batches(lengths, args.batch_size, args.seed, epoch)
+        t0, batch = time.time(), batches[step % steps_per_epoch]
+        # HF's linear schedule, step for step: the first update uses lr 0, the peak is reached after warmup
+        lr = args.lr * (step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # The loss is the mean over every target token of the global batch (all micro-batches, all ranks):
+        # so any split into micro-batches and processes gives the same gradient. DDP averages over ranks,
+        # hence the factor world.
+        denom = max(1, sum(n_target[i] for i in batch))
+        micro = len(batch) // (accum * world)
+        loss_sum = torch.zeros((), device=device)
+        for a in range(accum):
+            chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+            x, y = collate([data[i] for i in chunk], device)
+            with model.no_sync() if world > 1 and a < accum - 1 else contextlib.nullcontext():
+                loss = model(x, y)
+                (loss * world / denom).backward()
+            loss_sum += loss.detach()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(thetas, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        tokens = sum(lengths[i] - 1 for i in batch)
+        stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
+                 "tokens_per_s": round(tokens / (time.time() - t0))}
+        bar.update()
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"])
+        if log:
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+        if step % args.save_every == 0:
+            save(step)
+    bar.close()
+    if log:
+        log.close()
+    save(step)
+    if rank == 0:
+        atomic_save({"config": {**gift_config(args), "model": str(args.model)}, "theta": gift_state_dict(model)},
+                    out / "adapter.pt")
+    return step
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy generation on the 8 test sets, the paper's exact match
+
+def extract(task, text, how):
+    if how == "paper":  # LoReFT: what follows the first "the correct answer is ", stripped
+        i = text.find(TRIGGER)
+        return text[i + len(TRIGGER):].strip() if i >= 0 else ""
+    found = re.findall(ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5"), text)
+    return found[0] if found else ""  # LLM-Adapters: the first answer word anywhere in the generation
+
+
+def paper_model(a: ModelArgs):
+    """Which of the paper's three models this is (they differ in vocabulary and norm_eps), or None."""
+    if (a.dim, a.n_layers) != (4096, 32):
+        return None
+    if a.vocab_size == 128256:
+        return "Llama-3 8B"
+    if a.vocab_size == 32000:
+        return "LLaMA-1 7B" if a.norm_eps == 1e-6 else "Llama-2 7B"
+    return None
+
+
+@torch.no_grad()
+def evaluate(args, model, tok, rank, world):
+    """Accuracy (%) per task; each rank generates for every world-th example; writes eval.json, eval.md and
+    eval_generations.jsonl to --out on rank 0."""
+    model = getattr(model, "module", model)
+    model.eval()
+    acc, rows = {}, []
+    for task in args.tasks.split(","):
+        records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
+        records = records[:args.eval_limit or None]
+        mine = list(range(rank, len(records), world))
+        prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
+        order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
+        correct, gens = 0, []
+        for k in tqdm(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
+            idx = order[k:k + args.eval_batch_size]
+            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
+                text = tok.decode(ids)
+                pred = extract(task, text, args.extract)
+                correct += pred == records[i]["answer"].strip()
+                gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
+                             "answer": records[i]["answer"]})
+        counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, gens)
+            gens = [g for part in everyone for g in part]
+        acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
+        rows += sorted(gens, key=lambda g: g["index"])
+        if rank == 0:
+            print(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")
+    acc["avg"] = sum(acc.values()) / len(acc)
+    if rank == 0:
+        write_results(args, acc, paper_model(model.args), rows)
+    return acc
+
+
+def write_results(args, acc, paper, rows):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = dict(zip(TASKS + ["avg"], PAPER[paper])) if paper else {}
+    head = "| task | accuracy % |" + (f" paper ({paper}, GIFT_QV r=64) |" if paper else "")
+    lines = [head, "|---|---|" + ("---|" if paper else "")]
+    for task, a in acc.items():
+        lines.append(f"| {task} | {a:.1f} |" + (f" {ref[task]:.1f} |" if paper else ""))
+    table = "\n".join(lines)
+    print(table)
+    (out / "eval.md").write_text(table + "\n")
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None,
+                                               "protocol": {"template": args.template, "extract": args.extract,
+                                                            "max_new_tokens": args.max_new_tokens}}, indent=2))
+    with open(out / "eval_generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# -----------------------------------------------------------------------------
+# The demo: a small model, tokenizer and data set written to a temporary folder, then the real pipeline
+
+DEMO_KINDS = {"animal": ["cat", "dog", "fish", "bird", "horse"], "color": ["red", "blue", "green", "pink", "gray"],
+              "food": ["bread", "milk", "rice", "apple", "soup"], "place": ["park", "city", "beach", "farm", "lake"]}
+DEMO_ANSWERS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"], "winogrande": ["option1", "option2"],
+                "hellaswag": ["ending1", "ending2", "ending3", "ending4"]}  # the others: answer1..answer3
+
+
+def demo_records(task, n, g, phrase=TRIGGER):
+    """Synthetic commonsense-style records in the LLM-Adapters layout: what kind of thing does a word name?"""
+    answers = DEMO_ANSWERS.get(task, ["answer1", "answer2", "answer3"])
+    kinds, out = list(DEMO_KINDS)[:len(answers)], []
+    for _ in range(n):
+        k, i = int(torch.randint(len(answers), (1,), generator=g)), int(torch.randint(5, (1,), generator=g))
+        word = DEMO_KINDS[kinds[k]][i]
+        if len(answers) == 2:  # answers[0] means "an animal"
+            question = f"Is a {word} an animal?" + ("" if task == "boolq" else f" {answers[0]}: yes {answers[1]}: no")
+        else:
+            question = f"What is a {word}? " + " ".join(f"{a}: {kind}" for a, kind in zip(answers, kinds))
+        out.append({"instruction": f"{question}\nAnswer format: {'/'.join(answers)}", "input": "",
+                    "output": phrase + answers[k], "answer": answers[k]})
+    return out
+
+
+def write_demo(root: Path, pretrain_steps=200):
+    """Writes root/data (train and 8 test sets), root/model (tokenizer.model, params.json,
+    consolidated.00.pth). The model is "pretrained" (all weights) on the same facts phrased "so the pick is
+    <answer>": it knows the answers but not the paper's answer format, which GIFT then teaches it."""
+    g = torch.Generator().manual_seed(0)
+    data, model_dir = root / "data", root / "model"
+    train = [r for task in TASKS for r in demo_records(task, 60, g)]
+    for task in TASKS:
+        (data / "dataset" / task).mkdir(parents=True)
+        (data / "dataset" / task / "test.json").write_text(json.dumps(demo_records(task, 16, g)))
+    (data / "commonsense_170k.json").write_text(json.dumps(train))
+    model_dir.mkdir()
+    tok = Tokenizer(train_tiny_tokenizer([prompt_of(r, "paper") + r["output"] for r in train], 320,
+                                         model_dir / "tokenizer.model"))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                                  multiple_of=32, rope_theta=500000.0, max_seq_len=256))
+    pre = [r for task in TASKS for r in demo_records(task, 100, g, phrase="so the pick is ")]
+    pre = [(torch.tensor(tok.encode(prompt_of(r, "paper") + r["output"], bos=True, eos=True)),
+            len(tok.encode(prompt_of(r, "paper"), bos=True, eos=False))) for r in pre]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in tqdm(range(pretrain_steps), desc="pretraining the demo model", mininterval=2):
+        x, y = collate([pre[i] for i in torch.randint(len(pre), (32,), generator=g)], "cpu")
+        loss = model(x, y) / (y != -100).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_meta(model, model_dir)
+    return model_dir, data
+
+
+def demo():
+    t0 = time.time()
+    torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation (3-8x slower on a busy CPU)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("demo: writing a small LLaMA (Meta format), a 320-token BPE tokenizer and a SYNTHETIC "
+              f"commonsense-style data set (LLM-Adapters layout) to {tmp}")
+        model_dir, data = write_demo(Path(tmp))
+        out = Path(tmp) / "run"
+        common = ["--model", str(model_dir), "--data", str(data), "--eval_batch_size", "128"]
+        base = main(common + ["--out", str(out / "base"), "--eval_only"])
+        base_fm = main(common + ["--out", str(out / "base_first_match"), "--eval_only", "--extract", "first_match"])
+        tuned = main(common + ["--out", str(out), "--batch_size", "16", "--rank", "16",
+                               "--lr", "2e-2"])
+        main(common + ["--adapter", str(out / "adapter.pt"), "--merge", str(out / "merged")])
+        merged = load_llama(out / "merged")
+        print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
+    print(f"\nSYNTHETIC data, average accuracy over the 8 test sets:\n"
+          f"  base model, the paper's exact match:     {base['avg']:5.1f}%  (it answers 'so the pick is ...')\n"
+          f"  base model, LLM-Adapters' first match:   {base_fm['avg']:5.1f}%  (it knows the answers)\n"
+          f"  GIFT (wq, wv, rank 16), exact match:     {tuned['avg']:5.1f}%  (the format, learned by 2 Thetas)\n"
+          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup")
+    p.add_argument("--model", help="Meta or HF checkpoint folder")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or --model/original)")
+    p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
+    p.add_argument("--out", default="runs/llama")
+    p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
+    p.add_argument("--targets", help="comma-separated module name suffixes (overrides the preset)")
+    p.add_argument("--rank", type=int, help="GIFT rank (default: the preset's)")
+    p.add_argument("--share", default="type", choices=["type", "all"])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch_size", type=int, default=32, help="global: micro x accumulation x processes")
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2.5e-4)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--template", default="paper", choices=["paper", "alpaca"])
+    p.add_argument("--extract", default="paper", choices=["paper", "first_match"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float64"],
+                   help="model weights (Theta stays float32); auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--save_every", type=int, default=100)
+    p.add_argument("--stop_after", type=int, help="stop at this step (the schedule is unchanged; --resume continues)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--adapter", help="adapter.pt for --eval_only, --generate, --merge")
+    p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--no_eval", action="store_true", help="train without evaluating afterwards")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--eval_limit", type=int, help="evaluate the first N examples of each task")
+    p.add_argument("--eval_batch_size", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
+    p.add_argument("--merge", metavar="DIR", help="write base + adapter merged as a Meta checkpoint")
+    args = p.parse_args(argv)
+    if args.demo:
+        return demo()
+    if not args.model:
+        p.error("--model is required (or --demo)")
+
+    rank, world, _, device = setup_distributed()
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32, "float64": torch.float64}[args.dtype]
+    # --merge: on the CPU in the stored dtype (the merge itself is computed in float32 per layer)
+    model = load_llama(args.model, dtype=None if args.merge else dtype).to("cpu" if args.merge else device)
+    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
+    if args.adapter:
+        adapter = torch.load(args.adapter, map_location=device, weights_only=True)
+        add_gift(model, adapter["config"]["targets"], adapter["config"]["rank"], adapter["config"]["share"])
+        load_gift_state_dict(model, adapter["theta"])
+    else:
+        cfg = gift_config(args)
+        add_gift(model, cfg["targets"], cfg["rank"], cfg["share"])
+    model.grad_checkpointing = args.grad_checkpointing
+    if rank == 0:
+        print(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
+    if args.merge:
+        if rank == 0:
+            save_meta(merge_gift(model), args.merge)
+            print(f"merged checkpoint written to {args.merge}")
+        return None
+    tok = find_tokenizer(args.model, args.tokenizer)
+    if args.generate:
+        ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
+        print(args.generate + tok.decode(ids[0]))
+        return None
+    if not args.data:
+        p.error("--data is required to train or evaluate")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not args.eval_only:
+        train(args, model, tok, rank, world, device)
+    result = None if args.no_eval else evaluate(args, model, tok, rank, world)
+    if dist.is_initialized():
+        dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
