@@ -27,9 +27,12 @@ import torch.nn.functional as F
 
 import train_llama as tl
 import train_vit
+from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, add_lora, file_size
+from bench import main as bench_main
 from gift import (GIFTLinear, add_gift, cluster_head, count_parameters, gift_layers, gift_state_dict,
     load_gift_state_dict, merge_gift, parameter_summary)
-from train_llama import Tokenizer, llama3_split, train_tiny_tokenizer, write_sentencepiece_model
+from train_llama import (ModelArgs, Tokenizer, Transformer, llama3_split, train_tiny_tokenizer,
+    write_sentencepiece_model)
 from train_vit import ViT, ViTConfig, load_vit, read_safetensors, read_split, resize_pos_embed, write_safetensors
 
 
@@ -320,6 +323,16 @@ def test_gift_on_transformers_llama():
     assert type(merged.model.layers[0].self_attn.q_proj) is type(base.model.layers[0].self_attn.q_proj)
     with torch.no_grad():  # generate() runs the GIFT layers too
         assert model.generate(ids[:, :3], max_new_tokens=3, do_sample=False).shape == (2, 6)
+
+
+def test_gift_tour_runs():
+    run = subprocess.run([sys.executable, "gift.py"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "step 0 equals the base model: True" in run.stdout
+    assert "eval() under no_grad is refused" in run.stdout and "merged model keys == base keys: True" in run.stdout
+    final = re.findall(r"step 150 .* test accuracy ([0-9.]+)", run.stdout)
+    assert final and float(final[0]) >= 0.95, run.stdout  # Theta and the head learn the generated task
 
 
 # ----------------------------------------------------------------------------------------------- train_vit.py
@@ -1520,3 +1533,81 @@ def test_tok_malformed_files(tmp_path, _tok_sp_file):
         tok.decode([1, 272])
     with pytest.raises(ValueError, match=r"token id -1 out of range"):
         Tokenizer(write("ok.model", base)).decode([-1])
+
+
+# ----------------------------------------------------------------------------------------------- bench.py
+def _bench_tiny_run(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads; other tests may share the cores
+    try:
+        bench_main(["--model", "all", "--vit", "Ti/16", "--image-size", "32", "--batch", "2", "--llama", "tiny",
+              "--llama-batch", "2", "--layers", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+              "--tokenizer-vocab", "300", "--json", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_bench_end_to_end_tiny(tmp_path, capsys):
+    out, result = _bench_tiny_run(tmp_path, capsys)
+    vit, llama = result["models"]
+    assert (vit["model"], llama["model"]) == ("vit", "llama")
+    for r in (vit, llama):
+        assert [t["variant"] for t in r["train"]] == list(VARIANTS)
+        for t in r["train"]:
+            assert t["step_s"] > 0 and t["flops"] > 0 and t["peak_bytes"] > 0
+            assert t["file_bytes"] >= 4 * t["trainable"]  # fp32 master weights, plus torch.save's framing
+        floor = r["train"][0]
+        assert floor["x_floor"] == 1.0 and floor["trainable"] == 0 and floor["file_bytes"] == 0
+        assert [i["variant"] for i in r["inference"]] == ["base", "gift-unmerged", "gift-merged"]
+        assert r["inference"][0]["x_base"] == 1.0 and all(i["forward_s"] > 0 for i in r["inference"])
+        for name in VARIANTS + ("gift-merged",):
+            assert f"| {name} |" in out
+    # ViT-Ti/16 (dim 192, 12 blocks): GIFT one Theta on attn.proj, 2*r*d_in; LoRA r=8, r*(d_in+d_out) per block
+    vit_n = {t["variant"]: t["trainable"] for t in vit["train"]}
+    assert vit_n["gift"] == vit_n["gift-param"] == 2 * 16 * 192
+    assert vit_n["lora"] == 12 * 8 * (192 + 192)
+    assert vit_n["full"] == sum(p.numel() for p in ViT(ViTConfig.from_name("Ti/16", image_size=32)).parameters())
+    # tiny LLaMA (dim 128, 4 heads, 2 KV heads of 32, FFN 352, 2 layers): GIFT one Theta for wq, one for wv
+    llama_n = {t["variant"]: t["trainable"] for t in llama["train"]}
+    assert llama_n["gift"] == llama_n["gift-param"] == 2 * (2 * 64 * 128)
+    assert llama_n["lora"] == 2 * 32 * ((128 + 128) + (128 + 64) + (128 + 64) + (128 + 352) + (352 + 128))
+    tiny = ModelArgs(**LLAMA_SHAPES["tiny"], n_layers=2, max_seq_len=16)
+    assert llama_n["full"] == sum(p.numel() for p in Transformer(tiny).parameters())
+    rows = result["tokenizers"]["rows"]
+    ours = [r for r in rows if r["implementation"] == "gift (hand-written)"]
+    assert [r["tokenizer"] for r in ours] == ["sentencepiece", "tiktoken"]
+    assert all(r["same_ids"] is not False and r["tokens_per_s"] > 0 for r in rows)  # None: reference not installed
+
+
+def test_bench_peak_tensor_bytes_counts_live_storages():
+    with PeakTensorBytes() as tracker:
+        a = torch.ones(1000)              # 4000 bytes
+        b = a * 2                         # 8000 live
+        v = b.view(10, 100)               # a view allocates nothing
+        b.add_(1)                         # neither does an in-place op
+        del a, b, v
+        c = torch.zeros(500)              # a, b freed: 2000 live
+        c.mul_(3)
+    assert (tracker.peak, tracker.now) == (8000, 2000)
+
+
+def test_bench_lora_starts_at_base_and_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(4, 6)
+    before = model(x)
+    layers = add_lora(model, ["0", "2"], rank=2, alpha=4)
+    assert torch.equal(model(x), before)  # B = 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == 2 * (6 + 5) + 2 * (5 + 3)
+    assert [layer.scale for layer in layers] == [2.0, 2.0]
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        add_lora(nn.Sequential(nn.Linear(2, 2)), ["q_proj"], rank=1, alpha=1)
+
+
+def test_bench_file_size_is_torch_save_size():
+    state = {"a": torch.randn(7, 3), "b": torch.zeros(11, dtype=torch.bfloat16)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert file_size(state) == len(buf.getvalue())
