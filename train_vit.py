@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import math
+import mmap
 import os
 import tempfile
 import time
@@ -54,10 +55,10 @@ def read_safetensors(path) -> dict:
     """{name: tensor} from a .safetensors file: an 8-byte little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw little-endian
     data (offsets relative to the end of the header). Every field is checked; errors name file and key."""
-    with open(path, "rb") as f:
-        raw = bytearray(f.read())  # one writable buffer that the tensors view without copying
-    if len(raw) < 8:
-        raise ValueError(f"{path}: {len(raw)} bytes, too short for a safetensors file (truncated?)")
+    if os.path.getsize(path) < 8:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, too short for a safetensors file (truncated?)")
+    with open(path, "rb") as f:  # mapped, not read: pages load on demand and the tensors view them (copy on write)
+        raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     n = int.from_bytes(raw[:8], "little")
     if n < 2 or 8 + n > len(raw):
         raise ValueError(f"{path}: header length {n} does not fit in the file's {len(raw)} bytes "
@@ -126,11 +127,11 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         pos += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # pad so that the data starts 8-byte aligned
-    with open(path + ".tmp", "wb") as f:
+    with open(str(path) + ".tmp", "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for blob in blobs:
             f.write(blob)
-    os.replace(path + ".tmp", path)
+    os.replace(str(path) + ".tmp", path)
 
 
 def atomic_save(obj, path):
