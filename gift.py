@@ -23,8 +23,8 @@ psi.weight is psi^T (d_in x r): dW = psi(phi(W)) and x_hat = x + (x @ psi.weight
 Trainable parameters: 2 r d_in per Theta whatever the depth (24,576 for ViT-B/16 attn.proj at r=16).
 
 Initialisation: phi keeps PyTorch's default init and psi starts at zero, so dW = 0 and the model at step 0
-*is* the pretrained model (as LoRA's B = 0). psi's gradient is not zero (it is x^T (g phi^T)-shaped), so
-training starts at once; phi gets gradient from the second step on.
+*is* the pretrained model (as LoRA's B = 0). psi's gradient, x^T (g W) phi.weight^T for the layer's output
+gradient g, is not zero, so training starts at once; phi's, (x psi.weight)^T (g W), is zero until psi moves.
 
 Interpretability: C = W phi (d_out x r) is an r-way token-clustering head. For a layer's output tokens y
 (N x d_out), y @ C (N x r) gives r maps that localise objects and parts in images (cluster_head below).
