@@ -130,6 +130,8 @@ def test_gift_each_theta_once_in_state_dict_parameters_and_to():
         assert layer.theta is model.gift["all"] and layer.theta.phi.weight.dtype == torch.float64
     clone = copy.deepcopy(model)
     assert all(layer.theta is clone.gift["all"] for _, layer in gift_layers(clone))
+    # the original modules, kept for merge_gift, hold no parameters: no stale copy of a weight is pinned
+    assert all(not list(layer.refs[0].parameters()) for _, layer in gift_layers(model))
 
 
 def test_gift_torch_save_round_trip():
@@ -167,6 +169,11 @@ def test_gift_merge_restores_original_modules_and_keys():
     with pytest.raises(ValueError, match="no GIFT to merge"):
         merge_gift(model)
     add_gift(model, ["linear2"], 2)  # a merged model can take a new GIFT
+    # merge_gift writes into the layer's current weight, even when the Parameter objects were replaced since
+    state = {k: v + 1 if k == "0.linear2.weight" else v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    merge_gift(model)
+    assert torch.equal(model[0].linear2.weight, state["0.linear2.weight"])  # psi = 0: W unchanged by merging
 
 
 def test_gift_merge_bf16_is_computed_in_float32():
@@ -1075,6 +1082,39 @@ def test_llama_grad_checkpointing_same_gradients():
     assert len(calls) == 3  # once without; forward + recomputation in backward with checkpointing
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=0) and a.abs().max() > 0
+
+
+def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, _llama_one_thread):
+    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed with
+    activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
+    generations (every rank runs every batch in lockstep)."""
+    model_dir, data = _llama_demo
+    extra = ["--eval_limit", "5", "--tasks", "boolq,ARC-Easy"]
+    tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro_batch_size", "16",
+                                          "--stop_after", "3", *extra) if a != "--no_eval"])
+    with pytest.raises(SystemExit):  # without torchrun there is nothing to shard over
+        tl.main(_llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro_batch_size", "4", "--fsdp",
+                              "--stop_after", "2")
+    resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro_batch_size", "4", "--fsdp",
+                                            "--stop_after", "3", "--resume", "--grad_checkpointing", *extra)
+               if a != "--no_eval"]
+    for args in (first, resumed):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(_LLAMA_DIR / "train_llama.py")] + args
+        run = subprocess.run(cmd, cwd=_LLAMA_DIR, env=env, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("adapter.pt", "checkpoint.pt"):
+        a = torch.load(tmp_path / "one" / name, weights_only=True)["theta"]
+        b = torch.load(tmp_path / "two" / name, weights_only=True)["theta"]
+        assert a.keys() == b.keys() and len(a) == 4
+        for key in a:
+            assert type(b[key]) is torch.Tensor and b[key].dtype == torch.float64, key
+            assert torch.allclose(a[key], b[key], atol=1e-12, rtol=0), key
+    assert a["gift.attention_wq.psi.weight"].abs().max() > 0
+    gens = (tmp_path / "two" / "eval_generations.jsonl").read_text().splitlines()
+    assert len(gens) == 10 and gens == (tmp_path / "one" / "eval_generations.jsonl").read_text().splitlines()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --demo                                         # < 1 min on a CPU, synthetic data
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
     torchrun --nproc_per_node=4 train_llama.py --model Meta-Llama-3-8B/original --data DATA --out runs/l3
+    torchrun --nproc_per_node=8 train_llama.py --model Llama-2-70b-hf --data DATA --out runs/l70 --fsdp
     python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.pt --eval_only --out runs/l2
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --generate "Is water wet?"
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --merge runs/l2/merged
@@ -974,6 +975,18 @@ def gift_config(args):
             "share": args.share}
 
 
+def fsdp_shard(model, device):
+    """FSDP2 for a model larger than one GPU: each block's frozen weights, then the rest (embeddings, norm,
+    output), are split over the processes and gathered one block at a time for its forward and backward.
+    Theta (a few MB) stays whole on every rank, left out of FSDP: it stays float32 beside bf16 weights,
+    train() averages its gradient over the ranks, and it is saved and loaded exactly as without FSDP."""
+    from torch.distributed.fsdp import fully_shard  # here: importing it costs every other run a second
+    for block in model.layers:  # moved to the device and sharded one block at a time
+        fully_shard(block)
+    fully_shard(model, ignored_params=set(model.gift.parameters()))
+    model.gift.to(device)  # FSDP moves only what it manages
+
+
 def train(args, model, tok, rank, world, device):
     """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save_every steps) and adapter.pt."""
     out = Path(args.out)
@@ -1004,7 +1017,8 @@ def train(args, model, tok, rank, world, device):
         load_gift_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    if world > 1:  # each rank averages its gradients with the others' after the last micro-batch
+    ddp = world > 1 and not args.fsdp  # with --fsdp, main() has sharded the model already
+    if ddp:  # each rank averages its gradients with the others' after the last micro-batch
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
 
@@ -1035,10 +1049,14 @@ def train(args, model, tok, rank, world, device):
         for a in range(accum):
             chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
             x, y = collate([data[i] for i in chunk], device)
-            with model.no_sync() if world > 1 and a < accum - 1 else contextlib.nullcontext():
+            with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():
                 loss = model(x, y)
                 (loss * world / denom).backward()
             loss_sum += loss.detach()
+        if args.fsdp:  # FSDP leaves Theta alone (fsdp_shard): average its gradient over the ranks as DDP does
+            for p in thetas:
+                dist.all_reduce(p.grad)
+                p.grad /= world
         if args.clip:
             torch.nn.utils.clip_grad_norm_(thetas, args.clip)
         opt.step()
@@ -1095,10 +1113,13 @@ def evaluate(args, model, tok, rank, world):
     model = getattr(model, "module", model)
     model.eval()
     acc, rows = {}, []
+    # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
+    # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
+    part, parts = (0, 1) if args.fsdp else (rank, world)
     for task in args.tasks.split(","):
         records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
         records = records[:args.eval_limit or None]
-        mine = list(range(rank, len(records), world))
+        mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
         correct, gens = 0, []
@@ -1111,7 +1132,7 @@ def evaluate(args, model, tok, rank, world):
                 gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
                              "answer": records[i]["answer"]})
         counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
-        if world > 1:
+        if parts > 1:
             dist.all_reduce(counts)
             everyone = [None] * world
             dist.all_gather_object(everyone, gens)
@@ -1250,6 +1271,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float64"],
                    help="model weights (Theta stays float32); auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
+                   "processes (FSDP2) instead of a whole copy on each (DDP), for a model larger than one GPU")
     p.add_argument("--save_every", type=int, default=100)
     p.add_argument("--stop_after", type=int, help="stop at this step (the schedule is unchanged; --resume continues)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -1269,10 +1292,14 @@ def main(argv=None):
         p.error("--model is required (or --demo)")
 
     rank, world, _, device = setup_distributed()
+    if args.fsdp and world == 1:
+        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float64": torch.float64}[args.dtype]
-    # --merge: on the CPU in the stored dtype (the merge itself is computed in float32 per layer)
-    model = load_llama(args.model, dtype=None if args.merge else dtype).to("cpu" if args.merge else device)
+    # --merge: on the CPU in the stored dtype (the merge itself is computed in float32 per layer); --fsdp: on
+    # the CPU, fully_shard moves only this rank's shard to the GPU
+    model = load_llama(args.model, dtype=None if args.merge else dtype)
+    model.to("cpu" if args.merge or args.fsdp else device)
     torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
     if args.adapter:
         adapter = torch.load(args.adapter, map_location=device, weights_only=True)
@@ -1289,17 +1316,21 @@ def main(argv=None):
             save_meta(merge_gift(model), args.merge)
             print(f"merged checkpoint written to {args.merge}")
         return None
+    if args.fsdp:
+        fsdp_shard(model, device)
     tok = find_tokenizer(args.model, args.tokenizer)
-    if args.generate:
+    if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
         ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
-        print(args.generate + tok.decode(ids[0]))
-        return None
-    if not args.data:
-        p.error("--data is required to train or evaluate")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    if not args.eval_only:
-        train(args, model, tok, rank, world, device)
-    result = None if args.no_eval else evaluate(args, model, tok, rank, world)
+        if rank == 0:
+            print(args.generate + tok.decode(ids[0]))
+        result = None
+    else:
+        if not args.data:
+            p.error("--data is required to train or evaluate")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        if not args.eval_only:
+            train(args, model, tok, rank, world, device)
+        result = None if args.no_eval else evaluate(args, model, tok, rank, world)
     if dist.is_initialized():
         dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
         dist.destroy_process_group()
