@@ -716,7 +716,8 @@ def test_vit_torchrun_two_processes_match_one(_vit_demo, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            train_vit.__file__, *args, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**env, "OMP_NUM_THREADS": "1"})
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash in a worker prints its Python stack
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (read_safetensors(str(tmp_path / d / "adapter.safetensors")) for d in ("one", "two"))
     for k in one:
@@ -952,7 +953,7 @@ def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, _llama_on
     one = _llama_train_args(model_dir, data, tmp_path / "one", "--micro_batch_size", "16", *extra)
     tl.main([a for a in one if a != "--no_eval"])
     two = _llama_train_args(model_dir, data, tmp_path / "two", "--micro_batch_size", "4", *extra)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(_LLAMA_DIR / "train_llama.py")] + [a for a in two if a != "--no_eval"]
     run = subprocess.run(cmd, cwd=_LLAMA_DIR, env=env, capture_output=True, text=True, timeout=180)
@@ -1094,7 +1095,7 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, _llama_one_th
                                           "--stop_after", "3", *extra) if a != "--no_eval"])
     with pytest.raises(SystemExit):  # without torchrun there is nothing to shard over
         tl.main(_llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro_batch_size", "4", "--fsdp",
                               "--stop_after", "2")
     resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro_batch_size", "4", "--fsdp",
