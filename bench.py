@@ -293,14 +293,15 @@ def bench_model(kind, args, device):
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
 
-    fns = {name: (lambda name=name: step(name)) for name in VARIANTS}
-    for name in VARIANTS:  # one step each first: AdamW creates its state on its first step
+    variants = [v for v in VARIANTS if v == "floor" or v in args.variants]  # the floor is every ratio's base
+    fns = {name: (lambda name=name: step(name)) for name in variants}
+    for name in variants:  # one step each first: AdamW creates its state on its first step
         fns[name]()
-    counted = {name: instrumented(fns[name], device) for name in VARIANTS}
+    counted = {name: instrumented(fns[name], device) for name in variants}
     times = interleaved_times(fns, "floor", args.steps, args.warmup, device)
     weights = tensor_bytes(backbone)
     train = []
-    for name in VARIANTS:
+    for name in variants:
         flops, step_peak = counted[name]
         opt_state = tensor_bytes([t for s in opts[name].state.values() for t in s.values()
                                   if isinstance(t, torch.Tensor) and t.dim()]) if name in opts else 0
@@ -483,6 +484,8 @@ def main(argv=None):
     p.add_argument("--tiktoken-model", help="a real Llama 3 tokenizer.model (default: a synthetic one)")
     p.add_argument("--tokenizer-vocab", type=int, default=1000, help="size of the synthetic vocabularies")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="what to train beside the floor (e.g. leave out full to fit a deeper model)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -1621,6 +1621,13 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     assert all(r["same_ids"] is not False and r["tokens_per_s"] > 0 for r in rows)  # None: reference not installed
 
 
+def test_bench_variants_flag_keeps_the_floor(tmp_path):
+    bench_main(["--model", "llama", "--llama", "tiny", "--layers", "1", "--seq", "8", "--steps", "1", "--warmup",
+                "0", "--variants", "lora", "gift", "--json", str(tmp_path / "b.json")])
+    llama, = json.loads((tmp_path / "b.json").read_text())["models"]
+    assert [t["variant"] for t in llama["train"]] == ["floor", "gift", "lora"]  # VARIANTS order, floor first
+
+
 def test_bench_peak_tensor_bytes_counts_live_storages():
     with PeakTensorBytes() as tracker:
         a = torch.ones(1000)              # 4000 bytes
