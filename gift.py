@@ -127,6 +127,11 @@ def _match(model, targets):
     return {key: [(n, modules[n]) for n in found] for key, found in groups.items()}
 
 
+def _master_dtype(dtype):
+    """float64 for a float64 model, else float32: the dtype of Theta's weights and of merge_gift's sum."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _linear_names(model, limit=40):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
@@ -156,7 +161,8 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear; "
                                  f"GIFT edits Linear layers. Linear layers: {_linear_names(model)}")
-            if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):  # it reads out_proj.weight, never calls it
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(parent, nn.MultiheadAttention):  # it reads out_proj.weight, never calls it
                 raise ValueError(f"target {name!r} is inside nn.MultiheadAttention, which reads its weight "
                                  f"directly instead of calling the layer, so GIFT cannot edit it. "
                                  f"Target other layers (e.g. linear1, linear2)")
@@ -170,7 +176,7 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
     thetas = nn.ModuleDict()  # built before anything changes: a bad rank leaves the model untouched
     for key, found in groups.items():
         w = found[0][1].weight
-        thetas[key] = GIFT(w.shape[1], rank).to(w.device, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        thetas[key] = GIFT(w.shape[1], rank).to(w.device, _master_dtype(w.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     for key, found in groups.items():
@@ -210,7 +216,7 @@ def merge_gift(model: nn.Module) -> nn.Module:
         raise ValueError("this model has no GIFT to merge (add_gift was not called, or it was merged already)")
     for name, layer in gift_layers(model):
         base, theta = layer.refs
-        acc = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        acc = _master_dtype(layer.weight.dtype)
         w = layer.weight.to(acc)
         layer.weight.copy_(w + theta.delta(w))             # computed in acc, cast back by copy_
         base.register_parameter("weight", layer.weight)    # the layer's current tensors: .to() may have
