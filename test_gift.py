@@ -27,13 +27,15 @@ import torch.nn.functional as F
 
 import train_llama as tl
 import train_vit
-from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, add_lora, file_size
+from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, file_size
 from bench import main as bench_main
 from gift import (GIFTLinear, add_gift, cluster_head, count_parameters, gift_layers, gift_state_dict,
     load_gift_state_dict, merge_gift, parameter_summary)
-from train_llama import (ModelArgs, Tokenizer, Transformer, llama3_split, train_tiny_tokenizer,
-    write_sentencepiece_model)
-from train_vit import ViT, ViTConfig, load_vit, read_safetensors, read_split, resize_pos_embed, write_safetensors
+from tokenizer import (LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, llama3_split, load_tokenizer,
+    train_tiny_tokenizer, write_sentencepiece_model)
+from train_common import add_lora, read_safetensors, read_safetensors_metadata, write_safetensors
+from train_llama import ModelArgs, Transformer
+from train_vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
 
 
 # ----------------------------------------------------------------------------------------------- gift.py
@@ -705,7 +707,7 @@ def test_vit_read_safetensors_validates_and_agrees(tmp_path):
     write_safetensors(str(tmp_path / "b.safetensors"), tensors, {"k": "v"})
     back = st.load_file(str(tmp_path / "b.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
-    assert train_vit.read_safetensors_metadata(str(tmp_path / "b.safetensors")) == {"k": "v"}
+    assert read_safetensors_metadata(str(tmp_path / "b.safetensors")) == {"k": "v"}
 
 
 def test_vit_torchrun_two_processes_match_one(_vit_demo, tmp_path):
@@ -866,7 +868,7 @@ def test_llama_hf_and_meta_forms_equal(tmp_path, tie):
     hf, path = _llama_hf(tmp_path, gqa=True, llama3=True, tie=tie, shard=None if tie else "50KB")
     from_hf = tl.load_llama(path)
     if tie:
-        assert "lm_head.weight" not in tl.read_safetensors(path / "model.safetensors")
+        assert "lm_head.weight" not in read_safetensors(path / "model.safetensors")
     else:  # sharded: model-0000k-of-0000N.safetensors + model.safetensors.index.json
         assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
     tl.save_meta(from_hf, tmp_path / "meta")
@@ -1125,8 +1127,6 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, _llama_one_th
 _TOK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gift-test", "tokenizers")
 _TOK_PACKAGES = ("llama-tokenizer-js@1.2.2", "llama3-tokenizer-js@1.2.0")
 _TOK_MD5 = {"llama2": "eeec4125e9c7560836b4873b6f8e3025", "llama3": "08292403f8b173e7524d7fba7bbbd2d3"}
-_TOK_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                       r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Node script: pull the vocabularies out of the packages and run each package's defaultTests body with its
 # test helpers replaced by recorders (a later JS function declaration overrides an earlier one).
@@ -1238,7 +1238,7 @@ def _tok_real():
 
 @pytest.fixture(scope="session")
 def _tok_real_tokenizers(_tok_real):
-    return Tokenizer(_tok_real["llama2"]), Tokenizer(_tok_real["llama3"])
+    return load_tokenizer(_tok_real["llama2"]), load_tokenizer(_tok_real["llama3"])
 
 
 def _tok_md5(path):
@@ -1253,8 +1253,9 @@ def test_tok_rebuilt_files_match_meta_md5(_tok_real):
 
 def test_tok_real_attributes(_tok_real_tokenizers):
     t2, t3 = _tok_real_tokenizers
-    assert (t2.kind, t2.n_words, t2.bos_id, t2.eos_id, t2.pad_id, t2.stop_ids) == ("sentencepiece", 32000, 1, 2, None, (2,))
-    assert (t3.kind, t3.n_words, t3.bos_id, t3.eos_id, t3.pad_id) == ("tiktoken", 128256, 128000, 128001, None)
+    assert isinstance(t2, SentencePieceTokenizer) and isinstance(t3, TiktokenTokenizer)
+    assert (t2.n_words, t2.bos_id, t2.eos_id, t2.pad_id, t2.stop_ids) == (32000, 1, 2, None, (2,))
+    assert (t3.n_words, t3.bos_id, t3.eos_id, t3.pad_id) == (128256, 128000, 128001, None)
     assert t3.stop_ids == (128001, 128009) and t3.eot_id == 128009
     assert t3.special_tokens["<|start_header_id|>"] == 128006 and t3.special_tokens["<|reserved_special_token_250|>"] == 128255
 
@@ -1368,7 +1369,7 @@ def test_tok_llama3_matches_tiktoken(_tok_real, _tok_real_tokenizers):
     tiktoken = pytest.importorskip("tiktoken")
     with open(_tok_real["llama3"], "rb") as f:
         ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f)}
-    enc = tiktoken.Encoding("llama3", pat_str=_TOK_LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     tok = _tok_real_tokenizers[1]
     rng = random.Random(2)
     for text in _tok_corpus():
@@ -1402,8 +1403,9 @@ def _tok_sp_file(tmp_path):
 
 
 def test_tok_sentencepiece_synthetic(_tok_sp_file):
-    tok = Tokenizer(_tok_sp_file)
-    assert (tok.kind, tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id) == ("sentencepiece", 272, 1, 2, None)
+    tok = load_tokenizer(_tok_sp_file)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id) == (272, 1, 2, None)
     # dummy prefix "▁"; "abc": bc (-5) beats ab (-6) -> a, bc
     assert tok.encode("abc", bos=True, eos=True) == [1, 259, 260, 264, 2]
     # "aaa": the three "aa" pairs tie; the leftmost merges first -> aa, a
@@ -1423,30 +1425,22 @@ def test_tok_sentencepiece_synthetic(_tok_sp_file):
 
 
 def test_tok_sentencepiece_synthetic_matches_sentencepiece(tmp_path, _tok_sp_file):
-    """The hand-written protobuf writer, encoder and decoder against the sentencepiece package, also for the
-    proto defaults (remove_extra_whitespaces on), without dummy prefix, and without byte fallback (runs of
-    unknowns -> one <unk>); decode of random id sequences (stray bytes, controls, unknowns, spaces)."""
+    """The hand-written protobuf writer, encoder and decoder against the sentencepiece package; decode of
+    random id sequences (stray bytes, controls, unknowns, spaces)."""
     spm = pytest.importorskip("sentencepiece")
-    pieces = _tok_sp_pieces(_TOK_SP_NORMAL)
-    paths = [_tok_sp_file,
-             write_sentencepiece_model(str(tmp_path / "nofb.model"), _tok_sp_pieces(_TOK_SP_NORMAL, False),
-                                       trainer_spec=[(3, 2)], normalizer_spec=[(1, "identity")]),
-             write_sentencepiece_model(str(tmp_path / "rew.model"), pieces, normalizer_spec=[(3, False)]),
-             write_sentencepiece_model(str(tmp_path / "raw.model"), pieces, normalizer_spec=[(3, False), (4, False)])]
     texts = ["abc", "aaa", " b", "é", "x y", "  ab  c é\n", "🦙 a", "  ", "", "aéé b 中中 c", "x  y"]
     rng = random.Random(3)
     texts += ["".join(rng.choice("abcxy é中\n") for _ in range(rng.randint(0, 12))) for _ in range(300)]
-    for path in paths:
-        tok, sp = Tokenizer(path), spm.SentencePieceProcessor(model_file=path)
-        for text in texts:
-            ids = tok.encode(text, bos=True, eos=False)
-            assert ids == sp.encode(text, add_bos=True), (path, text)
-            assert tok.decode(ids) == sp.decode(ids), (path, text)
-        for _ in range(1000):
-            nonbyte = [0, 1, 2] + list(range(tok.n_words - len(_TOK_SP_NORMAL), tok.n_words))
-            ids = [rng.choice(nonbyte) if rng.random() < 0.7 else rng.randrange(tok.n_words)
-                   for _ in range(rng.randint(0, 6))]
-            assert tok.decode(ids) == sp.decode(ids), (path, ids)
+    tok, sp = load_tokenizer(_tok_sp_file), spm.SentencePieceProcessor(model_file=_tok_sp_file)
+    for text in texts:
+        ids = tok.encode(text, bos=True, eos=False)
+        assert ids == sp.encode(text, add_bos=True), text
+        assert tok.decode(ids) == sp.decode(ids), text
+    for _ in range(1000):
+        nonbyte = [0, 1, 2] + list(range(tok.n_words - len(_TOK_SP_NORMAL), tok.n_words))
+        ids = [rng.choice(nonbyte) if rng.random() < 0.7 else rng.randrange(tok.n_words)
+               for _ in range(rng.randint(0, 6))]
+        assert tok.decode(ids) == sp.decode(ids), ids
 
 
 def _tok_write_ranks(path, tokens):
@@ -1459,9 +1453,10 @@ def test_tok_tiktoken_synthetic(tmp_path):
     base = [bytes([b]) for b in range(256)]
     # ranks 256..: "ab" before "bc" (lowest rank merges first), " a", "aa", "12", "123", "'m"
     path = _tok_write_ranks(tmp_path / "tt.model", base + [b"ab", b"bc", b" a", b"aa", b"12", b"123", b"'m"])
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     n = 263
-    assert (tok.kind, tok.n_words, tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == ("tiktoken", n + 256, n, n + 1, n + 9, None)
+    assert isinstance(tok, TiktokenTokenizer)
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == (n + 256, n, n + 1, n + 9, None)
     assert tok.stop_ids == (n + 1, n + 9)
     assert tok.encode("abc", bos=True, eos=True) == [n, 256, ord("c"), n + 1]
     assert tok.encode("aaa", bos=False, eos=False) == [259, ord("a")]  # leftmost of the tied "aa" pairs
@@ -1497,17 +1492,17 @@ def test_tok_train_tiny_tokenizer(tmp_path):
     # pieces "aaab", " aab": "aa" (3 times) is merged first, then the four pairs seen once tie and the
     # smallest bytes wins: (" ", "aa")
     assert lines[:2] == ["AA== 0", "AQ== 1"] and lines[256:] == ["YWE= 256", "IGFh 257"]
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     assert tok.n_words == 258 + 256 and tok.bos_id == 258
     assert tok.encode("aaab aab", bos=False, eos=False) == [256, 97, 98, 257, 98]
     texts = ["the cat sat on the mat", "The dog's 123 bones!\n\nthe end", "ça va? 🦙"]
-    tok = Tokenizer(train_tiny_tokenizer(texts, 280, str(tmp_path / "tiny2.model")))
+    tok = load_tokenizer(train_tiny_tokenizer(texts, 280, str(tmp_path / "tiny2.model")))
     assert tok.n_words == 280 + 256
     for text in texts:
         ids = tok.encode(text, bos=True, eos=True)
         assert len(ids) < len(text.encode()) + 2 and tok.decode(ids[1:-1]) == text
     # asked for more than the texts allow: training stops when every pre-tokenizer piece is one token
-    tok = Tokenizer(train_tiny_tokenizer(texts, 1000, str(tmp_path / "tiny3.model")))
+    tok = load_tokenizer(train_tiny_tokenizer(texts, 1000, str(tmp_path / "tiny3.model")))
     assert tok.n_words < 1000 + 256
     assert all(len(tok.encode(t, bos=False, eos=False)) == len(llama3_split(t)) for t in texts)
     with pytest.raises(ValueError, match="< 256"):
@@ -1517,8 +1512,8 @@ def test_tok_train_tiny_tokenizer(tmp_path):
 def test_tok_train_tiny_tokenizer_matches_tiktoken(tmp_path):
     tiktoken = pytest.importorskip("tiktoken")
     texts = ["the cat sat on the mat", "The dog's 123456 bones!\n\n  the end  ", "ça va? 🦙 naïve café"] * 3
-    tok = Tokenizer(train_tiny_tokenizer(texts, 320, str(tmp_path / "tiny.model")))
-    enc = tiktoken.Encoding("tiny", pat_str=_TOK_LLAMA3_PATTERN, special_tokens={},
+    tok = load_tokenizer(train_tiny_tokenizer(texts, 320, str(tmp_path / "tiny.model")))
+    enc = tiktoken.Encoding("tiny", pat_str=LLAMA3_PATTERN, special_tokens={},
                             mergeable_ranks={t: r for r, t in enumerate(tok._token)})
     for text in texts + ["cats and dogs sat", "unseen words ünïcode 987"]:
         assert tok.encode(text, bos=False, eos=False) == enc.encode_ordinary(text)
@@ -1530,50 +1525,56 @@ def test_tok_malformed_files(tmp_path, _tok_sp_file):
         p.write_bytes(data)
         return str(p)
     with pytest.raises(ValueError, match=r"neither.*starts with b'hello"):
-        Tokenizer(write("text.model", b"hello world\n"))
+        load_tokenizer(write("text.model", b"hello world\n"))
     with pytest.raises(ValueError, match="neither"):
-        Tokenizer(write("empty.model", b""))
+        load_tokenizer(write("empty.model", b""))
     with open(_tok_sp_file, "rb") as f:
         sp = f.read()
     with pytest.raises(ValueError, match=r"truncated"):
-        Tokenizer(write("cut.model", sp[:-7]))
+        load_tokenizer(write("cut.model", sp[:-7]))
     with pytest.raises(ValueError, match=r"truncated varint"):
-        Tokenizer(write("cutvarint.model", b"\x0a\x80"))
+        load_tokenizer(write("cutvarint.model", b"\x0a\x80"))
     with pytest.raises(ValueError, match=r"wire type 7"):
-        Tokenizer(write("wire.model", b"\x0a\x02\x0f\x00"))
-    with pytest.raises(ValueError, match=r"not BPE"):  # a unigram model
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "uni.model"), _tok_sp_pieces([]), trainer_spec=[(3, 1)]))
+        load_tokenizer(write("wire.model", b"\x0a\x02\x0f\x00"))
+    # SentencePiece options LLaMA's files never use are refused, each by name
+    for name, trainer, normalizer in [("model_type", [(3, 1), (35, True)], None),  # unigram
+                                      ("byte_fallback", [(3, 2)], None),
+                                      ("add_dummy_prefix", None, [(3, False), (4, False)]),
+                                      ("remove_extra_whitespaces", None, [(3, True)]),  # the proto default
+                                      ("escape_whitespaces", None, [(4, False), (5, False)]),
+                                      ("treat_whitespace_as_suffix", [(3, 2), (35, True), (24, True)], None)]:
+        kw = {"trainer_spec": trainer} if trainer else {"normalizer_spec": normalizer}
+        with pytest.raises(ValueError, match=rf"SentencePiece {name}.*only LLaMA's setting"):
+            load_tokenizer(write_sentencepiece_model(str(tmp_path / f"{name}.model"), _tok_sp_pieces([]), **kw))
     with pytest.raises(ValueError, match=r"without bos_id"):
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "nobos.model"), _tok_sp_pieces([]),
+        load_tokenizer(write_sentencepiece_model(str(tmp_path / "nobos.model"), _tok_sp_pieces([]),
                                             trainer_spec=[(3, 2), (35, True), (41, -1)]))
     with pytest.raises(ValueError, match=r"eos_id 999 out of range for 259 pieces"):
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "eos.model"), _tok_sp_pieces([]),
+        load_tokenizer(write_sentencepiece_model(str(tmp_path / "eos.model"), _tok_sp_pieces([]),
                                             trainer_spec=[(3, 2), (35, True), (42, 999)]))
     with pytest.raises(ValueError, match=r"piece 259 'ab' has type 4"):  # USER_DEFINED
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "user.model"), _tok_sp_pieces([]) + [("ab", 0.0, 4)]))
+        load_tokenizer(write_sentencepiece_model(str(tmp_path / "user.model"), _tok_sp_pieces([]) + [("ab", 0.0, 4)]))
     with pytest.raises(ValueError, match=r"precompiled_charsmap"):
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "nfkc.model"), _tok_sp_pieces([]),
+        load_tokenizer(write_sentencepiece_model(str(tmp_path / "nfkc.model"), _tok_sp_pieces([]),
                                             normalizer_spec=[(1, "nmt_nfkc"), (2, b"\x01\x02")]))
-    with pytest.raises(ValueError, match=r"byte piece <0x00> but byte_fallback is off"):
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "nofb.model"), _tok_sp_pieces([]), trainer_spec=[(3, 2)]))
-    with pytest.raises(ValueError, match=r"byte_fallback.*255 of 256"):
-        Tokenizer(write_sentencepiece_model(str(tmp_path / "bytes.model"), _tok_sp_pieces([])[:-1]))
+    with pytest.raises(ValueError, match=r"byte fallback needs 256 <0xNN> pieces, only 255 of 256"):
+        load_tokenizer(write_sentencepiece_model(str(tmp_path / "bytes.model"), _tok_sp_pieces([])[:-1]))
     base = b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256))
     with pytest.raises(ValueError, match=r"line 258: bad base64"):
-        Tokenizer(write("b64.model", base + b"YWI= 256\nYW!= 257\n"))
+        load_tokenizer(write("b64.model", base + b"YWI= 256\nYW!= 257\n"))
     with pytest.raises(ValueError, match=r"line 257: expected '<base64 token> <rank>'"):
-        Tokenizer(write("rank.model", base + b"YWI= x\n"))
+        load_tokenizer(write("rank.model", base + b"YWI= x\n"))
     with pytest.raises(ValueError, match=r"line 257: token b'a' appears twice"):
-        Tokenizer(write("dup.model", base + b"YQ== 256\n"))
+        load_tokenizer(write("dup.model", base + b"YQ== 256\n"))
     with pytest.raises(ValueError, match=r"ranks are not exactly 0..256"):
-        Tokenizer(write("gap.model", base + b"YWI= 300\n"))
+        load_tokenizer(write("gap.model", base + b"YWI= 300\n"))
     with pytest.raises(ValueError, match=r"1 missing \(first: 0xff\)"):
-        Tokenizer(write("missing.model", base.rsplit(b"\n", 2)[0] + b"\n"))
-    tok = Tokenizer(_tok_sp_file)
+        load_tokenizer(write("missing.model", base.rsplit(b"\n", 2)[0] + b"\n"))
+    tok = load_tokenizer(_tok_sp_file)
     with pytest.raises(ValueError, match=r"token id 272 out of range \[0, 272\)"):
         tok.decode([1, 272])
     with pytest.raises(ValueError, match=r"token id -1 out of range"):
-        Tokenizer(write("ok.model", base)).decode([-1])
+        load_tokenizer(write("ok.model", base)).decode([-1])
 
 
 # ----------------------------------------------------------------------------------------------- bench.py
