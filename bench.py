@@ -1,5 +1,12 @@
 """bench.py: what GIFT costs in time and memory, measured beside the frozen-backbone floor, LoRA and full FT.
 
+The default run (no flags) measures, in this order, and prints each table as soon as it is measured:
+ViT-B/16 at 224 (batch 2 on a CPU, 32 on a GPU), then LLaMA-7B widths with 2 layers (batch 1 x seq 128),
+each for the five variants below plus inference, then the hand-written tokenizers on synthetic vocabularies.
+fp32 on a CPU (bf16 on a GPU), 5 timed repetitions after 1 warm-up. On 2 shared CPU cores it takes about
+20 minutes; `--model vit` or `--variants gift lora` (no full fine-tuning) make it shorter. Results and how
+to read them: docs/bench.md.
+
 One run builds one model with random weights (speed does not depend on their values) and times a training step
 (forward, backward, AdamW step) of every variant on the same inputs and machine. The variants share the
 backbone's weight tensors, and they are interleaved: each repetition runs every variant once, in an order
@@ -42,6 +49,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -405,53 +413,69 @@ def _size(n):
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB" if n >= 2**10 else f"{n} B"
 
 
-def markdown(result) -> str:
-    out = [f"{result['machine']['device']}, torch {result['machine']['torch']}, {result['machine']['date']}"]
-    for r in result["models"]:
-        out += ["", f"**{r['description']}** (medians over {result['args']['steps']} interleaved repetitions)", "",
-                "| variant | train step | x floor | x floor, CPU time | GFLOP | x floor | peak memory | trainable "
-                "| file |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {t['variant']} | {t['step_s'] * 1e3:,.1f} ms | {t['x_floor']:.3f} | {t['x_floor_cpu']:.3f} | "
-                f"{t['flops'] / 1e9:,.1f} | {t['flops_x_floor']:.3f} | {_size(t['peak_bytes'])} | {t['trainable']:,} | "
-                f"{_size(t['file_bytes']) if t['file_bytes'] else '-'} |" for t in r["train"]]
-        out += ["", "| inference | forward | x base | x base, CPU time |", "|---|---:|---:|---:|"]
-        out += [f"| {i['variant']} | {i['forward_s'] * 1e3:,.1f} ms | {i['x_base']:.3f} | {i['x_base_cpu']:.3f} |"
-                for i in r["inference"]]
-    if "tokenizers" in result:
-        tk = result["tokenizers"]
-        out += ["", f"**Tokenizers** ({tk['lines']} lines, {tk['bytes']:,} bytes of text)", "",
-                "| tokenizer | vocabulary | implementation | tokens/s | MB/s | speed vs reference | same ids |",
-                "|---|---|---|---:|---:|---:|---|"]
-        out += [f"| {t['tokenizer']} | {t['file']} ({t['n_words']:,}) | {t['implementation']} | "
-                f"{t['tokens_per_s']:,.0f} | {t['mb_per_s']:.2f} | "
-                f"{'-' if t['speed_vs_reference'] is None else format(t['speed_vs_reference'], '.2f')} | "
-                f"{'-' if t['same_ids'] is None else t['same_ids']} |"
-                for t in tk["rows"]]
+def markdown_machine(result) -> str:
+    m = result["machine"]
+    return f"{m['device']}, torch {m['torch']}, {m['date']}"
+
+
+def markdown_model(r, steps) -> str:
+    out = [f"**{r['description']}** (medians over {steps} interleaved repetitions)", "",
+           "| variant | train step | x floor | x floor, CPU time | GFLOP | x floor | peak memory | trainable | file |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {t['variant']} | {t['step_s'] * 1e3:,.1f} ms | {t['x_floor']:.3f} | {t['x_floor_cpu']:.3f} | "
+            f"{t['flops'] / 1e9:,.1f} | {t['flops_x_floor']:.3f} | {_size(t['peak_bytes'])} | {t['trainable']:,} | "
+            f"{_size(t['file_bytes']) if t['file_bytes'] else '-'} |" for t in r["train"]]
+    out += ["", "| inference | forward | x base | x base, CPU time |", "|---|---:|---:|---:|"]
+    out += [f"| {i['variant']} | {i['forward_s'] * 1e3:,.1f} ms | {i['x_base']:.3f} | {i['x_base_cpu']:.3f} |"
+            for i in r["inference"]]
     return "\n".join(out)
 
 
+def markdown_tokenizers(tk) -> str:
+    out = [f"**Tokenizers** ({tk['lines']} lines, {tk['bytes']:,} bytes of text)", "",
+           "| tokenizer | vocabulary | implementation | tokens/s | MB/s | speed vs reference | same ids |",
+           "|---|---|---|---:|---:|---:|---|"]
+    out += [f"| {t['tokenizer']} | {t['file']} ({t['n_words']:,}) | {t['implementation']} | "
+            f"{t['tokens_per_s']:,.0f} | {t['mb_per_s']:.2f} | "
+            f"{'-' if t['speed_vs_reference'] is None else format(t['speed_vs_reference'], '.2f')} | "
+            f"{'-' if t['same_ids'] is None else t['same_ids']} |"
+            for t in tk["rows"]]
+    return "\n".join(out)
+
+
+def markdown(result) -> str:
+    parts = [markdown_machine(result)] + [markdown_model(r, result["args"]["steps"]) for r in result["models"]]
+    return "\n\n".join(parts + ([markdown_tokenizers(result["tokenizers"])] if "tokenizers" in result else []))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, and every default (a None default is explained in the help)."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["vit", "llama", "tokenizer", "all"], default="all")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=["vit", "llama", "tokenizer", "all"], default="all", help="what to measure")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions before them")
     p.add_argument("--batch", type=int, help="ViT images per step (default: 32 on a GPU, 2 on a CPU)")
     p.add_argument("--llama-batch", type=int, default=1, help="LLaMA sequences per step")
     p.add_argument("--vit", default="B/16", help="ViT size/patch for ViTConfig.from_name (Ti, S, B, L, H)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="ViT input resolution")
     p.add_argument("--llama", choices=list(LLAMA_SHAPES), default="7b", help="7b: LLaMA-1/2 7B, 8b: Llama-3 8B")
     p.add_argument("--layers", type=int, default=2, help="LLaMA depth (the real models have 32)")
     p.add_argument("--seq", type=int, default=128, help="LLaMA sequence length")
     p.add_argument("--sp-model", help="a real LLaMA-1/2 tokenizer.model (default: a synthetic one)")
     p.add_argument("--tiktoken-model", help="a real Llama 3 tokenizer.model (default: a synthetic one)")
     p.add_argument("--tokenizer-vocab", type=int, default=1000, help="size of the synthetic vocabularies")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads on a CPU (default: torch's choice; on a "
+                   "shared CPU pass 1)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="what to train beside the floor (e.g. leave out full to fit a deeper model)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="also write the results here (rewritten after each part)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -460,15 +484,23 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     result = {"machine": machine(device), "args": vars(args), "models": []}
+    print(markdown_machine(result), flush=True)
+
+    def done(table):  # each part is printed (and saved) as soon as it is measured: a long run is never silent
+        print("\n" + table, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({**result, "markdown": markdown(result)}, indent=1))
+
     for kind in ("vit", "llama"):
         if args.model in (kind, "all"):
+            print(f"\nmeasuring {kind}: {', '.join(v for v in VARIANTS if v == 'floor' or v in args.variants)}, "
+                  f"then inference ...", file=sys.stderr, flush=True)
             result["models"].append(bench_model(kind, args, device))
+            done(markdown_model(result["models"][-1], args.steps))
     if args.model in ("tokenizer", "all"):
+        print("\nmeasuring the tokenizers ...", file=sys.stderr, flush=True)
         result["tokenizers"] = bench_tokenizers(args)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({**result, "markdown": table}, indent=1))
+        done(markdown_tokenizers(result["tokenizers"]))
     return result
 
 
