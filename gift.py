@@ -1,6 +1,7 @@
 """GIFT: Generative Interpretable Fine-Tuning, in one torch-only file.
 
 Paper: C. Savadikar, X. Song, T. Wu, "GIFT: Generative Interpretable Fine-Tuning", arXiv 2312.00700.
+A self-contained tour: `python gift.py` (about 10 s on 2 CPU cores).
 
 A frozen linear layer y = x W^T + b (W: d_out x d_in) is fine-tuned by *generating* its new weight from
 the old one with two small linear maps Theta = (phi, psi) that are shared by every layer of one type:
@@ -45,8 +46,6 @@ Usage:
     with gift_disabled(model): ...                             # the base model, nothing copied
     torch.save(gift_state_dict(model), "adapter.pt")           # 2 r d_in numbers per Theta
     merge_gift(model)                                          # plain nn.Linear again, no overhead
-
-Run `python gift.py` for a self-contained tour (about 10 s on 2 CPU cores).
 """
 import contextlib
 import re
@@ -76,8 +75,7 @@ class GIFT(nn.Module):
         return (weight @ phi) @ psi                         # (d_out,d_in)@(d_in,r)@(r,d_in)
 
     def forward(self, x):
-        """Activation form: x_hat = x + x psi^T phi^T, (..., d_in) -> (..., d_in). F.linear(x, A) = x A^T, and
-        unlike @ it takes the nested tensors that nn.TransformerEncoder passes to its layers in eval()."""
+        """Activation form: x_hat = x + x psi^T phi^T, (..., d_in) -> (..., d_in); F.linear(x, A) = x A^T."""
         phi, psi = self.matrices(x.dtype)
         return x + F.linear(F.linear(x, psi), phi)          # (..,d_in) -> (..,r) -> (..,d_in)
 
@@ -124,8 +122,7 @@ def _linear_names(model, limit=40):
     return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "") or "(none)"
 
 
-def _master_dtype(dtype):
-    """float64 for float64 weights, else float32: the dtype of Theta's weights and of merge_gift's sum."""
+def _master_dtype(dtype):  # the dtype of Theta's weights and of merge_gift's sum
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -142,21 +139,21 @@ def _targets(model, targets, share, mode):
         raise ValueError("add_gift was already called on this model (it has .gift); merge_gift it first")
     if share not in ("type", "all") or mode not in ("activation", "parameter"):
         raise ValueError(f"share must be 'type' or 'all', mode 'activation' or 'parameter'; got {share!r}, {mode!r}")
+    if isinstance(model, nn.Sequential):  # it would run model.gift as its last layer
+        raise ValueError("add_gift needs a model that is not an nn.Sequential: wrap it in a module of your own")
     modules = dict(model.named_modules(remove_duplicate=False))
     if isinstance(targets, str):  # one regular expression, full match; one Theta per leaf name
         matched = [(n.rsplit(".", 1)[-1], n) for n in modules if n and re.fullmatch(targets, n)]
-        if not matched:
-            raise ValueError(f"target regex {targets!r} matched no module (it must match the whole qualified "
-                             f"name). Linear layers: {_linear_names(model)}")
     else:                          # name suffixes: equal to the entry or ending in "." + entry; Theta per entry
-        if not targets:
-            raise ValueError("targets is empty: give name suffixes, e.g. ['q_proj', 'v_proj']")
         matched = []
         for entry in targets:
             found = [(entry.replace(".", "_"), n) for n in modules if n and (n == entry or n.endswith("." + entry))]
             if not found:
                 raise ValueError(f"target {entry!r} matched no module. Linear layers: {_linear_names(model)}")
             matched += found
+    if not matched:
+        raise ValueError(f"targets {targets!r} matched no module: give name suffixes (['q_proj', 'v_proj']) or a "
+                         f"regex matching whole qualified names. Linear layers: {_linear_names(model)}")
     groups, key_of, sizes = {}, {}, {}  # sizes: group -> {in_features: its first layer}
     for key, name in matched:
         module = modules[name]
@@ -193,6 +190,9 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
         first = found[0][1]
         thetas[key] = GIFT(first.in_features, rank).to(first.weight.device, _master_dtype(first.weight.dtype))
     model.requires_grad_(False)
+    for m in model.modules():  # in eval() with a padding mask it hands its layers nested tensors, which torch's
+        if isinstance(m, nn.TransformerEncoder):  # attention refuses once a layer needs grad (Theta does)
+            m.use_nested_tensor = False
     wrapped = {id(m): GIFTLinear(m, thetas[key], mode) for key, found in groups.items() for _, m in found}
     for name, module in list(model.named_modules(remove_duplicate=False)):  # every place a module is used at
         if id(module) in wrapped:
@@ -202,8 +202,7 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
     return thetas
 
 
-def gift_layers(model: nn.Module):
-    """[(qualified name, GIFTLinear)] in module order."""
+def gift_layers(model: nn.Module):  # [(qualified name, GIFTLinear)] in module order
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GIFTLinear)]
 
 
@@ -294,8 +293,7 @@ def parameter_summary(model: nn.Module) -> str:
 @torch.no_grad()
 def cluster_head(layer: GIFTLinear):
     """C = W phi (d_out, r), float32: for output tokens y (N, d_out) of `layer`, y @ C are r cluster maps."""
-    phi, _ = layer.theta.matrices(torch.float32)
-    return _float_weight(type(layer.base).__name__, layer.base).float() @ phi  # (d_out,d_in)@(d_in,r)
+    return _float_weight(type(layer.base).__name__, layer.base).float() @ layer.theta.matrices(torch.float32)[0]
 
 
 if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a model this file never saw
