@@ -133,7 +133,7 @@ def _float_weight(name, linear):
     return linear.weight
 
 
-def _targets(model, targets, share, mode):
+def _checked_targets(model, targets, share, mode):
     """{theta key: [(qualified name, Linear)]}, each name of a module, once every up-front check has passed."""
     if hasattr(model, "gift"):
         raise ValueError("add_gift was already called on this model (it has .gift); merge_gift it first")
@@ -184,7 +184,7 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
     targets: list of name suffixes (["q_proj", "v_proj"], ["attn.proj"]) or one regex (full match).
     share="type": one Theta per list entry (per leaf name for a regex), the paper's default;
     share="all": one Theta for every targeted layer. The Thetas are registered once as model.gift."""
-    groups = _targets(model, targets, share, mode)
+    groups = _checked_targets(model, targets, share, mode)
     thetas = nn.ModuleDict()  # built before anything changes: a bad rank leaves the model untouched
     for key, found in groups.items():
         first = found[0][1]
