@@ -506,7 +506,7 @@ class HFTokenizer(Tokenizer):
         self._rank = {}  # (left, right) -> -rank: bpe() merges the highest first
         for rank, m in enumerate(model["merges"]):  # "left right", or [left, right] (tokens with spaces)
             pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2 or pair[0] not in self._id or pair[1] not in self._id or pair[0] + pair[1] not in self._id:
+            if len(pair) != 2 or not (pair[0] in self._id and pair[1] in self._id and pair[0] + pair[1] in self._id):
                 raise ValueError(f"{what}: merge {rank} {m!r} is not two tokens that join into a token")
             self._rank[pair] = -rank  # a repeated pair keeps its last rank, as in tokenizers
         unk = model.get("unk_token")
@@ -611,7 +611,7 @@ class HFTokenizer(Tokenizer):
         """text -> [str | id]: the added tokens regex finds become their ids; the text around them stays."""
         if regex is None:
             return [text]
-        word = lambda c: c.isalnum() or c == "_"
+        word = lambda c: unicodedata.category(c)[:1] in "LM" or unicodedata.category(c) in ("Nd", "Nl", "Pc")  # \w
         out, pos = [], 0
         for m in regex.finditer(text):
             i, single_word, lstrip, rstrip = self._added[m.group()]
