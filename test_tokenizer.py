@@ -617,6 +617,7 @@ def test_tok_hf_refused(tmp_path):
         (edit(byte, "model", type="WordPiece"), r"model type 'WordPiece' is not supported; only BPE"),
         (edit(byte, "model", type="Unigram"), r"model type 'Unigram' is not supported"),
         (edit(byte, "model", dropout=0.1), r"BPE dropout 0.1 is not supported"),
+        (edit(byte, "model", merges=None), r"the BPE model needs a vocab object and a merges list"),
         (edit(sp, "model", continuing_subword_prefix="##"), r"BPE continuing_subword_prefix '##' is not supported"),
         (edit(sp, "model", merges=["a zz"]), r"merge 0 'a zz' is not two tokens that join into a token"),
         (edit(sp, "model", merges=["a b c"]), r"merge 0 'a b c' is not two tokens"),
