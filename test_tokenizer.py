@@ -798,14 +798,41 @@ def _hf_corpus(n=300):
     return _HF_TEXTS + ["".join(rng.choice(units) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
+# What each folder declares: n_words, bos_id, eos_id, pad_id, stop_ids, add_bos
+_HF_DECLARED = {"llama2": (32000, 1, 2, None, (2,), True),  # the post-processor's template puts <s> first
+                "llama3": (128257, 128000, 128001, None, (128001,), False),  # transformers adds <|endoftext|>
+                "llama3-hub": (128257, 128000, 128001, None, (128001,), True),  # and no BOS to the template
+                "qwen2": (151936, 151643, 151643, 151643, (151643,), False),  # padded to the embedding's size
+                "smollm2": (49152, 1, 2, 2, (2,), False)}  # <|im_start|> is a chat marker, not a BOS to add
+_HF_VECTORS = {"llama2-legacy": "llama2", "llama3-hub": "llama3", "qwen2": "qwen2"}  # the Hub's forms
+
+
 @pytest.mark.parametrize("name", _HF_NAMES)
-def test_tok_hf_real_matches_tokenizers(_hf_real, name):
-    """The same ids as tokenizers' encode(text, add_special_tokens=False), the same text as its decode (specials
-    kept) of those ids and of random ids; decode(encode(x)) == x wherever the format is lossless."""
+def test_tok_hf_real(_hf_real, name):
+    """Per real file: what its folder declares; llama.cpp's 46 cases of its vocabulary (ids without BOS, made
+    by tokenizers from the Hub's files); the same ids as tokenizers' encode(text, add_special_tokens=False) and
+    the same text as its decode (specials kept) of those ids and of random ids; decode(encode(x)) == x
+    wherever the format is lossless."""
+    tok = load_tokenizer(_hf_real[name] / "tokenizer.json")
+    assert isinstance(tok, HFTokenizer)
+    if name in _HF_DECLARED:
+        assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == _HF_DECLARED[name]
+    if name in _HF_VECTORS:
+        folder = _hf_real[_HF_VECTORS[name]]
+        inp = (folder / "vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+        out = (folder / "vectors.out").read_text().split("\n")[:-1]
+        assert len(inp) == len(out) == 46
+        for text, ids in zip(inp, out):
+            assert tok.encode(text, bos=False, eos=False) == [int(i) for i in ids.split()], text
+    if name == "smollm2":
+        chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        ids = tok.encode(chat, tok.add_bos, eos=False)
+        assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1 and tok.decode(ids) == chat
+    for text in _HF_PLAIN if name not in ("llama2-unk", "smollm2-added") else []:  # <unk>; added spaces
+        assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
     tokenizers = pytest.importorskip("tokenizers")
-    path = _hf_real[name] / "tokenizer.json"
-    tok, ref = load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
-    assert isinstance(tok, HFTokenizer) and tok.n_words == ref.get_vocab_size(with_added_tokens=True)
+    ref = tokenizers.Tokenizer.from_file(str(_hf_real[name] / "tokenizer.json"))
+    assert tok.n_words == ref.get_vocab_size(with_added_tokens=True)
     for text in _hf_corpus():
         ids = tok.encode(text, bos=False, eos=False)
         assert ids == ref.encode(text, add_special_tokens=False).ids, text
@@ -815,33 +842,3 @@ def test_tok_hf_real_matches_tokenizers(_hf_real, name):
         ids = [rng.choice([rng.randrange(tok.n_words), rng.randrange(300), tok.n_words - 1 - rng.randrange(300)])
                for _ in range(rng.randint(0, 10))]
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), ids
-    for text in _HF_PLAIN if name not in ("llama2-unk", "smollm2-added") else []:  # <unk>; added spaces
-        assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
-
-
-@pytest.mark.parametrize("name, vectors", [("llama2-legacy", "llama2"), ("llama3-hub", "llama3"), ("qwen2", "qwen2")])
-def test_tok_hf_real_llama_cpp_vectors(_hf_real, name, vectors):
-    """llama.cpp's 46 cases per vocabulary (ids without BOS, made by tokenizers from the Hub's files)."""
-    inp = (_hf_real[vectors] / "vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    out = (_hf_real[vectors] / "vectors.out").read_text().split("\n")[:-1]
-    assert len(inp) == len(out) == 46
-    tok = load_tokenizer(_hf_real[name] / "tokenizer.json")
-    for text, ids in zip(inp, out):
-        assert tok.encode(text, bos=False, eos=False) == [int(i) for i in ids.split()], text
-
-
-def test_tok_hf_real_folder_config(_hf_real):
-    """BOS, EOS, pad, stop ids and whether BOS is added, as each folder declares them."""
-    expect = {"llama2": (32000, 1, 2, None, (2,), True),  # the template puts <s> first
-              "llama3": (128257, 128000, 128001, None, (128001,), False),  # transformers adds <|endoftext|>
-              "llama3-hub": (128257, 128000, 128001, None, (128001,), True),  # and puts no BOS in the template
-              "qwen2": (151936, 151643, 151643, 151643, (151643,), False),  # padded to the embedding
-              "smollm2": (49152, 1, 2, 2, (2,), False)}  # <|im_start|> is a chat marker, not a BOS to add
-    for name, (n_words, bos, eos, pad, stops, add_bos) in expect.items():
-        tok = load_tokenizer(_hf_real[name] / "tokenizer.json")
-        assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == (
-            n_words, bos, eos, pad, stops, add_bos), name
-    smol = load_tokenizer(_hf_real["smollm2"] / "tokenizer.json")
-    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    ids = smol.encode(chat, smol.add_bos, eos=False)
-    assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1 and smol.decode(ids) == chat
