@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -905,7 +906,7 @@ def main(argv=None):
     try:  # before the model: a missing or unreadable tokenizer is the user's to fix
         tok = find_tokenizer(args.model, args.tokenizer)
     except (OSError, ValueError) as e:
-        print0(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)  # as parse_args reports a user mistake
         raise SystemExit(2) from None
     model = gift_model(args, dtype)
     if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
