@@ -473,9 +473,9 @@ def target_of(record, template):
 
 
 def tokenize_train(tok, path, template, max_len, cache_dir, rank):
-    """[(ids, n_prompt)]: BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:].
-    Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text.
-    Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
+    """[(ids, n_prompt)]: BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is
+    on ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as
+    in the text. Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
     path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                                 for p in (path, tok.path)]
     key = hashlib.sha256(json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id]).encode()).hexdigest()[:16]
