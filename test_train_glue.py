@@ -237,3 +237,28 @@ def test_metrics_against_references():
 def test_lr_schedule_is_hf_linear():
     assert [tg.lr_factor(s, 2, 10) for s in range(11)] == [0, 0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0]
     assert tg.lr_factor(0, 0, 4) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+WORDPIECE_TEXTS = ["Hello, world! Isn't this a test?", "Crème brûlée à la carte: 3.50$ ^_^", "  many   spaces\tand\ttabs\n",
+                   "东京大学は日本の大学です。中文字符", "emoji 🙂👍🏽 and symbols ©®™ § ¶", "under_score hy-phen a/b (paren) [brak]",
+                   "control\x00char\x07s and \ufffd replacement\u200b zero width", "line\u2028sep and nbsp\u00a0here",
+                   "x" * 120 + " long word", "antidisestablishmentarianism unbelievable ÉCOLE Ωmega İstanbul", "",
+                   "The quick brown fox jumps over the lazy dog. 12345 67.89"]
+
+
+@pytest.mark.parametrize("lowercase,strip_accents", [(True, None), (False, None), (False, True)])
+def test_wordpiece_matches_tokenizers(tmp_path, lowercase, strip_accents):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizer import load_tokenizer
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=strip_accents)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    tok.train_from_iterator(WORDPIECE_TEXTS * 3 + ["a brown dog jumps, the fox is quick."] * 5, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.n_words) == (2, 3, 0, tok.get_vocab_size())
+    for text in WORDPIECE_TEXTS + ["unseen wordz q", "Ünïcödé ñ"]:
+        assert ours.encode(text, bos=False, eos=False) == tok.encode(text, add_special_tokens=False).ids, text
+    assert ours.decode(ours.encode("the quick fox", bos=False, eos=False)) == "the quick fox"

@@ -16,6 +16,7 @@ and bench.py use to build SentencePiece files.
 import base64
 import functools
 import heapq
+import json
 import re
 import struct
 import sys
@@ -41,6 +42,12 @@ def load_tokenizer(path):
         return SentencePieceTokenizer(path)
     if re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", head):
         return TiktokenTokenizer(path)
+    if head.lstrip()[:1] == b"{":  # an HF tokenizer.json
+        with open(path, encoding="utf-8") as f:
+            kind = (json.load(f).get("model") or {}).get("type")
+        if kind == "WordPiece":
+            return WordPieceTokenizer(path)
+        raise ValueError(f"{path}: a tokenizer.json with model {kind!r}; only WordPiece (BERT) is read here")
     raise ValueError(f"{path}: neither a SentencePiece model (protobuf) nor a tiktoken rank file "
                      f"('<base64> <rank>' lines); it starts with {head[:40]!r}")
 
@@ -408,6 +415,83 @@ class TiktokenTokenizer(Tokenizer):
         n = len(self._token)
         parts = [self._token[i] if i < n else self._special_name[i].encode() for i in ids]
         return b"".join(parts).decode("utf-8", errors="replace")
+
+# -----------------------------------------------------------------------------
+# BERT: WordPiece, from an HF tokenizer.json
+#
+# BertNormalizer (drop control characters, whitespace to " ", CJK ideographs as words of their own, then
+# strip accents and lowercase as the file says), BertPreTokenizer (split on whitespace, each punctuation
+# character a word of its own), then per word the longest vocabulary prefix and "##" pieces after it, or
+# [UNK] for the whole word if no split covers it.
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese character" blocks
+
+
+def _is_punctuation(c):  # ASCII symbols count too (BERT splits "$" and "^", which are not Unicode P*)
+    return (c.isascii() and c.isprintable() and not c.isalnum() and c != " ") or unicodedata.category(c)[0] == "P"
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's tokenizer.json (model WordPiece, normalizer BertNormalizer, pre_tokenizer BertPreTokenizer)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        model, norm, pre = (spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer"))
+        kinds = (model.get("type"), norm.get("type"), pre.get("type"))
+        if kinds != ("WordPiece", "BertNormalizer", "BertPreTokenizer"):
+            raise ValueError(f"{path}: expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+                             f"BertPreTokenizer (BERT's tokenizer.json); found {kinds}")
+        self.vocab, self.prefix = model["vocab"], model.get("continuing_subword_prefix", "##")
+        self.max_chars, self.unk_id = model.get("max_input_chars_per_word", 100), model["vocab"][model["unk_token"]]
+        self.clean, self.cjk, self.lower = norm.get("clean_text", True), norm.get("handle_chinese_chars", True), \
+            norm.get("lowercase", True)
+        self.strip = self.lower if norm.get("strip_accents") is None else norm["strip_accents"]
+        self._piece = {i: p for p, i in self.vocab.items()}
+        self.n_words = 1 + max(self._piece)
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+        self.stop_ids = (self.eos_id,)
+
+    def _chunks(self, text):
+        if self.clean:
+            text = "".join(" " if c.isspace() else c for c in text
+                           if c not in "\0\ufffd" and (unicodedata.category(c)[0] != "C" or c in "\t\n\r"))
+        if self.cjk:
+            text = "".join(f" {c} " if any(a <= ord(c) <= b for a, b in _CJK) else c for c in text)
+        if self.strip:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lower:
+            text = text.lower()
+        words = []
+        for word in text.split():
+            start = 0
+            for i, c in enumerate(word):
+                if _is_punctuation(c):
+                    words += [word[start:i], c] if i > start else [c]
+                    start = i + 1
+            if start < len(word):
+                words.append(word[start:])
+        return words
+
+    def _encode_chunk(self, word):
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # the longest piece in the vocabulary first
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return ids
+
+    def _decode(self, ids):  # words joined by spaces, "##" pieces glued to the piece before
+        return " ".join(self._piece[i] for i in ids).replace(" " + self.prefix, "")
 
 # -----------------------------------------------------------------------------
 # Training: the demo's tiny tokenizer
