@@ -2,9 +2,10 @@
 truncation and metrics against their references, and the pipeline on the demo's files (adapter, merge, resume).
 transformers, tokenizers and scipy are test-only oracles: the tests that need them skip where they are absent."""
 import json
+import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,215 @@ def test_wordpiece_matches_tokenizers(tmp_path, lowercase, strip_accents):
     for text in WORDPIECE_TEXTS + ["unseen wordz q", "Ünïcödé ñ"]:
         assert ours.encode(text, bos=False, eos=False) == tok.encode(text, add_special_tokens=False).ids, text
     assert ours.decode(ours.encode("the quick fox", bos=False, eos=False)) == "the quick fox"
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """The demo's random RoBERTa folder (HF format) and generated SST-2-style data."""
+    return tg.make_demo(tmp_path_factory.mktemp("glue_demo"))
+
+
+def _train(demo_files, out, *extra):
+    model_dir, data = demo_files
+    argv = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", *extra]
+    return tg.main(argv)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 64-wide matrices: one thread is fastest on a shared CPU, and every run is alike
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gift_run(demo_files, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("gift_run")
+    history = _train(demo_files, out)
+    return out, history
+
+
+def test_demo_tokenization_matches_tokenizers(demo_files):
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir, data = demo_files
+    tok, cls, sep = tg.load_text_tokenizer(model_dir, tg.read_config(model_dir))
+    ref = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rows = tg.read_tsv(data / "dev.tsv", tg.TASKS["sst2"])
+    for max_len in (512, 9):
+        ref.enable_truncation(max_len)
+        for (a, _, _), (b, _, _) in zip(rows[:40], rows[40:80]):
+            assert tg.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
+            assert tg.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
+
+
+def test_training_learns_and_writes_its_files(gift_run):
+    out, history = gift_run
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "best.safetensors", "checkpoint.pt",
+                                                      "log.jsonl", "results.json"]
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == history
+    result = json.loads((out / "results.json").read_text())
+    best = max(history, key=lambda h: h["dev_accuracy"])
+    assert (result["best"], result["best_epoch"]) == (best["dev_accuracy"], best["epoch"])
+    assert result["trainable_without_head"] == 2 * 2 * 32 * 64  # two Thetas, 2 r d_in each
+
+
+def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files):
+    out, history = gift_run
+    model_dir, data = demo_files
+    run, state = tg.read_adapter(out / "adapter.safetensors")
+    assert (run["method"], run["targets"], run["rank"], run["encoder"]["num_labels"]) == ("gift", ["query", "value"],
+                                                                                           32, 2)
+    model = tg.load_model(model_dir, num_labels=2)
+    add_gift(model, run["targets"], run["rank"], run["share"])
+    load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
+    assert set(state) == set(gift_state_dict(model, ["classifier"]))
+    assert tg.main(["--eval", str(out / "adapter.safetensors"), "--data", str(data)]) == history[-1]["dev_accuracy"]
+
+
+def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files):
+    out, _ = gift_run
+    _, data = demo_files
+    merged = tg.main(["--merge", str(out / "best.safetensors")])
+    _, unmerged = tg.model_with_adapter(out / "best.safetensors")
+    ours = tg.load_model(merged)
+    assert list(ours.state_dict()) == [k for k in unmerged.state_dict() if not k.startswith("gift.")]
+    ids, types, mask = _batch(ours.config.vocab_size, 1, [12, 5, 30])
+    with torch.no_grad():
+        expected = unmerged.eval()(ids, types * 0, mask)
+        torch.testing.assert_close(ours.eval()(ids, types * 0, mask), expected, atol=TOL, rtol=0)
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, expected, atol=TOL, rtol=0)
+    best = max(json.loads(line)["dev_accuracy"] for line in (out / "log.jsonl").read_text().splitlines())
+    assert tg.main(["--eval", str(merged), "--data", str(data)]) == pytest.approx(best, abs=1.0)  # 1 of 160
+
+
+def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
+    history = _train(demo_files, tmp_path, "--method", "lora", "--epochs", "1")
+    run, state = tg.read_adapter(tmp_path / "adapter.safetensors")
+    assert run["rank"] == 8 and len([k for k in state if "lora_" in k]) == 2 * 2 * 2  # A, B x q, v x 2 layers
+    merged = tg.main(["--merge", str(tmp_path / "adapter.safetensors")])
+    _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
+    ids, types, mask = _batch(unmerged.config.vocab_size, 1, [7, 19])
+    with torch.no_grad():
+        torch.testing.assert_close(tg.load_model(merged).eval()(ids, types * 0, mask),
+                                   unmerged.eval()(ids, types * 0, mask), atol=TOL, rtol=0)
+    assert history[0]["epoch"] == 1
+
+
+def test_resume_repeats_the_uninterrupted_run(demo_files, gift_run, tmp_path, monkeypatch, one_thread):
+    full, history = gift_run
+    real = tg.lr_factor
+
+    def interrupt(step, warmup, total):  # dies before step 17: checkpoints at 7 and 14 exist, epoch 1 is logged
+        if step == 17:
+            raise KeyboardInterrupt
+        return real(step, warmup, total)
+
+    monkeypatch.setattr(tg, "lr_factor", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(demo_files, tmp_path)
+    monkeypatch.setattr(tg, "lr_factor", real)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 14
+    with pytest.raises(SystemExit):  # an existing checkpoint needs --resume
+        _train(demo_files, tmp_path)
+    with pytest.raises(ValueError, match="other.*lr"):
+        _train(demo_files, tmp_path, "--resume", "--lr", "1e-3")
+    resumed = _train(demo_files, tmp_path, "--resume")
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(resumed) == drop(history)
+    a, b = read_safetensors(full / "adapter.safetensors"), read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same code path on the same machine: bit for bit
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_bert_pipeline(tmp_path, one_thread):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir, data = tmp_path / "bert", tmp_path / "RTE"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text(GLUE_SAMPLES["rte"] + "".join(
+            f"{i}\tThe {w} is here.\tA {w} is{' not' * (i % 2)} here.\t{'not_entailment' if i % 2 else 'entailment'}\n"
+            for i, w in enumerate(["cat", "dog", "car", "tree", "boat", "lamp"] * 4, 2)))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([(data / "train.tsv").read_text()], tokenizers.trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(cfg).save_pretrained(model_dir)  # with the MLM and NSP heads (cls.*)
+    tok.save(str(model_dir / "tokenizer.json"))
+    tg.main(["--model", str(model_dir), "--task", "rte", "--data", str(data), "--out", str(tmp_path / "run"),
+             "--epochs", "2", "--batch-size", "8"])
+    merged = tg.main(["--merge", str(tmp_path / "run" / "adapter.safetensors")])
+    _, unmerged = tg.model_with_adapter(tmp_path / "run" / "adapter.safetensors")
+    ids, types, mask = _batch(200, 0, [9, 14])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, token_type_ids=types, attention_mask=mask).logits,
+                                   unmerged.eval()(ids, types, mask), atol=TOL, rtol=0)
+
+
+def _user_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        tg.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_user_errors_are_one_line(capsys, tmp_path, demo_files):
+    model_dir, data = demo_files
+    assert "--model" in _user_error(capsys, ["--task", "rte"])
+    assert "no such file" in _user_error(capsys, ["--merge", str(tmp_path / "nothing.safetensors")])
+    assert "no config.json" in _user_error(capsys, ["--model", str(tmp_path), "--task", "sst2", "--data", str(data)])
+    assert "no train.tsv" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(tmp_path)])
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert "--resume" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(data),
+                                              "--out", str(tmp_path)])
+
+
+def test_table_averages_six_tasks(tmp_path):
+    for i, (task, value) in enumerate(zip(tg.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0])):
+        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):
+            run = tmp_path / f"{task}-{seed}"
+            run.mkdir()
+            (run / "results.json").write_text(json.dumps({"task": task, "method": "gift", "backbone": "RoBERTa-Base",
+                                                          "model": "m", "best": value + delta}))
+    text = tg.table(sorted(tmp_path.iterdir()))
+    assert "| RoBERTa-Base | gift | 90.0 | 88.0 | 60.0 | 92.0 | 75.0 | 90.0 | 82.5 | 85.1 |" in text  # medians
+
+
+def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread):
+    """Without dropout nothing is random after the seeded init: 2 processes x 16 examples = 1 process x 32."""
+    model_dir, data = demo_files
+    quiet = tmp_path / "model"
+    shutil.copytree(model_dir, quiet)
+    hf = json.loads((quiet / "config.json").read_text())
+    hf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (quiet / "config.json").write_text(json.dumps(hf))
+    args = ["--model", str(quiet), "--task", "sst2", "--data", str(data), "--epochs", "1", "--batch-size", "32",
+            "--lr", "3e-3"]
+    tg.main(args + ["--out", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash in a worker prints its Python stack
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", tg.__file__, *args,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (read_safetensors(tmp_path / d / "adapter.safetensors") for d in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+    log1, log2 = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                  for d in ("one", "two"))
+    assert log2[0]["dev_accuracy"] == log1[0]["dev_accuracy"]          # both processes' dev shares counted
+    assert abs(log2[0]["train_loss"] - log1[0]["train_loss"]) < 1e-5  # both processes' losses summed

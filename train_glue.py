@@ -465,6 +465,13 @@ RESUME_FIELDS = ("model", "task", "data", "method", "targets", "rank", "share", 
                  "lr", "head_lr", "wd", "head_wd", "warmup", "max_len", "seed", "precision")
 
 
+def file_sizes(args):
+    """{file: size} of the run's inputs: --resume refuses a checkpoint whose data or weights changed size."""
+    files = [task_file(args.data, "train"), task_file(args.data, "dev"), Path(args.model) / "tokenizer.json",
+             *(p for p in (Path(args.model) / "model.safetensors", Path(args.model) / "pytorch_model.bin") if p.exists())]
+    return {p.name: p.stat().st_size for p in files}
+
+
 def lr_factor(step, warmup, total):
     """HF's linear schedule, step for step: 0 at the first update, the peak after warmup, 0 at total."""
     return step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -511,11 +518,12 @@ def train(args, model, train_set, dev_set, rank, world, device):
     # weight decay on matrices only (biases are never decayed), head and adapter each with its own lr and wd
     opt = torch.optim.AdamW([{"params": [p], "lr": lr, "base_lr": lr, "weight_decay": wd if p.ndim >= 2 else 0.0}
                              for p, (lr, wd) in groups])
-    ckpt_path, run = out / "checkpoint.pt", {f: getattr(args, f) for f in RESUME_FIELDS}
+    ckpt_path = out / "checkpoint.pt"
+    run = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "sizes": file_sizes(args)}  # settings and file identity
     step, history, loss_sum = 0, [], [0.0, 0]
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = [f for f in RESUME_FIELDS if ckpt["run"].get(f) != run[f]]
+        changed = [f for f in run if ckpt["run"].get(f) != run[f]]
         if changed:
             raise ValueError(f"{ckpt_path} was written with other {changed}: use them, or another --out")
         load_adapter(model, ckpt["adapter"], ckpt_path)
@@ -576,7 +584,8 @@ def train(args, model, train_set, dev_set, rank, world, device):
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(history[-1]) + "\n")
                 tqdm.write(json.dumps(history[-1]))
-                if value >= max(h[f"dev_{task.metric}"] for h in history):  # the paper reports the best epoch
+                if value > max((h[f"dev_{task.metric}"] for h in history[:-1]), default=-math.inf):
+                    # the paper reports the best epoch (the first of equals, as the authors' saver)
                     write_adapter(out / "best.safetensors", model, args)
             save()
         elif args.save_every and step % args.save_every == 0:
@@ -735,10 +744,10 @@ def make_demo(root):
     (model_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     torch.manual_seed(0)
     model = SequenceClassifier(config)
-    with torch.no_grad():  # HF's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms
+    with torch.no_grad():  # unit-variance signals (not HF's N(0, 0.02) init): the <s> token then sees the words
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.normal_(0, config.initializer_range)
+                p.normal_(0, 1 if "embeddings" in name else p.shape[1] ** -0.5)
             elif not name.endswith("LayerNorm.weight"):
                 p.zero_()
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
@@ -757,14 +766,14 @@ def demo(args):
           "generated SST-2-style reviews). Scores say nothing about GLUE.\n" + f"Files: {root}\n" + "=" * 100)
     model_dir, data = make_demo(root)
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation on a small shared CPU
-    common = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--epochs", "6", "--batch-size", "32",
+    common = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--epochs", "12", "--batch-size", "32",
               "--lr", "3e-3", "--head-lr", "3e-3"]
-    for method, extra in (("gift", []), ("lora", ["--lr", "1e-3"])):
+    for method, extra in (("gift", []), ("lora", [])):
         run(parse_args(common + ["--method", method, "--out", str(root / method)] + extra))
-    merged = merge(parse_args(["--merge", str(root / "gift" / "adapter.safetensors")]))
+    merged = merge(parse_args(["--merge", str(root / "gift" / "best.safetensors")]))
     value = run(parse_args(["--eval", str(merged), "--data", str(data)]))
     table([root / "gift", root / "lora"])
-    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data); merged model scores {value:.2f} on dev.\n"
+    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data); the merged best epoch scores {value:.2f} on dev.\n"
           f"Outputs: {root}/gift and {root}/lora: log.jsonl, checkpoint.pt, best.safetensors, adapter.safetensors, "
           f"results.json; {merged}: the merged HF folder")
 
