@@ -170,9 +170,9 @@ class SequenceClassifier(nn.Module):
         attend = mask[:, None, None, :].bool()  # (B, 1, 1, T): every query sees the real tokens only
         for layer in body.encoder["layer"]:
             x = layer(x, attend)
-        x = F.dropout(x[:, 0], p, self.training)  # the first token, <s> / [CLS]
+        x = x[:, 0]  # the first token, <s> / [CLS]
         if self.config.model_type == "roberta":
-            x = F.dropout(torch.tanh(self.classifier["dense"](x)), p, self.training)
+            x = F.dropout(torch.tanh(self.classifier["dense"](F.dropout(x, p, self.training))), p, self.training)
             return self.classifier["out_proj"](x).float()
         return self.classifier(F.dropout(torch.tanh(body.pooler["dense"](x)), p, self.training)).float()
 
@@ -218,7 +218,7 @@ def read_weights(folder) -> dict:
     elif (folder / "pytorch_model.bin").is_file():
         w = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files are not supported)")
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files: not supported)")
     kind = read_config(folder).model_type
     out = {}
     for key, t in w.items():
@@ -467,8 +467,9 @@ RESUME_FIELDS = ("model", "task", "data", "method", "targets", "rank", "share", 
 
 def file_sizes(args):
     """{file: size} of the run's inputs: --resume refuses a checkpoint whose data or weights changed size."""
-    files = [task_file(args.data, "train"), task_file(args.data, "dev"), Path(args.model) / "tokenizer.json",
-             *(p for p in (Path(args.model) / "model.safetensors", Path(args.model) / "pytorch_model.bin") if p.exists())]
+    model = Path(args.model)
+    files = [task_file(args.data, "train"), task_file(args.data, "dev"), model / "tokenizer.json",
+             *(p for p in (model / "model.safetensors", model / "pytorch_model.bin") if p.exists())]
     return {p.name: p.stat().st_size for p in files}
 
 
@@ -606,7 +607,8 @@ def write_results(args, model, history):
     task, out = TASKS[args.task], Path(args.out)
     key = f"dev_{task.metric}"
     best = max(history, key=lambda h: h[key])
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier."))
+    trainable = sum(p.numel() for n, p in model.named_parameters()
+                    if p.requires_grad and not n.startswith("classifier."))
     result = {"task": args.task, "method": args.method, "model": str(args.model), "backbone": paper_size(model.config),
               "metric": task.metric, "best": best[key], "best_epoch": best["epoch"], "epochs": len(history),
               "trainable_without_head": trainable, "seed": args.seed}
@@ -630,7 +632,7 @@ def table(dirs):
     lines = ["| backbone | method | " + " | ".join(TASKS[t].folder for t in TASKS) + " | avg | paper avg |",
              "|---" * (len(TASKS) + 4) + "|"]
     for (backbone, method), scores in sorted(rows.items()):
-        # several seeds per task: their median, as the paper's protocol (seeds 42-46) reports
+        # several seeds per task: their median (the upper one of an even count), the LoRA paper's convention
         med = {t: sorted(v)[len(v) // 2] for t, v in scores.items()}
         avg = f"{sum(med.values()) / len(TASKS):.1f}" if len(med) == len(TASKS) else "-"
         cells = " | ".join(f"{med[t]:.1f}" if t in med else "-" for t in TASKS)
@@ -665,10 +667,18 @@ def merge(args):
     """Base + adapter -> a folder next to the adapter: config.json (with the task's labels), model.safetensors
     (HF names, W (I + phi psi) or W + scale B A written in, the head), tokenizer.json. transformers loads it
     as RobertaForSequenceClassification / BertForSequenceClassification, and --model takes it."""
-    run, model = model_with_adapter(args.merge, args.model)
-    merge_gift(model) if run["method"] == "gift" else merge_lora(model)
+    run, _ = read_adapter(args.merge)
     base, out = Path(args.model or run["model"]), Path(args.merge).parent / "merged"
-    out.mkdir(exist_ok=True)
+    if out.resolve() == base.resolve():
+        fail(f"--merge would write {out}, the base model's own folder: move the adapter elsewhere first")
+    _, model = model_with_adapter(args.merge, args.model)
+    if run["method"] == "gift":
+        merge_gift(model)
+    else:
+        merge_lora(model)
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never a half-written model folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     hf = json.loads((base / "config.json").read_text())
     task = TASKS[run["task"]]
     names = task.labels or ("score",)
@@ -676,9 +686,11 @@ def merge(args):
               id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
               problem_type="regression" if task.labels is None else "single_label_classification",
               finetuning_task=run["task"])
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    shutil.copyfile(base / "tokenizer.json", out / "tokenizer.json")
-    write_safetensors(out / "model.safetensors", model.state_dict(), {"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    shutil.copyfile(base / "tokenizer.json", tmp / "tokenizer.json")
+    write_safetensors(tmp / "model.safetensors", model.state_dict(), {"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     print(f"merged model (HF folder, {run['method']} written into the weights): {out}")
     return out
 
@@ -686,7 +698,8 @@ def merge(args):
 # -----------------------------------------------------------------------------
 # Demo: a random RoBERTa in HF's format and a generated SST-2-style task, then the real pipeline
 
-DEMO_WORDS = {1: ["good", "great", "fine", "lovely", "superb", "happy"], 0: ["bad", "awful", "poor", "dull", "sad", "ugly"]}
+DEMO_WORDS = {1: ["good", "great", "fine", "lovely", "superb", "happy"],
+              0: ["bad", "awful", "poor", "dull", "sad", "ugly"]}
 DEMO_FILLER = ["the", "film", "was", "a", "story", "and", "plot", "acting", "quite", "very", "music", "ending"]
 
 
@@ -694,7 +707,8 @@ def write_demo_tokenizer(path, words):
     """A byte-level BPE tokenizer.json in RoBERTa's form: <s> <pad> </s> <unk>, the 256 byte symbols
     (GPT-2's byte-to-unicode map), and merges that build each word and its space-prefixed form left to right."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    byte_char = {b: chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b))) for b in range(256)}
+    byte_char = {b: chr(b) if b in printable else chr(256 + sum(x not in printable for x in range(b)))
+                 for b in range(256)}
     vocab = {s: i for i, s in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + [byte_char[b] for b in range(256)])}
     merges = []
     for word in words:
@@ -762,14 +776,15 @@ def make_demo(root):
 def demo(args):
     t0 = time.time()
     root = Path(args.out or tempfile.mkdtemp(prefix="gift_glue_demo_"))
-    print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight RoBERTa written in HF's format,\n"
-          "generated SST-2-style reviews). Scores say nothing about GLUE.\n" + f"Files: {root}\n" + "=" * 100)
+    print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight RoBERTa written in HF's "
+          "format,\ngenerated SST-2-style reviews). Scores say nothing about GLUE.\n" + f"Files: {root}\n" + "=" * 100)
     model_dir, data = make_demo(root)
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation on a small shared CPU
-    common = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--epochs", "12", "--batch-size", "32",
-              "--lr", "3e-3", "--head-lr", "3e-3"]
-    for method, extra in (("gift", []), ("lora", [])):
-        run(parse_args(common + ["--method", method, "--out", str(root / method)] + extra))
+    for method in ("gift", "lora"):
+        args = parse_args(["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--epochs", "12",
+                           "--batch-size", "32", "--lr", "3e-3", "--method", method, "--out", str(root / method)])
+        check_args(args)
+        run(args)
     merged = merge(parse_args(["--merge", str(root / "gift" / "best.safetensors")]))
     value = run(parse_args(["--eval", str(merged), "--data", str(data)]))
     table([root / "gift", root / "lora"])
@@ -794,8 +809,8 @@ def parse_args(argv=None):
                    "then the whole pipeline: under a minute on a CPU")
     p.add_argument("--merge", metavar="ADAPTER", help="write a merged HF folder next to ADAPTER and exit "
                    "(base weights from the adapter's config, or --model)")
-    p.add_argument("--eval", metavar="ADAPTER", help="score ADAPTER (or a merged model.safetensors) on --data's "
-                   "dev.tsv and exit")
+    p.add_argument("--eval", metavar="ADAPTER", help="score ADAPTER (or a merged folder) on --data's dev.tsv and "
+                   "exit")
     p.add_argument("--table", nargs="+", metavar="RUN", help="print the six-task table of finished runs and exit")
     p.add_argument("--model", help="HF folder: config.json, model.safetensors (or pytorch_model.bin), tokenizer.json")
     p.add_argument("--task", choices=TASKS, help="GLUE task")
@@ -803,7 +818,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["gift", "lora"], default="gift")
     p.add_argument("--targets", nargs="+", default=["query", "value"], help="layers, by name suffix")
     p.add_argument("--rank", type=int, help="default: 32 for GIFT (the paper's GIFT_QV), 8 for LoRA (the LoRA paper)")
-    p.add_argument("--share", choices=["type", "all"], default="type", help="GIFT: one Theta per target, or one for all")
+    p.add_argument("--share", choices=["type", "all"], default="type", help="GIFT: one Theta per target, or one "
+                   "for all")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: scale alpha / rank")
     p.add_argument("--epochs", type=int, help="default: the task's (LoRA's RoBERTa-base epochs: SST-2 60, MRPC 30, "
                    "CoLA 80, QNLI 25, RTE 80, STS-B 40)")
@@ -850,7 +866,7 @@ def check_args(args):
             fail(str(e))
     for split in ("dev",) if args.eval else ("train", "dev"):
         if not task_file(args.data, split).is_file():
-            fail(f"--data {args.data}: no {split}.tsv (give the task's folder of the GLUE download, e.g. glue_data/RTE)")
+            fail(f"--data {args.data}: no {split}.tsv (give a task's folder of the GLUE download, e.g. glue_data/RTE)")
     if not args.eval and (Path(args.out or "") / "checkpoint.pt").exists() and not args.resume:
         fail(f"{Path(args.out) / 'checkpoint.pt'} exists: add --resume to continue that run, or choose another --out")
 
