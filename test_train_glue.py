@@ -435,6 +435,8 @@ def test_user_errors_are_one_line(capsys, tmp_path, demo_files):
     assert "no such file" in _user_error(capsys, ["--merge", str(tmp_path / "nothing.safetensors")])
     assert "no config.json" in _user_error(capsys, ["--model", str(tmp_path), "--task", "sst2", "--data", str(data)])
     assert "no train.tsv" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(tmp_path)])
+    write_safetensors(tmp_path / "vit.safetensors", {"x": torch.zeros(1)}, {"config": json.dumps({"vit": {}})})
+    assert "not train_glue.py's" in _user_error(capsys, ["--merge", str(tmp_path / "vit.safetensors")])
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert "--resume" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(data),
                                               "--out", str(tmp_path)])

@@ -850,20 +850,31 @@ def check_args(args):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             fail(f"--{flag} {path}: no such file or folder")
-    if args.merge:
-        return
+    if not (args.merge or args.eval or (args.model and args.task and args.data)):
+        fail("give --model, --task and --data (or --demo, --merge ADAPTER, --eval ADAPTER, --table RUN...)")
     if args.eval and not args.data:
         fail("--eval needs --data (the task's folder with dev.tsv)")
-    if not args.eval and not (args.model and args.task and args.data):
-        fail("give --model, --task and --data (or --demo, --merge ADAPTER, --eval ADAPTER, --table RUN...)")
-    for folder in filter(None, (args.model, args.eval if args.eval and os.path.isdir(args.eval) else None)):
-        missing = [f for f in ("config.json", "tokenizer.json") if not (Path(folder) / f).is_file()]
+    folders = [args.model] if args.model else []
+    adapter = args.merge or (args.eval if args.eval and not os.path.isdir(args.eval) else None)
+    if adapter:  # its run config names the base model
+        try:
+            folders = [args.model or read_adapter(adapter)[0]["model"]]
+        except (ValueError, OSError) as e:
+            fail(str(e))
+    elif args.eval:
+        folders.append(args.eval)
+    for folder in map(Path, folders):
+        missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
+        if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+            missing.append("model.safetensors")
         if missing:
             fail(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
         try:
             read_config(folder)
         except ValueError as e:
             fail(str(e))
+    if args.merge:
+        return
     for split in ("dev",) if args.eval else ("train", "dev"):
         if not task_file(args.data, split).is_file():
             fail(f"--data {args.data}: no {split}.tsv (give a task's folder of the GLUE download, e.g. glue_data/RTE)")
