@@ -1,13 +1,15 @@
 """What train_vit.py and train_llama.py share: safetensors read/write, atomic saves, distributed set-up,
-rank-0 printing, and the LoRA baseline that bench.py measures GIFT against."""
+rank-0 printing and progress bars, and the LoRA baseline that bench.py measures GIFT against."""
 import json
 import math
 import mmap
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # safetensors, atomic saves, distributed set-up
@@ -125,6 +127,15 @@ def print0(*args):
     """print on rank 0 only (every process runs the same code under torchrun)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr. In a terminal it redraws in place. Into a file or a pipe (a log, CI) every redraw stays,
+    so there it shows up only after 10 s, redraws at most every 10 s, and ends its line when it closes: what
+    is printed after the bar has closed (epoch records...) starts a line of its own."""
+    if not sys.stderr.isatty():
+        kwargs.update(delay=10, mininterval=10, leave=True)
+    return tqdm(iterable, **kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; 6 epochs of
 Commonsense170k, batch 32, AdamW, lr 2.5e-4, linear schedule with 10% warmup; greedy evaluation on 8 test
-sets) with nothing but torch: the model and the checkpoint readers are in this file, the tokenizers in tokenizer.py.
+sets) with nothing but torch: the model and the checkpoint readers are here, the tokenizers in tokenizer.py.
 
 Data (the LLM-Adapters layout): DATA/commonsense_170k.json and DATA/dataset/{boolq,piqa,social_i_qa,
 hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
@@ -11,9 +11,9 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
     torchrun --nproc_per_node=4 train_llama.py --model Meta-Llama-3-8B/original --data DATA --out runs/l3
     torchrun --nproc_per_node=8 train_llama.py --model Llama-2-70b-hf --data DATA --out runs/l70 --fsdp
-    python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.pt --eval_only --out runs/l2
-    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --generate "Is water wet?"
-    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --merge runs/l2/merged
+    python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.safetensors --eval-only
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --generate "Is water wet?"
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
@@ -37,11 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary
 from tokenizer import load_tokenizer, train_tiny_tokenizer
-from train_common import atomic_save, read_safetensors, setup_distributed
+from train_common import atomic_save, print0, progress, read_safetensors, read_safetensors_metadata, \
+    setup_distributed, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -210,7 +210,6 @@ class Transformer(nn.Module):
 def generate(model, prompts, max_new_tokens, eos_id=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
     Returns each prompt's generated ids (without the prompt), cut before the first eos_id."""
-    model = getattr(model, "module", model)  # DDP
     B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
     device = model.tok_embeddings.weight.device
     tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
@@ -391,6 +390,28 @@ def find_tokenizer(model_path, tokenizer=None):
     raise FileNotFoundError(f"no tokenizer.model in {model_path} (or its original/): pass --tokenizer")
 
 
+def read_adapter_config(path) -> dict:
+    """The run config train() writes into an adapter's metadata: {targets, rank, share, model}."""
+    config = read_safetensors_metadata(path).get("config")
+    if config is None:
+        raise ValueError(f"{path}: no GIFT config in its metadata; is it an adapter.safetensors written by "
+                         f"train_llama.py?")
+    return json.loads(config)
+
+
+def gift_model(args, dtype=None) -> Transformer:
+    """load_llama(args.model) with GIFT added, on the CPU: --adapter's Theta, or a new Theta (psi = 0, so the
+    model's outputs are still the base model's) for the preset / --targets / --rank."""
+    model = load_llama(args.model, dtype=dtype)
+    config = gift_config(args)
+    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
+    add_gift(model, config["targets"], config["rank"], config["share"])
+    if args.adapter:
+        load_gift_state_dict(model, read_safetensors(args.adapter))
+    model.grad_checkpointing = args.grad_checkpointing
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Data: Commonsense170k in the LLM-Adapters layout
 
@@ -446,7 +467,7 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
     if rank == 0 and not cache.exists():
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
-        for r in tqdm(read_records(path, required), desc=f"tokenizing {path.name}", mininterval=2):
+        for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
             prompt = prompt_of(r, template)
             seq = tok.encode(prompt + target_of(r, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
             ids += seq
@@ -496,9 +517,11 @@ PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's
 
 
 def gift_config(args):
+    """{targets, rank, share}: --adapter's, else the preset's with --targets and --rank over it."""
+    if args.adapter:
+        return read_adapter_config(args.adapter)
     targets, rank = PRESETS[args.preset]
-    return {"targets": args.targets.split(",") if args.targets else targets, "rank": args.rank or rank,
-            "share": args.share}
+    return {"targets": args.targets or targets, "rank": args.rank or rank, "share": args.share}
 
 
 def fsdp_shard(model, device):
@@ -514,14 +537,16 @@ def fsdp_shard(model, device):
 
 
 def train(args, model, tok, rank, world, device):
-    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save_every steps) and adapter.pt."""
+    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save-every steps) and
+    adapter.safetensors (Theta, and the run config in its metadata) to --out."""
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     data = tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
                           out / "cache", rank)
     lengths = [len(ids) for ids, _ in data]
     n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
     if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} processes")
     accum = args.batch_size // (args.micro_batch_size * world)
     steps_per_epoch = len(data) // args.batch_size
@@ -543,10 +568,12 @@ def train(args, model, tok, rank, world, device):
         load_gift_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    ddp = world > 1 and not args.fsdp  # with --fsdp, main() has sharded the model already
-    if ddp:  # each rank averages its gradients with the others' after the last micro-batch
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    # model stays the module itself (saving, evaluation); the training forward goes through ddp, which averages
+    # each rank's gradients with the others' after the last micro-batch (with --fsdp, main() has sharded model)
+    ddp = model
+    if world > 1 and not args.fsdp:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def save(step):
         if rank == 0:
@@ -554,7 +581,7 @@ def train(args, model, tok, rank, world, device):
                          "schedule": schedule}, ckpt_path)
 
     model.train()
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
+    bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
     log = open(out / "log.jsonl", "a" if step else "w") if rank == 0 else None
     batches, epoch = None, -1
     while step < total and step < (args.stop_after or total):
@@ -575,8 +602,8 @@ def train(args, model, tok, rank, world, device):
         for a in range(accum):
             chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
             x, y = collate([data[i] for i in chunk], device)
-            with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():
-                loss = model(x, y)
+            with ddp.no_sync() if ddp is not model and a < accum - 1 else contextlib.nullcontext():
+                loss = ddp(x, y)
                 (loss * world / denom).backward()
             loss_sum += loss.detach()
         if args.fsdp:  # FSDP leaves Theta alone (fsdp_shard): average its gradient over the ranks as DDP does
@@ -593,8 +620,8 @@ def train(args, model, tok, rank, world, device):
         tokens = sum(lengths[i] - 1 for i in batch)
         stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
                  "tokens_per_s": round(tokens / (time.time() - t0))}
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
         bar.update()
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"])
         if log:
             log.write(json.dumps(stats) + "\n")
             log.flush()
@@ -605,9 +632,16 @@ def train(args, model, tok, rank, world, device):
         log.close()
     save(step)
     if rank == 0:
-        atomic_save({"config": {**gift_config(args), "model": str(args.model)}, "theta": gift_state_dict(model)},
-                    out / "adapter.pt")
+        write_safetensors(out / "adapter.safetensors", gift_state_dict(model),
+                          {"config": json.dumps({**gift_config(args), "model": str(args.model)})})
     return step
+
+
+def merge(args):
+    """--model + --adapter -> a Meta checkpoint in --merge whose weights are W (I + phi psi)."""
+    model = gift_model(args)  # in the stored dtype; merge_gift computes each layer's merge in float32
+    save_meta(merge_gift(model), args.merge)
+    print(f"merged checkpoint written to {args.merge}")
 
 
 # -----------------------------------------------------------------------------
@@ -636,20 +670,19 @@ def paper_model(a: ModelArgs):
 def evaluate(args, model, tok, rank, world):
     """Accuracy (%) per task; each rank generates for every world-th example; writes eval.json, eval.md and
     eval_generations.jsonl to --out on rank 0."""
-    model = getattr(model, "module", model)
     model.eval()
     acc, rows = {}, []
     # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
     # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
     part, parts = (0, 1) if args.fsdp else (rank, world)
-    for task in args.tasks.split(","):
+    for task in args.tasks:
         records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
         correct, gens = 0, []
-        for k in tqdm(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
+        for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
             idx = order[k:k + args.eval_batch_size]
             for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
                 text = tok.decode(ids)
@@ -665,8 +698,7 @@ def evaluate(args, model, tok, rank, world):
             gens = [g for part in everyone for g in part]
         acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
         rows += sorted(gens, key=lambda g: g["index"])
-        if rank == 0:
-            print(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")
+        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
         write_results(args, acc, paper_model(model.args), rows)
@@ -737,7 +769,7 @@ def write_demo(root: Path, pretrain_steps=200):
     pre = [(torch.tensor(tok.encode(prompt_of(r, "paper") + r["output"], bos=True, eos=True)),
             len(tok.encode(prompt_of(r, "paper"), bos=True, eos=False))) for r in pre]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in tqdm(range(pretrain_steps), desc="pretraining the demo model", mininterval=2):
+    for _ in progress(range(pretrain_steps), desc="pretraining the demo model"):
         x, y = collate([pre[i] for i in torch.randint(len(pre), (32,), generator=g)], "cpu")
         loss = model(x, y) / (y != -100).sum()
         opt.zero_grad()
@@ -748,6 +780,8 @@ def write_demo(root: Path, pretrain_steps=200):
 
 
 def demo():
+    """The pipeline's own functions on a small synthetic setup: the base model evaluated (GIFT at step 0 is the
+    base model), trained, evaluated again, its adapter merged into a Meta checkpoint."""
     t0 = time.time()
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation (3-8x slower on a busy CPU)
     with tempfile.TemporaryDirectory() as tmp:
@@ -755,12 +789,15 @@ def demo():
               f"commonsense-style data set (LLM-Adapters layout) to {tmp}")
         model_dir, data = write_demo(Path(tmp))
         out = Path(tmp) / "run"
-        common = ["--model", str(model_dir), "--data", str(data), "--eval_batch_size", "128"]
-        base = main(common + ["--out", str(out / "base"), "--eval_only"])
-        base_fm = main(common + ["--out", str(out / "base_first_match"), "--eval_only", "--extract", "first_match"])
-        tuned = main(common + ["--out", str(out), "--batch_size", "16", "--rank", "16",
-                               "--lr", "2e-2"])
-        main(common + ["--adapter", str(out / "adapter.pt"), "--merge", str(out / "merged")])
+        args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
+                           "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
+        variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
+        model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
+        base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
+        base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
+        train(args, model, tok, 0, 1, device)
+        tuned = evaluate(args, model, tok, 0, 1)
+        merge(variant(adapter=str(out / "adapter.safetensors"), merge=str(out / "merged")))
         merged = load_llama(out / "merged")
         print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
     print(f"\nSYNTHETIC data, average accuracy over the 8 test sets:\n"
@@ -771,92 +808,95 @@ def demo():
 
 
 # -----------------------------------------------------------------------------
+# Command line
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="GIFT fine-tuning of LLaMA 1/2/3 on Commonsense170k and its 8-task "
+                                "evaluation (examples: the top of train_llama.py)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup "
+                   "(under a minute on a CPU)")
     p.add_argument("--model", help="Meta or HF checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or --model/original)")
+    p.add_argument("--tokenizer", help="tokenizer.model; None: the one in --model or --model/original")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
-    p.add_argument("--out", default="runs/llama")
+    p.add_argument("--out", default="runs/llama", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*")
     p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
-    p.add_argument("--targets", help="comma-separated module name suffixes (overrides the preset)")
-    p.add_argument("--rank", type=int, help="GIFT rank (default: the preset's)")
-    p.add_argument("--share", default="type", choices=["type", "all"])
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch_size", type=int, default=32, help="global: micro x accumulation x processes")
-    p.add_argument("--micro_batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2.5e-4)
+    p.add_argument("--targets", nargs="+", help="GIFT layers by module name suffix; None: the preset's")
+    p.add_argument("--rank", type=int, help="GIFT rank; None: the preset's")
+    p.add_argument("--share", default="type", choices=["type", "all"], help="one Theta per target, or one for all")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
+    p.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
-    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
-    p.add_argument("--max_len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--template", default="paper", choices=["paper", "alpaca"])
-    p.add_argument("--extract", default="paper", choices=["paper", "first_match"])
+    p.add_argument("--max-len", type=int, default=512, help="training sequences are cut to this many tokens")
+    p.add_argument("--seed", type=int, default=42, help="Theta's initialisation and the batch order")
+    p.add_argument("--template", default="paper", choices=["paper", "alpaca"], help="prompt and target format")
+    p.add_argument("--extract", default="paper", choices=["paper", "first_match"],
+                   help="how the answer is read from a generation")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float64"],
                    help="model weights (Theta stays float32); auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
                    "processes (FSDP2) instead of a whole copy on each (DDP), for a model larger than one GPU")
-    p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--stop_after", type=int, help="stop at this step (the schedule is unchanged; --resume continues)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--stop-after", type=int, help="stop at this step, the schedule unchanged (--resume continues); "
+                   "None: at the end")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--adapter", help="adapter.pt for --eval_only, --generate, --merge")
-    p.add_argument("--eval_only", action="store_true")
-    p.add_argument("--no_eval", action="store_true", help="train without evaluating afterwards")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--eval_limit", type=int, help="evaluate the first N examples of each task")
-    p.add_argument("--eval_batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--adapter", help="adapter.safetensors for --eval-only, --generate, --merge")
+    p.add_argument("--eval-only", action="store_true", help="evaluate without training")
+    p.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate")
+    p.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
     p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
-    p.add_argument("--merge", metavar="DIR", help="write base + adapter merged as a Meta checkpoint")
+    p.add_argument("--merge", metavar="DIR", help="write --model + --adapter merged as a Meta checkpoint to DIR")
     args = p.parse_args(argv)
     if args.demo:
-        return demo()
+        return args
     if not args.model:
         p.error("--model is required (or --demo)")
-
-    rank, world, _, device = setup_distributed()
-    if args.fsdp and world == 1:
+    if args.merge and not args.adapter:
+        p.error("--merge needs --adapter (the adapter.safetensors of a run)")
+    if args.adapter and not os.path.isfile(args.adapter):
+        p.error(f"--adapter {args.adapter}: no such file")
+    if not (args.merge or args.generate or args.data):
+        p.error("--data is required to train or evaluate")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:
+        return demo()
+    rank, world, _, device = setup_distributed()
+    if args.merge:  # on the CPU
+        if rank == 0:
+            merge(args)
+        return None
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float64": torch.float64}[args.dtype]
-    # --merge: on the CPU in the stored dtype (the merge itself is computed in float32 per layer); --fsdp: on
-    # the CPU, fully_shard moves only this rank's shard to the GPU
-    model = load_llama(args.model, dtype=None if args.merge else dtype)
-    model.to("cpu" if args.merge or args.fsdp else device)
-    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
-    if args.adapter:
-        adapter = torch.load(args.adapter, map_location=device, weights_only=True)
-        add_gift(model, adapter["config"]["targets"], adapter["config"]["rank"], adapter["config"]["share"])
-        load_gift_state_dict(model, adapter["theta"])
-    else:
-        cfg = gift_config(args)
-        add_gift(model, cfg["targets"], cfg["rank"], cfg["share"])
-    model.grad_checkpointing = args.grad_checkpointing
-    if rank == 0:
-        print(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
-    if args.merge:
-        if rank == 0:
-            save_meta(merge_gift(model), args.merge)
-            print(f"merged checkpoint written to {args.merge}")
-        return None
-    if args.fsdp:
+    model = gift_model(args, dtype)
+    if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
         fsdp_shard(model, device)
+    else:
+        model.to(device)
+    print0(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
     tok = find_tokenizer(args.model, args.tokenizer)
+    result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
         ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
-        if rank == 0:
-            print(args.generate + tok.decode(ids[0]))
-        result = None
+        print0(args.generate + tok.decode(ids[0]))
     else:
-        if not args.data:
-            p.error("--data is required to train or evaluate")
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         if not args.eval_only:
             train(args, model, tok, rank, world, device)
-        result = None if args.no_eval else evaluate(args, model, tok, rank, world)
+        if not args.no_eval:
+            result = evaluate(args, model, tok, rank, world)
     if dist.is_initialized():
         dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
         dist.destroy_process_group()
