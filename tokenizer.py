@@ -1,4 +1,4 @@
-"""The tokenizers of the LLaMA family, RoBERTa and BERT, written by hand (no sentencepiece, tiktoken, tokenizers or regex package).
+"""Hand-written tokenizers for the LLaMA family, RoBERTa and BERT (no sentencepiece, tiktoken, tokenizers, regex).
 
 load_tokenizer(path) reads a tokenizer file and picks the format from its content:
   - SentencePieceTokenizer: a SentencePiece ModelProto (LLaMA-1/2): score-ordered BPE over characters, with

@@ -38,12 +38,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gift import add_gift, merge_gift, parameter_summary
 from tokenizer import load_tokenizer
-from train_common import (LoRALinear, add_lora, atomic_save, print0, read_safetensors, read_safetensors_metadata,
-                          setup_distributed, write_safetensors)
+from train_common import (LoRALinear, add_lora, atomic_save, print0, progress, read_safetensors,
+                          read_safetensors_metadata, setup_distributed, write_safetensors)
 
 # -----------------------------------------------------------------------------
 # The model: BERT / RoBERTa with HF's module names, so that HF state dicts load key for key
@@ -377,8 +376,7 @@ def encode_example(tok, cls, sep, kind, a, b, max_len):
 
 
 def tokenize(rows, tok, cls, sep, kind, max_len, desc):
-    return [(*encode_example(tok, cls, sep, kind, a, b, max_len), y)
-            for a, b, y in tqdm(rows, desc=desc, mininterval=5, disable=len(rows) < 5000)]
+    return [(*encode_example(tok, cls, sep, kind, a, b, max_len), y) for a, b, y in progress(rows, desc=desc)]
 
 
 def collate(examples, pad, device):
@@ -547,51 +545,51 @@ def train(args, model, train_set, dev_set, rank, world, device):
     # DDP over the trainable tensors only: the frozen backbone is never synchronised. `model` stays the module.
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"{args.task} {args.method}", mininterval=5)
-    t0 = time.time()
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
+    for epoch in range(step // steps_per_epoch, args.epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = order[k * args.batch_size:(k + 1) * args.batch_size]
-        # reseeded per (step, rank): dropout draws the same masks whether or not the run was resumed
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-        model.train()
-        factor = lr_factor(step, warmup, total)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        mine = batch[rank::world]  # a process left without examples (a last batch < world) runs one, weighted 0
-        ids, types, mask, labels = collate([train_set[i] for i in mine or batch[:1]], args.pad, device)
-        with autocast(args, device):
-            loss = loss_fn(ddp(ids, types, mask), labels) * bool(mine)
-        (loss * world / len(batch)).backward()  # the mean over the global batch (DDP averages over processes)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        total_loss = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(total_loss)
-        if not math.isfinite(total_loss.item()):
-            raise FloatingPointError(f"non-finite loss at step {step}; {ckpt_path} keeps the last good state")
-        loss_sum = [loss_sum[0] + total_loss.item(), loss_sum[1] + len(batch)]
-        bar.update()
-        if step % steps_per_epoch == 0 or step == total:
-            value = evaluate(model, dev_set, task.metric, args.pad, args.eval_batch_size, device,
-                             lambda: autocast(args, device))
-            history.append({"epoch": epoch + 1, "step": step, "train_loss": round(loss_sum[0] / loss_sum[1], 6),
-                            f"dev_{task.metric}": round(value, 4), "lr": opt.param_groups[0]["lr"],
-                            "seconds": round(time.time() - t0, 1)})
-            loss_sum, t0 = [0.0, 0], time.time()
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
-                tqdm.write(json.dumps(history[-1]))
-                if value > max((h[f"dev_{task.metric}"] for h in history[:-1]), default=-math.inf):
-                    # the paper reports the best epoch (the first of equals, as the authors' saver)
-                    write_adapter(out / "best.safetensors", model, args)
-            save()
-        elif args.save_every and step % args.save_every == 0:
-            save()
-    bar.close()
+        bar = progress(total=steps_per_epoch, initial=step % steps_per_epoch, disable=rank != 0, leave=False,
+                       desc=f"epoch {epoch + 1}/{args.epochs}")
+        t0 = time.time()
+        for k in range(step % steps_per_epoch, steps_per_epoch):
+            batch = order[k * args.batch_size:(k + 1) * args.batch_size]
+            # reseeded per (step, rank): dropout draws the same masks whether or not the run was resumed
+            torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+            model.train()
+            factor = lr_factor(step, warmup, total)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            mine = batch[rank::world]  # a process left without examples (a last batch < world) runs one, weight 0
+            ids, types, mask, labels = collate([train_set[i] for i in mine or batch[:1]], args.pad, device)
+            with autocast(args, device):
+                loss = loss_fn(ddp(ids, types, mask), labels) * bool(mine)
+            (loss * world / len(batch)).backward()  # the mean over the global batch (DDP averages over processes)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            total_loss = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(total_loss)
+            if not math.isfinite(total_loss.item()):
+                raise FloatingPointError(f"non-finite loss at step {step}; {ckpt_path} keeps the last good state")
+            loss_sum = [loss_sum[0] + total_loss.item(), loss_sum[1] + len(batch)]
+            bar.update()
+            if args.save_every and step % args.save_every == 0 and k < steps_per_epoch - 1:
+                save()  # mid-epoch; the epoch's last step is saved below, with its evaluation
+        bar.close()
+        value = evaluate(model, dev_set, task.metric, args.pad, args.eval_batch_size, device,
+                         lambda: autocast(args, device))
+        history.append({"epoch": epoch + 1, "step": step, "train_loss": round(loss_sum[0] / loss_sum[1], 6),
+                        f"dev_{task.metric}": round(value, 4), "lr": opt.param_groups[0]["lr"],
+                        "seconds": round(time.time() - t0, 1)})
+        loss_sum = [0.0, 0]
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
+            print(json.dumps(history[-1]), flush=True)  # the epoch's bar has closed: a line of its own
+            if value > max((h[f"dev_{task.metric}"] for h in history[:-1]), default=-math.inf):
+                # the paper reports the best epoch (the first of equals, as the authors' saver)
+                write_adapter(out / "best.safetensors", model, args)
+        save()
     if rank == 0:
         write_adapter(out / "adapter.safetensors", model, args)
         write_results(args, model, history)
