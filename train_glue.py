@@ -71,6 +71,11 @@ class EncoderConfig:  # the fields of HF's config.json that the forward uses
 GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # HF name -> F.gelu's approximate
 
 
+def max_tokens(c: EncoderConfig):
+    """RoBERTa's positions start after padding_idx (514 embeddings hold 512 tokens), BERT's at 0."""
+    return c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: EncoderConfig):
         super().__init__()
@@ -81,12 +86,12 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, ids, types, mask):  # (B, T) each -> (B, T, D)
+        if ids.shape[1] > max_tokens(self.c):
+            raise ValueError(f"{ids.shape[1]} tokens: this model takes at most {max_tokens(self.c)}")
         if self.c.model_type == "roberta":  # fairseq's positions: real tokens count from padding_idx + 1
             pos = torch.cumsum(mask, 1) * mask + self.c.pad_token_id  # padding keeps position padding_idx
         else:
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        if pos.max() >= self.c.max_position_embeddings:
-            raise ValueError(f"{ids.shape[1]} tokens exceed max_position_embeddings {self.c.max_position_embeddings}")
         x = self.word_embeddings(ids) + self.position_embeddings(pos) + self.token_type_embeddings(types)
         return F.dropout(self.LayerNorm(x), self.c.hidden_dropout_prob, self.training)
 
@@ -99,8 +104,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask):  # (B, T, D), mask (B, 1, 1, T) True = attend -> (B, T, D)
         B, T, D = x.shape
-        q, k, v = (f(x).view(B, T, self.heads, D // self.heads).transpose(1, 2) for f in (self.query, self.key,
-                                                                                          self.value))  # (B,H,T,hd)
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731 (B, H, T, hd)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, D)
 
@@ -298,7 +303,8 @@ TASKS = {"sst2": Task("SST-2", ("sentence", None), "label", ("0", "1"), "accurac
          "rte": Task("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), "accuracy", 80),
          "stsb": Task("STS-B", ("sentence1", "sentence2"), "score", None, "pearson", 40)}
 
-# The paper's GLUE averages (v3; the six tasks above, RoBERTa, dev sets, best epoch, 5 seeds).
+# The paper's GLUE averages (v3) over the six tasks above on the dev sets; the authors' scripts keep each run's best
+# epoch and repeat the final runs with seeds 42-46.
 PAPER = {("RoBERTa-Base", "gift"): 85.1, ("RoBERTa-Base", "lora"): 86.6,
          ("RoBERTa-Large", "gift"): 87.5, ("RoBERTa-Large", "lora"): 87.8}
 
@@ -446,6 +452,13 @@ def merge_lora(model):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, m.base)
     return model
+
+
+def paper_defaults(c: EncoderConfig):
+    """(batch size, max length): the paper's 64 and 512 for Base, 128 and 128 for Large (hidden size >= 1024),
+    the length capped at what the model takes."""
+    large = c.hidden_size >= 1024
+    return (128 if large else 64), min(128 if large else 512, max_tokens(c))
 
 
 def paper_size(c: EncoderConfig):
@@ -895,7 +908,7 @@ def evaluate_only(args, device):
         model_dir, task, max_len = args.model or run["model"], run["task"], args.max_len or run["max_len"]
     model.to(device)
     tok, cls, sep = load_text_tokenizer(model_dir, model.config)
-    max_len = max_len or (128 if model.config.hidden_size >= 1024 else 512)
+    max_len = max_len or paper_defaults(model.config)[1]
     dev = tokenize(read_tsv(task_file(args.data, "dev"), TASKS[task]), tok, cls, sep, model.config.model_type,
                    max_len, "dev")
     value = evaluate(model, dev, TASKS[task].metric, model.config.pad_token_id, args.eval_batch_size, device,
@@ -923,11 +936,12 @@ def run(args):
         return evaluate_only(args, device)
     task = TASKS[args.task]
     config = read_config(args.model)
-    large = config.hidden_size >= 1024
     args.rank = args.rank or (32 if args.method == "gift" else 8)
     args.epochs = args.epochs or task.epochs
-    args.batch_size = args.batch_size or (128 if large else 64)
-    args.max_len = args.max_len or (128 if large else 512)
+    args.batch_size = args.batch_size or paper_defaults(config)[0]
+    args.max_len = args.max_len or paper_defaults(config)[1]
+    if args.max_len > max_tokens(config):
+        fail(f"--max-len {args.max_len}: {args.model} takes at most {max_tokens(config)} tokens")
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
     args.head_wd = args.wd if args.head_wd is None else args.head_wd
     args.out = args.out or f"runs/glue-{args.task}-{args.method}"
