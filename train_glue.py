@@ -369,11 +369,7 @@ def encode_example(tok, cls, sep, kind, a, b, max_len):
     """(ids, token types): RoBERTa <s> A </s></s> B </s> (types all 0), BERT [CLS] A [SEP] B [SEP] (B's types 1)."""
     ta = tok.encode(a, bos=False, eos=False)
     tb = tok.encode(b, bos=False, eos=False) if b is not None else []
-    n_special = 2 if b is None else (4 if kind == "roberta" else 3)
-    if b is None:
-        ta = ta[:max_len - n_special]
-    else:
-        ta, tb = truncate_pair(ta, tb, max_len - n_special)
+    ta, tb = truncate_pair(ta, tb, max_len - (2 if b is None else 4 if kind == "roberta" else 3))  # specials
     ids = [cls] + ta + [sep]
     if b is not None:
         ids += ([sep] if kind == "roberta" else []) + tb + [sep]
@@ -826,28 +822,29 @@ def parse_args(argv=None):
     p.add_argument("--model", help="HF folder: config.json, model.safetensors (or pytorch_model.bin), tokenizer.json")
     p.add_argument("--task", choices=TASKS, help="GLUE task")
     p.add_argument("--data", help="the task's folder of the GLUE download (train.tsv, dev.tsv)")
-    p.add_argument("--method", choices=["gift", "lora"], default="gift")
+    p.add_argument("--method", choices=["gift", "lora"], default="gift", help="GIFT, or the LoRA baseline")
     p.add_argument("--targets", nargs="+", default=["query", "value"], help="layers, by name suffix")
-    p.add_argument("--rank", type=int, help="default: 32 for GIFT (the paper's GIFT_QV), 8 for LoRA (the LoRA paper)")
+    p.add_argument("--rank", type=int, help="None: 32 for GIFT (the paper's GIFT_QV), 8 for LoRA (the LoRA paper)")
     p.add_argument("--share", choices=["type", "all"], default="type", help="GIFT: one Theta per target, or one "
                    "for all")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA: scale alpha / rank")
-    p.add_argument("--epochs", type=int, help="default: the task's (LoRA's RoBERTa-base epochs: SST-2 60, MRPC 30, "
+    p.add_argument("--epochs", type=int, help="None: the task's, from LoRA's RoBERTa-base runs (SST-2 60, MRPC 30, "
                    "CoLA 80, QNLI 25, RTE 80, STS-B 40)")
-    p.add_argument("--batch-size", type=int, help="global batch; default 64 (Base), 128 (hidden size >= 1024)")
-    p.add_argument("--max-len", type=int, help="tokens per example; default 512 (Base), 128 (hidden size >= 1024)")
+    p.add_argument("--batch-size", type=int, help="global batch; None: 64 (Base), 128 (hidden size >= 1024)")
+    p.add_argument("--max-len", type=int, help="tokens per example; None: 512 (Base), 128 (hidden size >= 1024)")
     p.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate (the paper's grid: 1e-4, 2.5e-4, "
                    "5e-4, 7.5e-4, 1e-3)")
-    p.add_argument("--head-lr", type=float, help="head learning rate (default: --lr, as the paper's grid)")
+    p.add_argument("--head-lr", type=float, help="head learning rate; None: --lr (the paper's grid ties them)")
     p.add_argument("--wd", type=float, default=0.0, help="adapter AdamW weight decay (the paper's grid: 0, 1e-4, "
                    "1e-3, 0.01)")
-    p.add_argument("--head-wd", type=float, help="head weight decay, matrices only (default: --wd)")
+    p.add_argument("--head-wd", type=float, help="head weight decay, matrices only; None: --wd")
     p.add_argument("--warmup", type=float, default=0.06, help="warmup, a fraction of the steps")
-    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward when scoring dev.tsv")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32: the paper's; bf16: autocast "
                    "on GPUs (adapter and head stay fp32)")
     p.add_argument("--seed", type=int, default=42, help="the paper's runs: 42, 43, 44, 45, 46")
-    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapters, results.json (default runs/glue-TASK-METHOD)")
+    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapters, results.json; None: runs/glue-TASK-METHOD (demo: a "
+                   "temporary folder)")
     p.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     return p.parse_args(argv)
@@ -889,7 +886,10 @@ def check_args(args):
     for split in ("dev",) if args.eval else ("train", "dev"):
         if not task_file(args.data, split).is_file():
             fail(f"--data {args.data}: no {split}.tsv (give a task's folder of the GLUE download, e.g. glue_data/RTE)")
-    if not args.eval and (Path(args.out or "") / "checkpoint.pt").exists() and not args.resume:
+    if args.eval:
+        return
+    args.out = args.out or f"runs/glue-{args.task}-{args.method}"
+    if (Path(args.out) / "checkpoint.pt").exists() and not args.resume:
         fail(f"{Path(args.out) / 'checkpoint.pt'} exists: add --resume to continue that run, or choose another --out")
 
 
@@ -944,7 +944,6 @@ def run(args):
         fail(f"--max-len {args.max_len}: {args.model} takes at most {max_tokens(config)} tokens")
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
     args.head_wd = args.wd if args.head_wd is None else args.head_wd
-    args.out = args.out or f"runs/glue-{args.task}-{args.method}"
     args.pad = config.pad_token_id
     if args.batch_size % world:  # each process takes every world-th example of a global batch
         fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
