@@ -60,6 +60,26 @@ def test_roberta_logits_match_transformers(tmp_path, num_labels):
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
 
 
+def test_roberta_masked_lm_file_loads_with_a_new_head(tmp_path):
+    """The Hub's roberta-base / roberta-large files are RobertaForMaskedLM: roberta.* (no pooler) and lm_head.*."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=40, type_vocab_size=1,
+                                     pad_token_id=1, layer_norm_eps=1e-5, num_labels=3)
+    torch.manual_seed(0)
+    mlm = _randomize(transformers.RobertaForMaskedLM(cfg)).eval()
+    mlm.save_pretrained(tmp_path)
+    assert any(k.startswith("lm_head.") for k in read_safetensors(tmp_path / "model.safetensors"))
+    ours = tg.load_model(tmp_path, num_labels=3).eval()
+    ref = transformers.RobertaForSequenceClassification(cfg).eval()
+    ref.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)  # the MLM model has no pooler
+    ref.classifier.load_state_dict(ours.classifier.state_dict())
+    ids, _, mask = _batch(99, 1, [6, 13])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(ids, torch.zeros_like(ids), mask), expected, atol=TOL, rtol=0)
+
+
 def test_bert_logits_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

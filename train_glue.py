@@ -839,7 +839,7 @@ def parse_args(argv=None):
                    "1e-3, 0.01)")
     p.add_argument("--head-wd", type=float, help="head weight decay, matrices only; None: --wd")
     p.add_argument("--warmup", type=float, default=0.06, help="warmup, a fraction of the steps")
-    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward when scoring dev.tsv")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward on dev.tsv")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32: the paper's; bf16: autocast "
                    "on GPUs (adapter and head stay fp32)")
     p.add_argument("--seed", type=int, default=42, help="the paper's runs: 42, 43, 44, 45, 46")
