@@ -843,8 +843,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32: the paper's; bf16: autocast "
                    "on GPUs (adapter and head stay fp32)")
     p.add_argument("--seed", type=int, default=42, help="the paper's runs: 42, 43, 44, 45, 46")
-    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapters, results.json; None: runs/glue-TASK-METHOD (demo: a "
-                   "temporary folder)")
+    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapters, results.json; None: runs/glue-TASK-METHOD "
+                   "(demo: a temporary folder)")
     p.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     return p.parse_args(argv)
