@@ -402,8 +402,8 @@ def read_adapter_config(path) -> dict:
 def gift_model(args, dtype=None) -> Transformer:
     """load_llama(args.model) with GIFT added, on the CPU: --adapter's Theta, or a new Theta (psi = 0, so the
     model's outputs are still the base model's) for the preset / --targets / --rank."""
+    config = gift_config(args)  # first: a bad adapter is an error before the model is loaded
     model = load_llama(args.model, dtype=dtype)
-    config = gift_config(args)
     torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
     add_gift(model, config["targets"], config["rank"], config["share"])
     if args.adapter:
@@ -793,6 +793,7 @@ def demo():
                            "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
         variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
         model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
+        print(f"GIFT: {parameter_summary(model)}")
         base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
         base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
         train(args, model, tok, 0, 1, device)
@@ -855,18 +856,22 @@ def parse_args(argv=None):
     p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
     p.add_argument("--merge", metavar="DIR", help="write --model + --adapter merged as a Meta checkpoint to DIR")
     args = p.parse_args(argv)
+
+    def fail(message):  # a user mistake: one line, exit status 2, before anything is loaded
+        p.exit(2, f"error: {message}\n")
+
     if args.demo:
         return args
     if not args.model:
-        p.error("--model is required (or --demo)")
+        fail("--model is required (or --demo)")
     if args.merge and not args.adapter:
-        p.error("--merge needs --adapter (the adapter.safetensors of a run)")
+        fail("--merge needs --adapter (the adapter.safetensors of a run)")
     if args.adapter and not os.path.isfile(args.adapter):
-        p.error(f"--adapter {args.adapter}: no such file")
+        fail(f"--adapter {args.adapter}: no such file")
     if not (args.merge or args.generate or args.data):
-        p.error("--data is required to train or evaluate")
+        fail("--data is required to train or evaluate")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+        fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     return args
 
 

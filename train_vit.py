@@ -715,7 +715,7 @@ def parse_args(argv=None):
     p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize; None: all")
     args = p.parse_args(argv)
     if not (args.demo or args.merge or (args.checkpoint and args.train and args.test)):
-        p.error("give --checkpoint, --train and --test (or --demo, or --merge ADAPTER)")
+        p.exit(2, "error: give --checkpoint, --train and --test (or --demo, or --merge ADAPTER)\n")
     if args.out is None and not args.demo:
         args.out = "runs/vit"
     return args
