@@ -1,4 +1,4 @@
-"""The LLaMA-family tokenizers, written by hand (no sentencepiece, tiktoken, tokenizers or regex package).
+"""Hand-written tokenizers for the LLaMA family, RoBERTa and BERT (no sentencepiece, tiktoken, tokenizers, regex).
 
 load_tokenizer(path) reads a tokenizer file and picks the format from its content:
   - SentencePieceTokenizer: a SentencePiece ModelProto (LLaMA-1/2): score-ordered BPE over characters, with
@@ -9,7 +9,9 @@ load_tokenizer(path) reads a tokenizer file and picks the format from its conten
     use: byte-level BPE (Llama 3, SmolLM2, Qwen2) and SentencePiece-style BPE with byte fallback (Llama-2,
     TinyLlama, Mistral). It runs the file's normalizer, pre-tokenizer, merges and decoder as the tokenizers
     library does (the steps are listed at its section below); BOS, EOS, the stop ids and whether BOS is added
-    come from tokenizer_config.json, config.json and generation_config.json beside the file.
+    come from tokenizer_config.json, config.json and generation_config.json beside the file. (RoBERTa's
+    tokenizer.json is of the byte-level kind.)
+  - WordPieceTokenizer: BERT's tokenizer.json (BertNormalizer, BertPreTokenizer, WordPiece).
 Each has encode(text, bos, eos) -> ids, decode(ids) -> text, n_words, bos_id, eos_id, pad_id (None if absent),
 stop_ids (every id that ends a generation) and add_bos (whether the model expects BOS first: pass
 bos=tok.add_bos). The Meta formats treat text as plain text: a string such as "<|eot_id|>" or "<s>" inside it is
@@ -46,8 +48,9 @@ def load_tokenizer(path):
     """The tokenizer in the file at path, its format read from its content."""
     with open(path, "rb") as f:
         head = f.read(512)
-    if head.lstrip()[:1] == b"{":
-        return HFTokenizer(path)
+    if head.lstrip()[:1] == b"{":  # an HF tokenizer.json: BPE, or BERT's WordPiece
+        model = HFTokenizer._read_json(path).get("model") or {}
+        return WordPieceTokenizer(path) if model.get("type") == "WordPiece" else HFTokenizer(path)
     if head[:1] in (b"\x0a", b"\x12", b"\x1a"):  # protobuf key of field 1, 2 or 3, length-delimited
         return SentencePieceTokenizer(path)
     if re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", head):
@@ -773,6 +776,84 @@ class HFTokenizer(Tokenizer):
             first = template[0].get("SpecialToken", {}).get("id") if template else None
             self.add_bos = first is not None and self.bos_id is not None and self._added_id.get(
                 first, self._id.get(first)) == self.bos_id
+
+# -----------------------------------------------------------------------------
+# BERT: WordPiece, from an HF tokenizer.json
+#
+# BertNormalizer (drop control characters, whitespace to " ", CJK ideographs as words of their own, then
+# strip accents and lowercase as the file says), BertPreTokenizer (split on whitespace, each punctuation
+# character a word of its own), then per word the longest vocabulary prefix and "##" pieces after it, or
+# [UNK] for the whole word if no split covers it.
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese character" blocks
+
+
+def _is_punctuation(c):  # ASCII symbols count too (BERT splits "$" and "^", which are not Unicode P*)
+    return (c.isascii() and c.isprintable() and not c.isalnum() and c != " ") or unicodedata.category(c)[0] == "P"
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's tokenizer.json (model WordPiece, normalizer BertNormalizer, pre_tokenizer BertPreTokenizer).
+    bos_id, eos_id, pad_id: [CLS], [SEP], [PAD]. Unlike HFTokenizer, added tokens ("[MASK]") in the text are
+    plain text."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        spec = HFTokenizer._read_json(path)
+        model, norm, pre = (spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer"))
+        kinds = (model.get("type"), norm.get("type"), pre.get("type"))
+        if kinds != ("WordPiece", "BertNormalizer", "BertPreTokenizer"):
+            raise ValueError(f"{path}: expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+                             f"BertPreTokenizer (BERT's tokenizer.json); found {kinds}")
+        self.vocab, self.prefix = model["vocab"], model.get("continuing_subword_prefix", "##")
+        self.max_chars, self.unk_id = model.get("max_input_chars_per_word", 100), model["vocab"][model["unk_token"]]
+        self.clean, self.cjk, self.lower = norm.get("clean_text", True), norm.get("handle_chinese_chars", True), \
+            norm.get("lowercase", True)
+        self.strip = self.lower if norm.get("strip_accents") is None else norm["strip_accents"]
+        self._piece = {i: p for p, i in self.vocab.items()}
+        self.n_words = 1 + max(self._piece)
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+        self.stop_ids, self.add_bos = (self.eos_id,), True
+
+    def _chunks(self, text):
+        if self.clean:
+            text = "".join(" " if c.isspace() else c for c in text
+                           if c not in "\0\ufffd" and (unicodedata.category(c)[0] != "C" or c in "\t\n\r"))
+        if self.cjk:
+            text = "".join(f" {c} " if any(a <= ord(c) <= b for a, b in _CJK) else c for c in text)
+        if self.strip:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lower:
+            text = text.lower()
+        words = []
+        for word in text.split():
+            start = 0
+            for i, c in enumerate(word):
+                if _is_punctuation(c):
+                    words += [word[start:i], c] if i > start else [c]
+                    start = i + 1
+            if start < len(word):
+                words.append(word[start:])
+        return words
+
+    def _encode_chunk(self, word):
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # the longest piece in the vocabulary first
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return ids
+
+    def _decode(self, ids):  # words joined by spaces, "##" pieces glued to the piece before
+        return " ".join(self._piece[i] for i in ids).replace(" " + self.prefix, "")
 
 # -----------------------------------------------------------------------------
 # Training: the demo's tiny tokenizer
