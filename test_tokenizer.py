@@ -614,7 +614,8 @@ def test_tok_hf_refused(tmp_path):
     byte, sp = _hf_byte_level_spec(), _hf_sp_spec()
     split = {"type": "Split", "pattern": {"Regex": r"\p{L}+"}, "behavior": "Isolated", "invert": False}
     cases = [
-        (edit(byte, "model", type="WordPiece"), r"model type 'WordPiece' is not supported; only BPE"),
+        (edit(byte, "model", type="WordPiece"), r"expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+         r"BertPreTokenizer \(BERT's tokenizer.json\); found \('WordPiece', None, 'Sequence'\)"),
         (edit(byte, "model", type="Unigram"), r"model type 'Unigram' is not supported"),
         (edit(byte, "model", dropout=0.1), r"BPE dropout 0.1 is not supported"),
         (edit(byte, "model", merges=None), r"the BPE model needs a vocab object and a merges list"),
