@@ -460,9 +460,9 @@ class TiktokenTokenizer(Tokenizer):
 # decode() maps ids to their tokens' strings (added tokens included, as tokenizers' decode with
 # skip_special_tokens=False) and runs the decoder chain: ByteLevel (characters back to bytes), Metaspace ("▁"
 # -> " ", dropped in the first token), Replace, ByteFallback (a run of <0xNN> tokens -> its text, or one U+FFFD
-# per byte if not UTF-8), Fuse, Strip, or a Sequence of these. Anything else (Unigram, WordLevel; WordPiece is BERT's class below;
-# other normalizers, pre-tokenizers or decoders, BPE dropout, subword prefixes/suffixes, regexes with classes
-# Python's re cannot spell alike) is refused with an error naming it.
+# per byte if not UTF-8), Fuse, Strip, or a Sequence of these. Anything else (Unigram, WordLevel, other
+# normalizers, pre-tokenizers or decoders, BPE dropout, subword prefixes/suffixes, regexes with classes Python's
+# re cannot spell alike) is refused with an error naming it; WordPiece is BERT's class at the end.
 # Speed: words go through the base class's cache. A SentencePiece-style segment is one word to tokenizers; it
 # is cut before each run of "▁" when no token holds "x▁" (x != "▁"), exact then (see SentencePieceTokenizer).
 
