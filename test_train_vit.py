@@ -391,7 +391,7 @@ def test_vit_lr_schedule_is_timms():
 def test_vit_adapter_evaluated_with_its_stored_top1(_vit_demo, capsys):
     run = _vit_demo["root"] / "run"
     logged = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["test_top1"]
-    top1 = train_vit.test(train_vit.parse_args(["--adapter", str(run / "adapter.safetensors"), "--test",
+    top1 = train_vit.evaluate_adapter(train_vit.parse_args(["--adapter", str(run / "adapter.safetensors"), "--test",
                                                 _vit_demo["test"], "--batch-size", "16", "--workers", "0"]))
     assert round(top1, 4) == logged  # the same weights, data and batches as the run's last evaluation
     assert f"stored in the adapter: {logged:.2f}%" in capsys.readouterr().out
@@ -416,7 +416,7 @@ def test_vit_lora_end_to_end(_vit_demo, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
-    top1 = train_vit.test(train_vit.parse_args(["--adapter", str(out / "adapter.safetensors"), "--test",
+    top1 = train_vit.evaluate_adapter(train_vit.parse_args(["--adapter", str(out / "adapter.safetensors"), "--test",
                                                 _vit_demo["test"], "--batch-size", "16", "--workers", "0"]))
     assert round(top1, 4) == log["test_top1"]
 

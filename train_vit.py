@@ -667,7 +667,7 @@ def merge(args):
     return args.merge
 
 
-def test(args):
+def evaluate_adapter(args):
     """--adapter evaluated on --test without training: top-1 beside the one stored in the adapter, and with
     --visualize its cluster maps (GIFT)."""
     rank, world, _, device = setup_distributed()
@@ -679,7 +679,7 @@ def test(args):
     if run.get("classes") is None and classes and len(classes) != model.config.num_classes:
         raise ValueError(f"{args.test} has {len(classes)} classes and the adapter's head {model.config.num_classes}: "
                          f"its labels would not map to the head's as in training")
-    mode = "test" if args.preset == "fgvc" else "resize"
+    mode = "test" if run.get("preset", args.preset) == "fgvc" else "resize"  # the run's preprocessing
     test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
                                          batch_size=max(1, args.batch_size // world), num_workers=args.workers)
@@ -915,7 +915,7 @@ def main(argv=None):
     elif args.train:
         train(args)
     else:
-        test(args)
+        evaluate_adapter(args)
 
 
 if __name__ == "__main__":
