@@ -72,7 +72,7 @@ def test_lora_merge_and_adapter_round_trip():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5, bias=False), nn.Linear(5, 2)).double()
     model = copy.deepcopy(base)
-    add_adapter(model, {"method": "lora", "targets": ["0", "2"], "rank": 3, "alpha": 6})
+    add_adapter(model, {"method": "lora", "targets": ["0", "2"], "rank": 3, "lora_alpha": 6})
     assert model[0].lora_A.dtype == torch.float64  # master weights: float64 for a float64 model, else float32
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -87,7 +87,7 @@ def test_lora_merge_and_adapter_round_trip():
     state = adapter_state_dict(model, extra=["3"])
     assert sorted(state) == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B", "3.bias", "3.weight"]
     again = copy.deepcopy(base)
-    add_adapter(again, {"method": "lora", "targets": ["0", "2"], "rank": 3, "alpha": 6})
+    add_adapter(again, {"method": "lora", "targets": ["0", "2"], "rank": 3, "lora_alpha": 6})
     load_adapter_state_dict(again, state)
     assert torch.equal(again(x), want)
     merged = merge_adapter(again)
@@ -95,15 +95,16 @@ def test_lora_merge_and_adapter_round_trip():
     assert list(merged.state_dict()) == list(base.state_dict())
     torch.testing.assert_close(merged(x), want, rtol=0, atol=1e-12)
     other = copy.deepcopy(base)
-    add_adapter(other, {"method": "lora", "targets": ["0"], "rank": 3, "alpha": 6})
+    add_adapter(other, {"method": "lora", "targets": ["0"], "rank": 3, "lora_alpha": 6})
     with pytest.raises(ValueError, match=r"unexpected keys \['2.lora_A', '2.lora_B'\]"):
         load_adapter_state_dict(other, state)
     other = copy.deepcopy(base)
-    add_adapter(other, {"method": "lora", "targets": ["0", "2"], "rank": 2, "alpha": 6})
+    add_adapter(other, {"method": "lora", "targets": ["0", "2"], "rank": 2, "lora_alpha": 6})
     with pytest.raises(ValueError, match=r"'0.lora_A' has shape \(3, 6\), the model expects \(2, 6\)"):
         load_adapter_state_dict(other, state)
-    gift = copy.deepcopy(base)
-    add_adapter(gift, {"method": "gift", "targets": ["0"], "rank": 2})
+    gift = nn.Module()  # add_gift takes no nn.Sequential (it would run model.gift as a layer)
+    gift.net = copy.deepcopy(base)
+    add_adapter(gift, {"method": "gift", "targets": ["net.0"], "rank": 2})
     with pytest.raises(ValueError, match="unexpected keys"):
         load_adapter_state_dict(gift, state)
 

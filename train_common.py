@@ -229,14 +229,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 # -----------------------------------------------------------------------------
 # One adapter interface over GIFT and LoRA, for the scripts: a run config {"method", "targets", "rank", and
-# "share" (GIFT) or "alpha" (LoRA)} builds the adapter; its state (plus extra modules, e.g. a new head) is saved,
+# "share" (GIFT) or "lora_alpha" (LoRA)} builds the adapter; its state (plus extra modules, e.g. a new head) is saved,
 # loaded and merged the same way whatever the method.
 
 
 def add_adapter(model: nn.Module, config: dict):
     """Freezes model and adds config's adapter; returns the number of trainable adapter parameters."""
     if config.get("method", "gift") == "lora":
-        layers = add_lora(model, config["targets"], config["rank"], config["alpha"])
+        layers = add_lora(model, config["targets"], config["rank"], config["lora_alpha"])
         return sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers)
     if config.get("method", "gift") != "gift":
         raise ValueError(f"unknown adapter method {config['method']!r}: gift or lora")

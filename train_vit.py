@@ -515,8 +515,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others.
 RESUME_FIELDS = ("checkpoint", "train", "test", "root", "num_classes", "preset", "image_size", "adapter", "method",
-                 "targets", "rank", "share", "alpha", "epochs", "warmup", "batch_size", "lr", "warmup_lr", "min_lr",
-                 "schedule", "weight_decay", "drop_path", "seed", "precision")
+                 "targets", "rank", "share", "lora_alpha", "epochs", "warmup", "batch_size", "lr", "warmup_lr",
+                 "min_lr", "schedule", "weight_decay", "drop_path", "seed", "precision")
 
 
 def cosine_lr(t, lr, total, warmup, warmup_lr, min_lr):
@@ -553,7 +553,7 @@ def train(args):
     init = None
     if args.adapter:  # its method, targets and rank, and its weights as the starting point
         init, run, _ = read_adapter(args.adapter)
-        for k in ("method", "targets", "rank", "share", "alpha"):
+        for k in ("method", "targets", "rank", "share", "lora_alpha"):
             setattr(args, k, run.get(k, getattr(args, k)))
         if init["head.weight"].shape != model.head.weight.shape:  # another task: the adapter alone, a new head
             init = {k: v for k, v in init.items() if not k.startswith("head.")}
@@ -565,7 +565,7 @@ def train(args):
     model.head.requires_grad_(True)  # the new head trains with the adapter
     model.to(device)
     print0(f"{args.method} on {args.targets}, rank {args.rank}" + (f", share={args.share}" if args.method == "gift"
-           else f", alpha {args.alpha:g}") + f": {n_adapter:,} adapter parameters; {parameter_summary(model)}")
+           else f", alpha {args.lora_alpha:g}") + f": {n_adapter:,} adapter parameters; {parameter_summary(model)}")
 
     size = model.config.image_size
     modes = ("train", "test") if args.preset == "fgvc" else ("resize", "resize")
@@ -858,7 +858,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, help="rank r; None: the paper's, 16 for GIFT, 8 for LoRA")
     p.add_argument("--share", choices=["type", "all"], default="type", help="GIFT: one Theta per target, or one "
                    "for all")
-    p.add_argument("--lora-alpha", dest="alpha", type=float, default=1.0, help="LoRA: the update is (alpha/r) B A; "
+    p.add_argument("--lora-alpha", type=float, default=1.0, help="LoRA: the update is (alpha/r) B A; "
                    "1 is loralib's default, which the authors' ViT LoRA runs used")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     p.add_argument("--warmup", type=int, default=10, help="warmup epochs")
