@@ -190,8 +190,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
-    assert config_a == config_b == {"targets": ["attention.wq", "attention.wv"], "rank": 8, "share": "type",
-                                    "model": str(model_dir)}
+    assert config_a == config_b == {"method": "gift", "targets": ["attention.wq", "attention.wv"], "rank": 8,
+                                    "share": "type", "model": str(model_dir)}
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -244,6 +244,56 @@ def test_llama_merged_export_equals_gift_model(tmp_path):
     with torch.no_grad():
         out, ref, plain = merged(tokens), gift_model(tokens), model(tokens)
     assert torch.allclose(out, ref, atol=1e-10, rtol=0) and not torch.allclose(out, plain, atol=1e-3)
+
+
+def test_llama_lora_end_to_end(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    out = tmp_path / "lora"
+    tl.main(_llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--stop-after", "3",
+                              "--method", "lora", "--rank", "4"))
+    config, state = _llama_adapter(out)
+    targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
+    assert config == {"method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0, "model": str(model_dir)}
+    assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
+    assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
+    adapter = str(out / "adapter.safetensors")
+    ev = ["--model", str(model_dir), "--data", str(data), "--adapter", adapter, "--eval-only", "--dtype", "float64",
+          "--eval-limit", "4", "--tasks", "boolq", "--out", str(tmp_path / "ev")]
+    tl.main(ev)
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # dim 64, 2 KV heads of 16, FFN 192 (2/3 of 4 x 64, rounded up to 32): r (d_in + d_out) per layer
+    n = 2 * 4 * sum(d_in + d_out for d_in, d_out in [(64, 64), (64, 32), (64, 32), (64, 192), (192, 64)])
+    assert result["adapter"]["method"] == "lora" and result["trainable_params"] == n
+    assert f"LoRA r=4, {n:,} params" in (tmp_path / "ev" / "eval.md").read_text()
+    # merged: plain Meta keys (W + (alpha/r) B A), the same logits as the unmerged model, on a float64 copy
+    base = tl.load_llama(model_dir, dtype=torch.float64)
+    tl.save_meta(base, tmp_path / "base64")
+    tl.main(["--model", str(tmp_path / "base64"), "--adapter", adapter, "--merge", str(tmp_path / "merged")])
+    merged = tl.load_llama(tmp_path / "merged")
+    assert list(merged.state_dict()) == list(base.state_dict()) and merged.output.weight.dtype == torch.float64
+    unmerged = tl.gift_model(tl.parse_args(ev[:1] + [str(tmp_path / "base64")] + ev[2:])).eval()
+    tokens = _llama_tokens(vocab=base.args.vocab_size)
+    with torch.no_grad():
+        want = unmerged(tokens)
+        assert torch.allclose(merged(tokens), want, atol=1e-10, rtol=0)
+        assert not torch.allclose(base(tokens), want, atol=1e-6)
+
+
+def test_llama_lora_step0_and_theta_dtype(_llama_demo):
+    model_dir, data = _llama_demo
+    base = tl.load_llama(model_dir, dtype=torch.float64)
+    tokens = _llama_tokens(vocab=base.args.vocab_size)
+    args = ["--model", str(model_dir), "--data", str(data), "--dtype", "float64"]
+    lora = tl.gift_model(tl.parse_args(args + ["--method", "lora"]), torch.float64)
+    with torch.no_grad():
+        assert torch.equal(lora(tokens), base(tokens))  # B = 0
+    assert {p.shape for p in lora.parameters() if p.requires_grad} >= {(32, 64), (64, 32), (192, 32)}  # r = 32
+    assert lora.layers[0].attention.wq.scale == 2.0  # alpha = 2r
+    official = tl.gift_model(tl.parse_args(args + ["--theta-dtype", "bf16"]), torch.float32)
+    assert {p.dtype for p in official.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in official.parameters() if not p.requires_grad} == {torch.float32}
+    ours = tl.gift_model(tl.parse_args(args), torch.bfloat16)
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}  # fp32 master weights
 
 
 def _llama_error(path, match):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from gift import add_gift, merge_gift, parameter_summary
 from tokenizer import load_tokenizer
-from train_common import (LoRALinear, add_lora, atomic_save, print0, progress, read_safetensors,
+from train_common import (add_lora, atomic_save, merge_lora, print0, progress, read_safetensors,
                           read_safetensors_metadata, setup_distributed, write_safetensors)
 
 # -----------------------------------------------------------------------------
@@ -436,18 +436,6 @@ def load_adapter(model, state, where):
         if v.shape != own[k].shape:
             raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
         own[k].copy_(v)
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """W + scale B A written into each LoRA layer's base Linear (computed in float32), which replaces it."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            w = m.base.weight
-            w.copy_(w.float() + m.scale * (m.lora_B.float() @ m.lora_A.float()))  # (d_out,r)@(r,d_in)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, m.base)
-    return model
 
 
 def paper_defaults(c: EncoderConfig):

@@ -15,11 +15,15 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --generate "Is water wet?"
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2-lora --method lora  # the LoRA baseline
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
 model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.json (an HF folder's,
 with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or MODEL/original/tokenizer.model, or
 --tokenizer. --preset proj / qkvud selects the paper's other variants.
+--method lora trains the baseline the paper compares with (q, k, v, up, down; r=32, alpha 64) through the same
+data, schedule, adapter file and evaluation. Precision: the weights in bf16 on GPUs and no autocast, as the
+official runs; Theta (or LoRA's A, B) keeps fp32 master weights unless --theta-dtype bf16 (the official runs).
 """
 import argparse
 import contextlib
@@ -40,10 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary
+from gift import parameter_summary
 from tokenizer import load_tokenizer, train_tiny_tokenizer
-from train_common import atomic_save, print0, progress, read_safetensors, read_safetensors_metadata, \
-    setup_distributed, write_safetensors
+from train_common import adapter_state_dict, add_adapter, atomic_save, load_adapter_state_dict, merge_adapter, \
+    print0, progress, read_safetensors, read_safetensors_metadata, setup_distributed, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -407,23 +411,29 @@ def find_tokenizer(model_path, tokenizer=None):
 
 
 def read_adapter_config(path) -> dict:
-    """The run config train() writes into an adapter's metadata: {targets, rank, share, model}."""
+    """The run config train() writes into an adapter's metadata: {method, targets, rank, share, alpha, model}
+    (files written before --method existed are GIFT)."""
     config = read_safetensors_metadata(path).get("config")
     if config is None:
-        raise ValueError(f"{path}: no GIFT config in its metadata; is it an adapter.safetensors written by "
+        raise ValueError(f"{path}: no adapter config in its metadata; is it an adapter.safetensors written by "
                          f"train_llama.py?")
-    return json.loads(config)
+    return {"method": "gift", **json.loads(config)}
 
 
 def gift_model(args, dtype=None) -> Transformer:
-    """load_llama(args.model) with GIFT added, on the CPU: --adapter's Theta, or a new Theta (psi = 0, so the
-    model's outputs are still the base model's) for the preset / --targets / --rank."""
+    """load_llama(args.model) with the adapter (GIFT or LoRA) added, on the CPU: --adapter's weights, or new ones
+    (psi = 0 or B = 0, so the model's outputs are still the base model's) for --method, the preset, --targets,
+    --rank. --theta-dtype bf16 stores the adapter's weights in bf16 (the official runs), else fp32 master weights."""
     config = gift_config(args)  # first: a bad adapter is an error before the model is loaded
     model = load_llama(args.model, dtype=dtype)
-    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
-    add_gift(model, config["targets"], config["rank"], config["share"])
+    torch.manual_seed(args.seed)  # the same phi (or A) initialisation on every rank and in every run
+    add_adapter(model, config)
     if args.adapter:
-        load_gift_state_dict(model, read_safetensors(args.adapter))
+        load_adapter_state_dict(model, read_safetensors(args.adapter))
+    if args.theta_dtype == "bf16":  # the adapter's parameters only; the frozen weights keep --dtype
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.grad_checkpointing = args.grad_checkpointing
     return model
 
@@ -441,7 +451,10 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
 ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
                 "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
 
-# Paper (v3) Table: GIFT_QV r=64, accuracy % in TASKS order, then the average.
+# Paper (v3) Table: accuracy % in TASKS order, then the average; GIFT_QV r=64, and LoRA (r=32 on q, k, v, up, down)
+PAPER_LORA = {"LLaMA-1 7B": [68.9, 80.7, 77.4, 78.1, 78.8, 77.8, 61.3, 74.8, 74.7],
+              "Llama-2 7B": [69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0, 77.6],
+              "Llama-3 8B": [70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0, 80.8]}
 PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
          "Llama-2 7B": [72.0, 84.4, 80.9, 94.0, 85.1, 86.9, 74.5, 82.7, 82.6],
          "Llama-3 8B": [74.7, 89.2, 81.7, 96.0, 88.2, 92.7, 82.7, 88.8, 86.7]}
@@ -530,14 +543,20 @@ def collate(examples, device):
 PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
            "proj": (["attention.wo"], 128),              # GIFT_Proj
            "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
+LORA = (PRESETS["qkvud"][0], 32)  # the paper's LoRA baseline (LLM-Adapters): q, k, v, up, down, r=32, alpha 2r
 
 
 def gift_config(args):
-    """{targets, rank, share}: --adapter's, else the preset's with --targets and --rank over it."""
+    """The adapter's {method, targets, rank, share, alpha}: --adapter's, else --method's setting (GIFT: --preset;
+    LoRA: the paper's baseline) with --targets, --rank and --lora-alpha over it."""
     if args.adapter:
         return read_adapter_config(args.adapter)
-    targets, rank = PRESETS[args.preset]
-    return {"targets": args.targets or targets, "rank": args.rank or rank, "share": args.share}
+    targets, rank = PRESETS[args.preset] if args.method == "gift" else LORA
+    rank = args.rank or rank
+    config = {"method": args.method, "targets": args.targets or targets, "rank": rank}
+    if args.method == "gift":
+        return {**config, "share": args.share}
+    return {**config, "lora_alpha": float(args.lora_alpha or 2 * rank)}
 
 
 def fsdp_shard(model, device):
@@ -574,14 +593,15 @@ def train(args, model, tok, rank, world, device):
     opt = torch.optim.AdamW(thetas, lr=args.lr, weight_decay=args.weight_decay)
     step, ckpt_path = 0, out / "checkpoint.pt"
     schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup", "weight_decay", "seed",
-                                              "template", "max_len", "preset", "targets", "rank", "share")}
+                                              "template", "max_len", "preset", "targets", "rank", "share", "method",
+                                              "lora_alpha", "theta_dtype")}
     if ckpt_path.exists() and not args.resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --out")
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt["schedule"] != schedule:
             raise ValueError(f"{ckpt_path} was written with {ckpt['schedule']}; this run has {schedule}")
-        load_gift_state_dict(model, ckpt["theta"])
+        load_adapter_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     # model stays the module itself (saving, evaluation); the training forward goes through ddp, which averages
@@ -593,7 +613,7 @@ def train(args, model, tok, rank, world, device):
 
     def save(step):
         if rank == 0:
-            atomic_save({"theta": gift_state_dict(model), "optimizer": opt.state_dict(), "step": step,
+            atomic_save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict(), "step": step,
                          "schedule": schedule}, ckpt_path)
 
     model.train()
@@ -648,15 +668,16 @@ def train(args, model, tok, rank, world, device):
         log.close()
     save(step)
     if rank == 0:
-        write_safetensors(out / "adapter.safetensors", gift_state_dict(model),
+        write_safetensors(out / "adapter.safetensors", adapter_state_dict(model),
                           {"config": json.dumps({**gift_config(args), "model": str(args.model)})})
     return step
 
 
 def merge(args):
-    """--model + --adapter -> a Meta checkpoint in --merge whose weights are W (I + phi psi)."""
-    model = gift_model(args)  # in the stored dtype; merge_gift computes each layer's merge in float32
-    save_meta(merge_gift(model), args.merge)
+    """--model + --adapter -> a Meta checkpoint in --merge whose weights are W (I + phi psi) (GIFT) or
+    W + (alpha/r) B A (LoRA), under the base model's keys."""
+    model = gift_model(args)  # in the stored dtype; the merge of each layer is computed in float32
+    save_meta(merge_adapter(model), args.merge)
     print(f"merged checkpoint written to {args.merge}")
 
 
@@ -717,22 +738,28 @@ def evaluate(args, model, tok, rank, world):
         print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
-        write_results(args, acc, paper_model(model.args), rows)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        write_results(args, acc, paper_model(model.args), rows, trainable)
     return acc
 
 
-def write_results(args, acc, paper, rows):
+def write_results(args, acc, paper, rows, trainable):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ref = dict(zip(TASKS + ["avg"], PAPER[paper])) if paper else {}
-    head = "| task | accuracy % |" + (f" paper ({paper}, GIFT_QV r=64) |" if paper else "")
+    config = gift_config(args)
+    method = {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
+    ref = dict(zip(TASKS + ["avg"], (PAPER if method == "GIFT" else PAPER_LORA)[paper])) if paper else {}
+    setting = "GIFT_QV r=64" if method == "GIFT" else "LoRA r=32"
+    head = f"| task | {method} r={config['rank']}, {trainable:,} params: accuracy % |" + (
+        f" paper ({paper}, {setting}) |" if paper else "")
     lines = [head, "|---|---|" + ("---|" if paper else "")]
     for task, a in acc.items():
         lines.append(f"| {task} | {a:.1f} |" + (f" {ref[task]:.1f} |" if paper else ""))
     table = "\n".join(lines)
     print(table)
     (out / "eval.md").write_text(table + "\n")
-    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None,
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None, "adapter": config,
+                                               "trainable_params": trainable,
                                                "protocol": {"template": args.template, "extract": args.extract,
                                                             "max_new_tokens": args.max_new_tokens}}, indent=2))
     with open(out / "eval_generations.jsonl", "w") as f:
@@ -809,7 +836,7 @@ def demo():
                            "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
         variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
         model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
-        print(f"GIFT: {parameter_summary(model)}")
+        print(f"{args.method}: {parameter_summary(model)}")
         base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
         base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
         train(args, model, tok, 0, 1, device)
@@ -838,10 +865,18 @@ def parse_args(argv=None):
                    "--model (or --model/original)")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
     p.add_argument("--out", default="runs/llama", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*")
-    p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
-    p.add_argument("--targets", nargs="+", help="GIFT layers by module name suffix; None: the preset's")
-    p.add_argument("--rank", type=int, help="GIFT rank; None: the preset's")
-    p.add_argument("--share", default="type", choices=["type", "all"], help="one Theta per target, or one for all")
+    p.add_argument("--method", default="gift", choices=["gift", "lora"], help="the adapter trained")
+    p.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
+                   "qkvud: GIFT_QKVUD")
+    p.add_argument("--targets", nargs="+", help="adapted layers by module name suffix; None: the preset's (GIFT), "
+                   "wq wk wv w3 w2 (LoRA)")
+    p.add_argument("--rank", type=int, help="rank; None: the preset's (GIFT), 32 (LoRA)")
+    p.add_argument("--share", default="type", choices=["type", "all"], help="GIFT: one Theta per target, or one "
+                   "for all")
+    p.add_argument("--lora-alpha", type=float, help="LoRA: the update is (alpha/r) B A; None: 2 x rank")
+    p.add_argument("--theta-dtype", default="fp32", choices=["fp32", "bf16"], help="the adapter's weights (Theta, "
+                   "or LoRA's A and B) and their AdamW state: fp32 master weights (ours), or bf16 as the official "
+                   "runs, which kept Theta in bf16 beside the bf16 model without autocast")
     p.add_argument("--epochs", type=int, default=6, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
     p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
@@ -887,6 +922,8 @@ def parse_args(argv=None):
         fail(f"--adapter {args.adapter}: no such file")
     if not (args.merge or args.generate or args.data):
         fail("--data is required to train or evaluate")
+    if args.fsdp and args.method == "lora":
+        fail("--fsdp supports GIFT only (it keeps Theta out of the shards); train LoRA with DDP")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     return args
@@ -913,7 +950,7 @@ def main(argv=None):
         fsdp_shard(model, device)
     else:
         model.to(device)
-    print0(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
+    print0(f"{args.model}: {model.args}\nadapter {gift_config(args)}: {parameter_summary(model)}")
     result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
         ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
