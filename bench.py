@@ -10,7 +10,7 @@ median over repetitions is reported, for the ratios the median of the ratios wit
                 what any method with an adapter in every block must pay at least
     gift        GIFT, activation form (gift.py's default): x + (x psi^T) phi^T enters the frozen layer
     gift-param  GIFT, parameter form (the official code's way): W + (W phi) psi is formed on every forward
-    lora        LoRA, written minimally below: W x + (alpha/r) B A x; A kaiming-uniform, B = 0
+    lora        LoRA, written minimally in train_common.py: W x + (alpha/r) B A x; A kaiming-uniform, B = 0
     full        full fine-tuning: every parameter is trained
 
 Targets and ranks are the paper's: ViT attn.proj, GIFT r=16 (one Theta), LoRA r=8; LLaMA GIFT r=64 on wq and
@@ -40,7 +40,6 @@ import argparse
 import base64
 import copy
 import json
-import math
 import platform
 import statistics
 import tempfile
@@ -57,7 +56,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from gift import add_gift, gift_layers, gift_state_dict, merge_gift
-from train_llama import ModelArgs, Tokenizer, Transformer, train_tiny_tokenizer, write_sentencepiece_model
+from tokenizer import LLAMA3_PATTERN, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model
+from train_common import add_lora
+from train_llama import ModelArgs, Transformer
 from train_vit import ViT, ViTConfig
 
 
@@ -72,38 +73,6 @@ SETTINGS = {  # (GIFT targets, GIFT rank, LoRA targets, LoRA rank): the paper's 
     "llama": (["wq", "wv"], 64, ["wq", "wk", "wv", "w3", "w2"], 32),
 }
 VARIANTS = ("floor", "gift", "gift-param", "lora", "full")
-
-# -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021), the minimal version: frozen W, trainable A (r x d_in) and B (d_out x r)
-
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device))  # fp32 master weights
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device))  # B = 0: step 0 = base
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))                              # as nn.Linear, as PEFT
-
-    def forward(self, x):  # the scale multiplies the small (.., r) product, not the (.., d_out) one
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return self.base(x) + ((x @ a.T) * self.scale) @ b.T  # (..,d_in)@(d_in,r)@(r,d_out)
-
-
-def add_lora(model: nn.Module, targets, rank: int, alpha: float):
-    """Freezes model and wraps every nn.Linear whose name ends in a target; returns the LoRA layers."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            parent, _, leaf = name.rpartition(".")
-            layers.append(LoRALinear(module, rank, alpha))
-            setattr(model.get_submodule(parent), leaf, layers[-1])
-    if not layers:
-        raise ValueError(f"LoRA targets {targets} matched no nn.Linear")
-    return layers
 
 # -----------------------------------------------------------------------------
 # Measuring
@@ -339,10 +308,6 @@ def bench_model(kind, args, device):
 # Tokenizers: the hand-written ones against the reference libraries
 
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 def corpus_lines():
     """Text to encode: this repository's own sources (prose and code), one string per non-empty line."""
     here = Path(__file__).resolve().parent
@@ -379,7 +344,7 @@ def bench_tokenizers(args):
         rows = []
         for kind, path in files.items():
             def encode_ours():
-                tok = Tokenizer(path)  # fresh on every pass: its per-word cache starts empty, as in a real run
+                tok = load_tokenizer(path)  # fresh on every pass: its per-word cache starts empty, as in a real run
                 return [tok.encode(line, False, False) for line in lines]
 
             encoders = {ours: encode_ours}
@@ -397,7 +362,7 @@ def bench_tokenizers(args):
             n_tokens = sum(map(len, ids[ours]))
             for name in encoders:
                 rows.append({"tokenizer": kind, "file": "synthetic" if path in synthetic else Path(path).name,
-                             "n_words": Tokenizer(path).n_words, "implementation": name,
+                             "n_words": load_tokenizer(path).n_words, "implementation": name,
                              "tokens_per_s": n_tokens / times[name],
                              "mb_per_s": sum(len(line.encode()) for line in lines) / times[name] / 1e6,
                              "speed_vs_reference": times[kind] / times[name] if kind in times else None,

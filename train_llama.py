@@ -2,7 +2,7 @@
 
 The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; 6 epochs of
 Commonsense170k, batch 32, AdamW, lr 2.5e-4, linear schedule with 10% warmup; greedy evaluation on 8 test
-sets) with nothing but torch: the model, the checkpoint readers and the tokenizers are all in this file.
+sets) with nothing but torch: the model and the checkpoint readers are here, the tokenizers in tokenizer.py.
 
 Data (the LLM-Adapters layout): DATA/commonsense_170k.json and DATA/dataset/{boolq,piqa,social_i_qa,
 hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
@@ -11,9 +11,9 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
     torchrun --nproc_per_node=4 train_llama.py --model Meta-Llama-3-8B/original --data DATA --out runs/l3
     torchrun --nproc_per_node=8 train_llama.py --model Llama-2-70b-hf --data DATA --out runs/l70 --fsdp
-    python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.pt --eval_only --out runs/l2
-    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --generate "Is water wet?"
-    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.pt --merge runs/l2/merged
+    python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.safetensors --eval-only
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --generate "Is water wet?"
+    python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
@@ -21,20 +21,14 @@ model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/token
 MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the paper's other variants.
 """
 import argparse
-import base64
 import contextlib
-import functools
 import hashlib
-import heapq
 import json
 import math
 import os
 import re
-import struct
-import sys
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,10 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary
-from train_vit import atomic_save, read_safetensors, setup_distributed
+from tokenizer import load_tokenizer, train_tiny_tokenizer
+from train_common import atomic_save, print0, progress, read_safetensors, read_safetensors_metadata, \
+    setup_distributed, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -215,7 +210,6 @@ class Transformer(nn.Module):
 def generate(model, prompts, max_new_tokens, eos_id=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
     Returns each prompt's generated ids (without the prompt), cut before the first eos_id."""
-    model = getattr(model, "module", model)  # DDP
     B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
     device = model.tok_embeddings.weight.device
     tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
@@ -392,477 +386,30 @@ def find_tokenizer(model_path, tokenizer=None):
     for p in [tokenizer] if tokenizer else [Path(model_path) / "tokenizer.model",
                                              Path(model_path) / "original" / "tokenizer.model"]:
         if Path(p).exists():
-            return Tokenizer(p)
+            return load_tokenizer(p)
     raise FileNotFoundError(f"no tokenizer.model in {model_path} (or its original/): pass --tokenizer")
 
 
-# -----------------------------------------------------------------------------
-# Tokenizers, written by hand (no sentencepiece, no tiktoken, no regex package).
-# Tokenizer(path) reads a tokenizer.model and picks the kind from its content:
-#   - a SentencePiece ModelProto (LLaMA-1/2): score-ordered BPE over characters, with a dummy prefix
-#     and byte fallback;
-#   - a tiktoken rank file (Llama 3): regex pre-tokenizer, then rank-ordered byte-level BPE, with the
-#     256 special tokens appended after the ranks.
-# encode() treats its text as plain text: a string such as "<|eot_id|>" or "<s>" inside the text is
-# tokenized as ordinary characters, never as the special token (add specials by id).
-# -----------------------------------------------------------------------------
+def read_adapter_config(path) -> dict:
+    """The run config train() writes into an adapter's metadata: {targets, rank, share, model}."""
+    config = read_safetensors_metadata(path).get("config")
+    if config is None:
+        raise ValueError(f"{path}: no GIFT config in its metadata; is it an adapter.safetensors written by "
+                         f"train_llama.py?")
+    return json.loads(config)
 
 
-def _bpe(symbols, priority):
-    """Merge adjacent symbols, best pair first, until no pair is in the vocabulary.
-
-    symbols: list of str (SentencePiece) or bytes (tiktoken); priority: {piece: number}, higher merges
-    first (score for SentencePiece, -rank for tiktoken); ties go to the leftmost pair, as both reference
-    implementations do. A heap with lazy deletion keeps long inputs O(n log n)."""
-    n = len(symbols)
-    if n < 2:
-        return symbols
-    sym, nxt, prv = list(symbols), list(range(1, n + 1)), list(range(-1, n - 1))
-    heap = []
-    for i in range(n - 1):
-        p = priority.get(sym[i] + sym[i + 1])
-        if p is not None:
-            heap.append((-p, i, sym[i] + sym[i + 1]))
-    heapq.heapify(heap)
-    while heap:
-        _, i, merged = heapq.heappop(heap)
-        j = nxt[i]
-        if sym[i] is None or j >= n or sym[i] + sym[j] != merged:
-            continue  # stale: one side was merged into something else since this pair was pushed
-        sym[i], sym[j] = merged, None
-        nxt[i] = nxt[j]
-        if nxt[j] < n:
-            prv[nxt[j]] = i
-        for a, b in ((prv[i], i), (i, nxt[i])):
-            if a >= 0 and b < n:
-                p = priority.get(sym[a] + sym[b])
-                if p is not None:
-                    heapq.heappush(heap, (-p, a, sym[a] + sym[b]))
-    out, i = [], 0
-    while i < n:
-        out.append(sym[i])
-        i = nxt[i]
-    return out
-
-
-def _utf8(text):
-    """UTF-8 bytes of text; lone surrogates (possible from JSON escapes) become U+FFFD, as in tiktoken."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
-
-
-# --- protobuf, the few parts a SentencePiece model needs ---------------------------------------------
-def _pb_varint(buf, i, what):
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError(f"{what}: truncated varint at byte {i} (corrupt protobuf)")
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError(f"{what}: varint longer than 10 bytes at byte {i} (corrupt protobuf)")
-
-
-def _pb_fields(buf, what):
-    """Yield (field_number, value) of one message: int for varints, bytes for the other wire types."""
-    i = 0
-    while i < len(buf):
-        key, i = _pb_varint(buf, i, what)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _pb_varint(buf, i, what)
-        elif wire in (1, 2, 5):
-            if wire == 2:
-                size, i = _pb_varint(buf, i, what)
-            else:
-                size = 8 if wire == 1 else 4
-            if i + size > len(buf):
-                raise ValueError(f"{what}: field {field} needs {size} bytes at byte {i}, "
-                                 f"only {len(buf) - i} left (truncated protobuf)")
-            value, i = buf[i:i + size], i + size
-        else:
-            raise ValueError(f"{what}: unsupported protobuf wire type {wire} (field {field}) "
-                             f"before byte {i} (corrupt protobuf)")
-        if field == 0:
-            raise ValueError(f"{what}: field number 0 before byte {i} (corrupt protobuf)")
-        yield field, value
-
-
-def _pb_int32(value):  # varints hold negative int32s as 64-bit two's complement
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _pb_encode(fields):
-    """Encode [(field_number, value)]: bool/int -> varint, float -> fixed32, str/bytes -> length-delimited."""
-    def varint(v):
-        v &= (1 << 64) - 1  # negative int32/int64 -> ten bytes, as protobuf does
-        out = bytearray()
-        while v >= 0x80:
-            out.append(v & 0x7F | 0x80)
-            v >>= 7
-        out.append(v)
-        return bytes(out)
-    out = bytearray()
-    for field, value in fields:
-        if isinstance(value, float):
-            out += varint(field << 3 | 5) + struct.pack("<f", value)
-        elif isinstance(value, int):  # bool is an int
-            out += varint(field << 3) + varint(int(value))
-        else:
-            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            out += varint(field << 3 | 2) + varint(len(data)) + data
-    return bytes(out)
-
-
-_SP_WORDS = re.compile("\u2581*[^\u2581]+|\u2581+")  # a word: its leading U+2581 run and what follows
-_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE = 1, 2, 3, 6  # SentencePiece.Type values
-
-
-def write_sentencepiece_model(path, pieces, trainer_spec=((3, 2), (35, True)),
-                              normalizer_spec=((1, "identity"), (3, True), (4, False))):
-    """Write a SentencePiece ModelProto. pieces: [(piece, score, type)], type None = field left out
-    (NORMAL). The specs are [(field_number, value)] of TrainerSpec / NormalizerSpec; the defaults say
-    BPE with byte fallback, identity normalisation, dummy prefix on, extra whitespace kept (as LLaMA)."""
-    fields = []
-    for piece, score, kind in pieces:
-        sub = [(1, piece), (2, float(score))] + ([] if kind is None else [(3, kind)])
-        fields.append((1, _pb_encode(sub)))
-    if trainer_spec is not None:
-        fields.append((2, _pb_encode(trainer_spec)))
-    if normalizer_spec is not None:
-        fields.append((3, _pb_encode(normalizer_spec)))
-    with open(path, "wb") as f:
-        f.write(_pb_encode(fields))
-    return path
-
-
-# --- the Llama 3 pre-tokenizer with Unicode \p{L}, \p{N}, \s, for Python's re ------------------------
-# Pattern: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
-#          \s*[\r\n]+|\s+(?!\S)|\s+
-# re has no \p{..}, so the classes are built from unicodedata (L* and N* categories), and \s is spelled
-# out as Unicode White_Space (re's own \s also takes \x1c-\x1f, which the regex crate does not).
-# Alternation, backtracking and the lookahead behave as in the regex crate that tiktoken uses.
-_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@functools.lru_cache(maxsize=None)
-def _llama3_pretokenizer():
-    letters, numbers = [], []
-    for cp in range(sys.maxunicode + 1):
-        cat = unicodedata.category(chr(cp))[0]
-        ranges = letters if cat == "L" else numbers if cat == "N" else None
-        if ranges is not None:
-            if ranges and ranges[-1][1] == cp - 1:
-                ranges[-1][1] = cp
-            else:
-                ranges.append([cp, cp])
-    cls = lambda ranges: "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
-    L, N, S = cls(letters), cls(numbers), _WHITE_SPACE
-    return re.compile(
-        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
-        rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
-
-
-def llama3_split(text):
-    """The Llama 3 pre-tokenizer: text -> list of pieces, each BPE-encoded on its own."""
-    return _llama3_pretokenizer().findall(text)
-
-
-LLAMA3_SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>"]
-                         + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-                         + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>",
-                            "<|eot_id|>"]
-                         + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 names
-
-
-def train_tiny_tokenizer(texts, vocab_size, path):
-    """Learn a small byte-level BPE (256 byte tokens + merges, most frequent pair first, ties to the
-    smallest bytes) over the Llama 3 pre-tokenizer's pieces of texts, and write it as a tiktoken rank
-    file (base64 token, space, rank per line). Tokenizer(path) then adds the 256 special tokens after it.
-    Stops early when no pair is left to merge. Returns path."""
-    if vocab_size < 256:
-        raise ValueError(f"vocab_size {vocab_size} < 256: the 256 byte tokens come first")
-    words = {}
-    for text in texts:
-        for piece in llama3_split(text):
-            word = tuple(bytes([b]) for b in _utf8(piece))
-            words[word] = words.get(word, 0) + 1
-    vocab = [bytes([b]) for b in range(256)]
-    known = set(vocab)
-    while len(vocab) < vocab_size:
-        pairs = {}
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] = pairs.get(pair, 0) + count
-        if not pairs:
-            break
-        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if a + b not in known:
-            vocab.append(a + b)
-            known.add(a + b)
-        merged = {}
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + count
-        words = merged
-    with open(path, "w", encoding="ascii") as f:
-        f.writelines(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(vocab))
-    return path
-
-
-class Tokenizer:
-    """encode(text, bos, eos) -> ids and decode(ids) -> text for a LLaMA-1/2 or Llama 3 tokenizer.model.
-
-    Attributes: kind ("sentencepiece" | "tiktoken"), n_words, bos_id, eos_id, pad_id (None if absent),
-    stop_ids (ids that end a generation: eos, plus <|eot_id|> for Llama 3)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:1] in (b"\x0a", b"\x12", b"\x1a"):  # protobuf key of field 1, 2 or 3, length-delimited
-            self._load_sentencepiece(data)
-        elif re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", data):
-            self._load_tiktoken(data)
-        else:
-            raise ValueError(f"{self.path}: neither a SentencePiece model (protobuf) nor a tiktoken rank "
-                             f"file ('<base64> <rank>' lines); it starts with {data[:40]!r}")
-        # Chunk -> ids cache: words repeat, so a large corpus costs little more than its distinct words.
-        # (A plain dict, so a Tokenizer still pickles, e.g. into DataLoader workers.)
-        self._cache = {}
-
-    # --- LLaMA-1/2: SentencePiece BPE -------------------------------------------------------------------
-    def _load_sentencepiece(self, data):
-        what = self.path
-        self.kind = "sentencepiece"
-        self.pieces, types, scores = [], [], []
-        trainer, normalizer = {}, {}
-        for field, value in _pb_fields(data, what):
-            if field == 1:
-                if not isinstance(value, bytes):
-                    raise ValueError(f"{what}: piece {len(self.pieces)} is not a message (corrupt protobuf)")
-                piece, score, kind = None, 0.0, _SP_NORMAL
-                for f, v in _pb_fields(value, f"{what}: piece {len(self.pieces)}"):
-                    if f == 1 and isinstance(v, bytes):
-                        try:
-                            piece = v.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise ValueError(f"{what}: piece {len(self.pieces)} is not UTF-8: {v[:40]!r}") from None
-                    elif f == 2 and isinstance(v, bytes) and len(v) == 4:
-                        score = struct.unpack("<f", v)[0]
-                    elif f == 3 and isinstance(v, int):
-                        kind = v
-                if piece is None:
-                    raise ValueError(f"{what}: piece {len(self.pieces)} has no piece string")
-                self.pieces.append(piece)
-                scores.append(score)
-                types.append(kind)
-            elif field in (2, 3) and isinstance(value, bytes):
-                spec = trainer if field == 2 else normalizer
-                spec.update(_pb_fields(value, f"{what}: {'trainer' if field == 2 else 'normalizer'}_spec"))
-        if not self.pieces:
-            raise ValueError(f"{what}: SentencePiece model without pieces")
-        model_type = trainer.get(3, 1)  # proto default: UNIGRAM
-        if model_type != 2:
-            raise ValueError(f"{what}: SentencePiece model_type {model_type} is not BPE (2); only BPE is supported")
-        if normalizer.get(2):
-            raise ValueError(f"{what}: SentencePiece precompiled_charsmap normalisation (e.g. NFKC) is not "
-                             f"supported; LLaMA's tokenizer uses identity")
-        if normalizer.get(5, 1) != 1:
-            raise ValueError(f"{what}: escape_whitespaces=false is not supported")
-        if trainer.get(24, 0):
-            raise ValueError(f"{what}: treat_whitespace_as_suffix is not supported")
-        # NormalizerSpec proto defaults: add_dummy_prefix and remove_extra_whitespaces both true.
-        self.add_dummy_prefix = bool(normalizer.get(3, 1))
-        self.remove_extra_whitespaces = bool(normalizer.get(4, 1))
-        self.byte_fallback = bool(trainer.get(35, 0))
-        self._unk_surface = trainer.get(44, " \u2047 ".encode())  # what decode shows for <unk>
-        self.n_words = len(self.pieces)
-        ids = {}
-        for name, field, default in (("unk_id", 40, 0), ("bos_id", 41, 1), ("eos_id", 42, 2), ("pad_id", 43, -1)):
-            i = _pb_int32(trainer.get(field, default))
-            if not -1 <= i < self.n_words:
-                raise ValueError(f"{what}: {name} {i} out of range for {self.n_words} pieces")
-            ids[name] = None if i == -1 else i
-        for name in ("unk_id", "bos_id", "eos_id"):
-            if ids[name] is None:
-                raise ValueError(f"{what}: SentencePiece model without {name} (trainer_spec sets it to -1)")
-        self.unk_id, self.bos_id, self.eos_id, self.pad_id = ids["unk_id"], ids["bos_id"], ids["eos_id"], ids["pad_id"]
-        self.stop_ids = (self.eos_id,)
-        for i, t in enumerate(types):  # LLaMA has neither; sentencepiece treats them specially
-            if t not in (_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE):
-                raise ValueError(f"{what}: piece {i} {self.pieces[i]!r} has type {t}; only NORMAL, UNKNOWN, "
-                                 f"CONTROL and BYTE pieces are supported")
-        # Merges may only form NORMAL pieces (sentencepiece keeps control, unknown and byte pieces out of
-        # its merge table); the BPE picks the highest score.
-        self._piece_id = {p: i for i, (p, t) in enumerate(zip(self.pieces, types)) if t == _SP_NORMAL}
-        self._score = {p: scores[i] for p, i in self._piece_id.items()}
-        self._byte_id = {}
-        for i, (p, t) in enumerate(zip(self.pieces, types)):
-            if t == _SP_BYTE:
-                m = re.fullmatch(r"<0x([0-9A-F]{2})>", p)
-                if m is None:
-                    raise ValueError(f"{what}: BYTE piece {i} is {p!r}, expected <0xNN>")
-                self._byte_id[int(m.group(1), 16)] = i
-        if self._byte_id and not self.byte_fallback:  # sentencepiece refuses such a model too
-            raise ValueError(f"{what}: byte piece {self.pieces[min(self._byte_id.values())]} but byte_fallback is off")
-        if self.byte_fallback and len(self._byte_id) != 256:
-            raise ValueError(f"{what}: byte_fallback is on but only {len(self._byte_id)} of 256 <0xNN> pieces exist")
-        self._types = types
-        # Splitting the text before each run of U+2581 lets each word be merged (and cached) alone. That is
-        # exact only if no piece can straddle the cut, i.e. no piece holds "x\u2581" with x != U+2581.
-        self._glue = {p[k - 1] for p in self._piece_id for k in range(1, len(p))
-                      if p[k] == "\u2581" and p[k - 1] != "\u2581"}
-
-    def _sp_chunks(self, text):
-        words = _SP_WORDS.findall(text.replace(" ", "\u2581"))
-        if not self._glue:  # LLaMA's vocabulary: every word stands alone
-            return words
-        chunks = []
-        for chunk in words:
-            if chunks and chunks[-1][-1] in self._glue:
-                chunks[-1] += chunk
-            else:
-                chunks.append(chunk)
-        return chunks
-
-    def _sp_encode_chunk(self, chunk):
-        ids = []
-        for piece in _bpe(list(chunk), self._score):
-            i = self._piece_id.get(piece)
-            if i is not None:
-                ids.append(i)
-            elif self.byte_fallback:
-                ids.extend(self._byte_id[b] for b in _utf8(piece))
-            elif not ids or ids[-1] != self.unk_id:  # sentencepiece merges a run of unknowns into one
-                ids.append(self.unk_id)
-        return ids
-
-    # --- Llama 3: tiktoken byte-level BPE ---------------------------------------------------------------
-    def _load_tiktoken(self, data):
-        what = self.path
-        self.kind = "tiktoken"
-        self._rank = {}
-        for lineno, line in enumerate(data.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{what}: line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}")
-            try:
-                token = base64.b64decode(parts[0], validate=True)
-            except ValueError as e:
-                raise ValueError(f"{what}: line {lineno}: bad base64 token {parts[0][:80]!r} ({e})") from None
-            rank = int(parts[1])
-            if token in self._rank:
-                raise ValueError(f"{what}: line {lineno}: token {token!r} appears twice")
-            self._rank[token] = rank
-        n = len(self._rank)
-        if sorted(self._rank.values()) != list(range(n)):
-            raise ValueError(f"{what}: ranks are not exactly 0..{n - 1}")
-        missing = [b for b in range(256) if bytes([b]) not in self._rank]
-        if missing:
-            raise ValueError(f"{what}: byte-level BPE needs all 256 single bytes; {len(missing)} missing "
-                             f"(first: {missing[0]:#04x})")
-        self._token = [b""] * n
-        for token, rank in self._rank.items():
-            self._token[rank] = token
-        self._neg_rank = {t: -r for t, r in self._rank.items()}
-        # Meta's layout: the 256 special tokens follow the ranks (128000.. for the real file).
-        self.special_tokens = {name: n + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self._special_name = {i: name for name, i in self.special_tokens.items()}
-        self.n_words = n + len(LLAMA3_SPECIAL_TOKENS)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.pad_id = None
-        self.stop_ids = (self.eos_id, self.eot_id)
-
-    def _tt_encode_chunk(self, piece):
-        data = _utf8(piece)
-        rank = self._rank.get(data)
-        if rank is not None:  # whole piece is one token: skip the merges (tiktoken's fast path)
-            return [rank]
-        return [self._rank[t] for t in _bpe([bytes([b]) for b in data], self._neg_rank)]
-
-    # --- common API -------------------------------------------------------------------------------------
-    def _encode_chunk(self, chunk):
-        ids = self._cache.get(chunk)
-        if ids is None:
-            if len(self._cache) >= 1 << 20:  # bound the memory on endless distinct input
-                self._cache.clear()
-            encode = self._sp_encode_chunk if self.kind == "sentencepiece" else self._tt_encode_chunk
-            ids = self._cache[chunk] = encode(chunk)
-        return ids
-
-    def encode(self, text, bos, eos):
-        """text -> token ids, with <s>/<|begin_of_text|> first if bos and </s>/<|end_of_text|> last if eos.
-        Special-token strings in text are plain text here."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = [self.bos_id] if bos else []
-        if self.kind == "sentencepiece":
-            if self.remove_extra_whitespaces:
-                text = re.sub(" +", " ", text).strip(" ")
-            if text and self.add_dummy_prefix:
-                text = " " + text
-            chunks = self._sp_chunks(text)
-        else:
-            chunks = llama3_split(text)
-        for chunk in chunks:
-            ids.extend(self._encode_chunk(chunk))
-        if eos:
-            ids.append(self.eos_id)
-        return ids
-
-    def decode(self, ids):
-        """ids -> text. SentencePiece: control tokens vanish, U+2581 -> space, the dummy-prefix space is
-        dropped, byte pieces are joined; tiktoken: bytes joined, specials by name. Invalid UTF-8 -> U+FFFD."""
-        for i in ids:
-            if not 0 <= i < self.n_words:
-                raise ValueError(f"decode: token id {i} out of range [0, {self.n_words}) for {self.path}")
-        if self.kind == "tiktoken":
-            n = len(self._token)
-            parts = [self._token[i] if i < n else self._special_name[i].encode() for i in ids]
-            return b"".join(parts).decode("utf-8", errors="replace")
-        # sentencepiece's rules: a run of byte pieces is decoded on its own, one U+FFFD per invalid byte;
-        # the leading U+2581 the dummy prefix produced is dropped from the first non-byte piece while no
-        # text has come out yet (with remove_extra_whitespaces: from every such piece, not just one).
-        parts, run = [], bytearray()
-        strip, stripped = self.add_dummy_prefix or self.remove_extra_whitespaces, False
-        for i in [*ids, None]:
-            if i is not None and self._types[i] == _SP_BYTE:
-                run.append(int(self.pieces[i][3:5], 16))
-                continue
-            if run:
-                text = bytes(run).decode("utf-8", errors="surrogateescape")  # bad byte -> lone surrogate
-                parts.append(re.sub("[\udc80-\udcff]", "\ufffd", text))
-                run.clear()
-            if i is None:
-                break
-            strip = strip and not stripped and not any(parts)
-            stripped = False
-            if self._types[i] == _SP_UNKNOWN:
-                parts.append(self._unk_surface.decode("utf-8"))
-            elif self._types[i] == _SP_NORMAL:
-                piece = self.pieces[i]
-                if strip and piece.startswith("\u2581"):
-                    piece, stripped = piece[1:], not self.remove_extra_whitespaces
-                parts.append(piece.replace("\u2581", " "))
-        return "".join(parts)
+def gift_model(args, dtype=None) -> Transformer:
+    """load_llama(args.model) with GIFT added, on the CPU: --adapter's Theta, or a new Theta (psi = 0, so the
+    model's outputs are still the base model's) for the preset / --targets / --rank."""
+    config = gift_config(args)  # first: a bad adapter is an error before the model is loaded
+    model = load_llama(args.model, dtype=dtype)
+    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
+    add_gift(model, config["targets"], config["rank"], config["share"])
+    if args.adapter:
+        load_gift_state_dict(model, read_safetensors(args.adapter))
+    model.grad_checkpointing = args.grad_checkpointing
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -920,7 +467,7 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
     if rank == 0 and not cache.exists():
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
-        for r in tqdm(read_records(path, required), desc=f"tokenizing {path.name}", mininterval=2):
+        for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
             prompt = prompt_of(r, template)
             seq = tok.encode(prompt + target_of(r, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
             ids += seq
@@ -970,9 +517,11 @@ PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's
 
 
 def gift_config(args):
+    """{targets, rank, share}: --adapter's, else the preset's with --targets and --rank over it."""
+    if args.adapter:
+        return read_adapter_config(args.adapter)
     targets, rank = PRESETS[args.preset]
-    return {"targets": args.targets.split(",") if args.targets else targets, "rank": args.rank or rank,
-            "share": args.share}
+    return {"targets": args.targets or targets, "rank": args.rank or rank, "share": args.share}
 
 
 def fsdp_shard(model, device):
@@ -988,14 +537,16 @@ def fsdp_shard(model, device):
 
 
 def train(args, model, tok, rank, world, device):
-    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save_every steps) and adapter.pt."""
+    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save-every steps) and
+    adapter.safetensors (Theta, and the run config in its metadata) to --out."""
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     data = tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
                           out / "cache", rank)
     lengths = [len(ids) for ids, _ in data]
     n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
     if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} processes")
     accum = args.batch_size // (args.micro_batch_size * world)
     steps_per_epoch = len(data) // args.batch_size
@@ -1017,10 +568,12 @@ def train(args, model, tok, rank, world, device):
         load_gift_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    ddp = world > 1 and not args.fsdp  # with --fsdp, main() has sharded the model already
-    if ddp:  # each rank averages its gradients with the others' after the last micro-batch
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    # model stays the module itself (saving, evaluation); the training forward goes through ddp, which averages
+    # each rank's gradients with the others' after the last micro-batch (with --fsdp, main() has sharded model)
+    ddp = model
+    if world > 1 and not args.fsdp:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def save(step):
         if rank == 0:
@@ -1028,7 +581,7 @@ def train(args, model, tok, rank, world, device):
                          "schedule": schedule}, ckpt_path)
 
     model.train()
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
+    bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
     log = open(out / "log.jsonl", "a" if step else "w") if rank == 0 else None
     batches, epoch = None, -1
     while step < total and step < (args.stop_after or total):
@@ -1049,8 +602,8 @@ def train(args, model, tok, rank, world, device):
         for a in range(accum):
             chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
             x, y = collate([data[i] for i in chunk], device)
-            with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():
-                loss = model(x, y)
+            with ddp.no_sync() if ddp is not model and a < accum - 1 else contextlib.nullcontext():
+                loss = ddp(x, y)
                 (loss * world / denom).backward()
             loss_sum += loss.detach()
         if args.fsdp:  # FSDP leaves Theta alone (fsdp_shard): average its gradient over the ranks as DDP does
@@ -1067,8 +620,8 @@ def train(args, model, tok, rank, world, device):
         tokens = sum(lengths[i] - 1 for i in batch)
         stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
                  "tokens_per_s": round(tokens / (time.time() - t0))}
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
         bar.update()
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"])
         if log:
             log.write(json.dumps(stats) + "\n")
             log.flush()
@@ -1079,9 +632,16 @@ def train(args, model, tok, rank, world, device):
         log.close()
     save(step)
     if rank == 0:
-        atomic_save({"config": {**gift_config(args), "model": str(args.model)}, "theta": gift_state_dict(model)},
-                    out / "adapter.pt")
+        write_safetensors(out / "adapter.safetensors", gift_state_dict(model),
+                          {"config": json.dumps({**gift_config(args), "model": str(args.model)})})
     return step
+
+
+def merge(args):
+    """--model + --adapter -> a Meta checkpoint in --merge whose weights are W (I + phi psi)."""
+    model = gift_model(args)  # in the stored dtype; merge_gift computes each layer's merge in float32
+    save_meta(merge_gift(model), args.merge)
+    print(f"merged checkpoint written to {args.merge}")
 
 
 # -----------------------------------------------------------------------------
@@ -1110,20 +670,19 @@ def paper_model(a: ModelArgs):
 def evaluate(args, model, tok, rank, world):
     """Accuracy (%) per task; each rank generates for every world-th example; writes eval.json, eval.md and
     eval_generations.jsonl to --out on rank 0."""
-    model = getattr(model, "module", model)
     model.eval()
     acc, rows = {}, []
     # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
     # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
     part, parts = (0, 1) if args.fsdp else (rank, world)
-    for task in args.tasks.split(","):
+    for task in args.tasks:
         records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
         correct, gens = 0, []
-        for k in tqdm(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
+        for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
             idx = order[k:k + args.eval_batch_size]
             for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
                 text = tok.decode(ids)
@@ -1139,8 +698,7 @@ def evaluate(args, model, tok, rank, world):
             gens = [g for part in everyone for g in part]
         acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
         rows += sorted(gens, key=lambda g: g["index"])
-        if rank == 0:
-            print(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")
+        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
         write_results(args, acc, paper_model(model.args), rows)
@@ -1202,8 +760,8 @@ def write_demo(root: Path, pretrain_steps=200):
         (data / "dataset" / task / "test.json").write_text(json.dumps(demo_records(task, 16, g)))
     (data / "commonsense_170k.json").write_text(json.dumps(train))
     model_dir.mkdir()
-    tok = Tokenizer(train_tiny_tokenizer([prompt_of(r, "paper") + r["output"] for r in train], 320,
-                                         model_dir / "tokenizer.model"))
+    tok = load_tokenizer(train_tiny_tokenizer([prompt_of(r, "paper") + r["output"] for r in train], 320,
+                                              model_dir / "tokenizer.model"))
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
                                   multiple_of=32, rope_theta=500000.0, max_seq_len=256))
@@ -1211,7 +769,7 @@ def write_demo(root: Path, pretrain_steps=200):
     pre = [(torch.tensor(tok.encode(prompt_of(r, "paper") + r["output"], bos=True, eos=True)),
             len(tok.encode(prompt_of(r, "paper"), bos=True, eos=False))) for r in pre]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in tqdm(range(pretrain_steps), desc="pretraining the demo model", mininterval=2):
+    for _ in progress(range(pretrain_steps), desc="pretraining the demo model"):
         x, y = collate([pre[i] for i in torch.randint(len(pre), (32,), generator=g)], "cpu")
         loss = model(x, y) / (y != -100).sum()
         opt.zero_grad()
@@ -1222,6 +780,8 @@ def write_demo(root: Path, pretrain_steps=200):
 
 
 def demo():
+    """The pipeline's own functions on a small synthetic setup: the base model evaluated (GIFT at step 0 is the
+    base model), trained, evaluated again, its adapter merged into a Meta checkpoint."""
     t0 = time.time()
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation (3-8x slower on a busy CPU)
     with tempfile.TemporaryDirectory() as tmp:
@@ -1229,12 +789,16 @@ def demo():
               f"commonsense-style data set (LLM-Adapters layout) to {tmp}")
         model_dir, data = write_demo(Path(tmp))
         out = Path(tmp) / "run"
-        common = ["--model", str(model_dir), "--data", str(data), "--eval_batch_size", "128"]
-        base = main(common + ["--out", str(out / "base"), "--eval_only"])
-        base_fm = main(common + ["--out", str(out / "base_first_match"), "--eval_only", "--extract", "first_match"])
-        tuned = main(common + ["--out", str(out), "--batch_size", "16", "--rank", "16",
-                               "--lr", "2e-2"])
-        main(common + ["--adapter", str(out / "adapter.pt"), "--merge", str(out / "merged")])
+        args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
+                           "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
+        variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
+        model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
+        print(f"GIFT: {parameter_summary(model)}")
+        base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
+        base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
+        train(args, model, tok, 0, 1, device)
+        tuned = evaluate(args, model, tok, 0, 1)
+        merge(variant(adapter=str(out / "adapter.safetensors"), merge=str(out / "merged")))
         merged = load_llama(out / "merged")
         print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
     print(f"\nSYNTHETIC data, average accuracy over the 8 test sets:\n"
@@ -1245,92 +809,99 @@ def demo():
 
 
 # -----------------------------------------------------------------------------
+# Command line
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="GIFT fine-tuning of LLaMA 1/2/3 on Commonsense170k and its 8-task "
+                                "evaluation (examples: the top of train_llama.py)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup "
+                   "(under a minute on a CPU)")
     p.add_argument("--model", help="Meta or HF checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or --model/original)")
+    p.add_argument("--tokenizer", help="tokenizer.model; None: the one in --model or --model/original")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
-    p.add_argument("--out", default="runs/llama")
+    p.add_argument("--out", default="runs/llama", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*")
     p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
-    p.add_argument("--targets", help="comma-separated module name suffixes (overrides the preset)")
-    p.add_argument("--rank", type=int, help="GIFT rank (default: the preset's)")
-    p.add_argument("--share", default="type", choices=["type", "all"])
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch_size", type=int, default=32, help="global: micro x accumulation x processes")
-    p.add_argument("--micro_batch_size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2.5e-4)
+    p.add_argument("--targets", nargs="+", help="GIFT layers by module name suffix; None: the preset's")
+    p.add_argument("--rank", type=int, help="GIFT rank; None: the preset's")
+    p.add_argument("--share", default="type", choices=["type", "all"], help="one Theta per target, or one for all")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
+    p.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
-    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
-    p.add_argument("--max_len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--template", default="paper", choices=["paper", "alpaca"])
-    p.add_argument("--extract", default="paper", choices=["paper", "first_match"])
+    p.add_argument("--max-len", type=int, default=512, help="training sequences are cut to this many tokens")
+    p.add_argument("--seed", type=int, default=42, help="Theta's initialisation and the batch order")
+    p.add_argument("--template", default="paper", choices=["paper", "alpaca"], help="prompt and target format")
+    p.add_argument("--extract", default="paper", choices=["paper", "first_match"],
+                   help="how the answer is read from a generation")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float64"],
                    help="model weights (Theta stays float32); auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
                    "processes (FSDP2) instead of a whole copy on each (DDP), for a model larger than one GPU")
-    p.add_argument("--save_every", type=int, default=100)
-    p.add_argument("--stop_after", type=int, help="stop at this step (the schedule is unchanged; --resume continues)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--stop-after", type=int, help="stop at this step, the schedule unchanged (--resume continues); "
+                   "None: at the end")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--adapter", help="adapter.pt for --eval_only, --generate, --merge")
-    p.add_argument("--eval_only", action="store_true")
-    p.add_argument("--no_eval", action="store_true", help="train without evaluating afterwards")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--eval_limit", type=int, help="evaluate the first N examples of each task")
-    p.add_argument("--eval_batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--adapter", help="adapter.safetensors for --eval-only, --generate, --merge")
+    p.add_argument("--eval-only", action="store_true", help="evaluate without training")
+    p.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate")
+    p.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
     p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
-    p.add_argument("--merge", metavar="DIR", help="write base + adapter merged as a Meta checkpoint")
+    p.add_argument("--merge", metavar="DIR", help="write --model + --adapter merged as a Meta checkpoint to DIR")
     args = p.parse_args(argv)
+
+    def fail(message):  # a user mistake: one line, exit status 2, before anything is loaded
+        p.exit(2, f"error: {message}\n")
+
+    if args.demo:
+        return args
+    if not args.model:
+        fail("--model is required (or --demo)")
+    if args.merge and not args.adapter:
+        fail("--merge needs --adapter (the adapter.safetensors of a run)")
+    if args.adapter and not os.path.isfile(args.adapter):
+        fail(f"--adapter {args.adapter}: no such file")
+    if not (args.merge or args.generate or args.data):
+        fail("--data is required to train or evaluate")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.demo:
         return demo()
-    if not args.model:
-        p.error("--model is required (or --demo)")
-
     rank, world, _, device = setup_distributed()
-    if args.fsdp and world == 1:
-        p.error("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+    if args.merge:  # on the CPU
+        if rank == 0:
+            merge(args)
+        return None
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float64": torch.float64}[args.dtype]
-    # --merge: on the CPU in the stored dtype (the merge itself is computed in float32 per layer); --fsdp: on
-    # the CPU, fully_shard moves only this rank's shard to the GPU
-    model = load_llama(args.model, dtype=None if args.merge else dtype)
-    model.to("cpu" if args.merge or args.fsdp else device)
-    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
-    if args.adapter:
-        adapter = torch.load(args.adapter, map_location=device, weights_only=True)
-        add_gift(model, adapter["config"]["targets"], adapter["config"]["rank"], adapter["config"]["share"])
-        load_gift_state_dict(model, adapter["theta"])
-    else:
-        cfg = gift_config(args)
-        add_gift(model, cfg["targets"], cfg["rank"], cfg["share"])
-    model.grad_checkpointing = args.grad_checkpointing
-    if rank == 0:
-        print(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
-    if args.merge:
-        if rank == 0:
-            save_meta(merge_gift(model), args.merge)
-            print(f"merged checkpoint written to {args.merge}")
-        return None
-    if args.fsdp:
+    model = gift_model(args, dtype)
+    if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
         fsdp_shard(model, device)
+    else:
+        model.to(device)
+    print0(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
     tok = find_tokenizer(args.model, args.tokenizer)
+    result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
         ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
-        if rank == 0:
-            print(args.generate + tok.decode(ids[0]))
-        result = None
+        print0(args.generate + tok.decode(ids[0]))
     else:
-        if not args.data:
-            p.error("--data is required to train or evaluate")
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         if not args.eval_only:
             train(args, model, tok, rank, world, device)
-        result = None if args.no_eval else evaluate(args, model, tok, rank, world)
+        if not args.no_eval:
+            result = evaluate(args, model, tok, rank, world)
     if dist.is_initialized():
         dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
         dist.destroy_process_group()

@@ -9,11 +9,12 @@ an adapter file, merging, and the paper's cluster maps (C = W phi applied to att
 Run:
     python train_vit.py --demo       # synthetic checkpoint + synthetic images: load, train, eval, draw (<1 min, CPU)
     python train_vit.py --checkpoint ViT-B_16.npz --train CUB_200_2011/train.json \
-        --test CUB_200_2011/test.json --root CUB_200_2011/images --lr 1e-4 --wd 1e-4 --out runs/cub --visualize 8
+        --test CUB_200_2011/test.json --root CUB_200_2011/images --lr 1e-4 --weight-decay 1e-4 --out runs/cub \
+        --visualize 8
     python train_vit.py --checkpoint ViT-B_16.npz --preset vtab --train vtab-1k/dtd/train800val200.txt \
         --test vtab-1k/dtd/test.txt --num-classes 47 --out runs/dtd
     torchrun --nproc_per_node=4 train_vit.py ...same flags...     # DDP; --batch-size stays the global batch
-    python train_vit.py ...same flags... --resume                  # continue from runs/cub/ckpt.pt, exactly
+    python train_vit.py ...same flags... --resume                  # continue from runs/cub/checkpoint.pt, exactly
     python train_vit.py --merge runs/cub/adapter.safetensors      # runs/cub/merged.safetensors (timm names)
 
 Numerics: LayerNorm eps 1e-6 and exact (erf) GELU, as timm and HF run these weights (Google's Flax code
@@ -26,7 +27,6 @@ import argparse
 import functools
 import json
 import math
-import mmap
 import os
 import tempfile
 import time
@@ -38,128 +38,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gift import add_gift, cluster_head, gift_layers, gift_state_dict, load_gift_state_dict, merge_gift, \
     parameter_summary
-
-# -----------------------------------------------------------------------------
-# Shared utilities (train_llama.py imports these: keep names and signatures stable)
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path) -> dict:
-    """{name: tensor} from a .safetensors file: an 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw little-endian
-    data (offsets relative to the end of the header). Every field is checked; errors name file and key."""
-    if os.path.getsize(path) < 8:
-        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, too short for a safetensors file (truncated?)")
-    with open(path, "rb") as f:  # mapped, not read: pages load on demand and the tensors view them (copy on write)
-        raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    n = int.from_bytes(raw[:8], "little")
-    if n < 2 or 8 + n > len(raw):
-        raise ValueError(f"{path}: header length {n} does not fit in the file's {len(raw)} bytes "
-                         f"(truncated, or not a safetensors file)")
-    try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data = torch.frombuffer(raw, dtype=torch.uint8)
-    data, size, spans, out = data[8 + n:], len(raw) - 8 - n, [], {}
-    for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {key!r} has a malformed entry {info!r} (dtype must be one of "
-                             f"{', '.join(_ST_DTYPES)}; data_offsets [begin, end])") from None
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ValueError(f"{path}: tensor {key!r} has a bad shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size):
-            raise ValueError(f"{path}: tensor {key!r} has data_offsets [{begin}, {end}] outside the "
-                             f"{size} data bytes (truncated file?)")
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if end - begin != math.prod(shape) * itemsize:
-            raise ValueError(f"{path}: tensor {key!r} of {info['dtype']} {shape} needs "
-                             f"{math.prod(shape) * itemsize} bytes, its data_offsets span {end - begin}")
-        spans.append((begin, end, key))
-        chunk = data[begin:end]
-        if (8 + n + begin) % itemsize:  # .view(dtype) needs an aligned start: copy a rare unaligned tensor
-            chunk = chunk.clone()
-        out[key] = chunk.view(dtype).reshape(shape)
-    pos = 0
-    for begin, end, key in sorted(spans):  # the data must be covered exactly once, in any order
-        if begin != pos:
-            raise ValueError(f"{path}: tensor {key!r} starts at byte {begin}, expected {pos} "
-                             f"({'overlapping' if begin < pos else 'a gap between'} tensors)")
-        pos = end
-    if pos != size:
-        raise ValueError(f"{path}: the tensors cover {pos} of the {size} data bytes (trailing garbage?)")
-    return out
-
-
-def read_safetensors_metadata(path) -> dict:
-    """The "__metadata__" {str: str} of a safetensors file ({} when absent); reads only the header."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            return json.loads(f.read(n)).get("__metadata__") or {}
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            raise ValueError(f"{path}: not a safetensors file (bad header)") from None
-
-
-def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """Writes {name: tensor} in the safetensors format (readable by read_safetensors and `safetensors`)."""
-    header, blobs, pos = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    inverse = {v: k for k, v in _ST_DTYPES.items()}
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = {"dtype": inverse[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(blob)]}
-        blobs.append(blob)
-        pos += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # pad so that the data starts 8-byte aligned
-    with open(str(path) + ".tmp", "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(str(path) + ".tmp", path)
-
-
-def atomic_save(obj, path):
-    """torch.save that never leaves a half-written file: write path.tmp, then rename over path."""
-    torch.save(obj, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-
-
-def setup_distributed():
-    """(rank, world_size, local_rank, device). Joins the process group only when started by torchrun
-    with more than one process: nccl on GPUs, gloo on CPUs."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, local_rank, device
-
-
-def print0(*args):
-    """print on rank 0 only (every process runs the same code under torchrun)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
-
+from train_common import atomic_save, print0, progress, read_safetensors, read_safetensors_metadata, \
+    setup_distributed, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
@@ -525,7 +408,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others.
 RESUME_FIELDS = ("checkpoint", "train", "test", "root", "num_classes", "preset", "image_size", "targets", "rank",
-                 "share", "epochs", "warmup", "batch_size", "lr", "wd", "drop_path", "seed")
+                 "share", "epochs", "warmup", "batch_size", "lr", "weight_decay", "drop_path", "seed")
 
 
 def lr_factor(step, warmup, total):
@@ -533,21 +416,6 @@ def lr_factor(step, warmup, total):
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast):
-    """Top-1 accuracy (%) over all ranks' shares of the split."""
-    model.eval()
-    counts = torch.zeros(2, device=device)  # correct, seen
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            counts[0] += (model(x).argmax(1) == y).sum()
-        counts[1] += len(y)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return (100 * counts[0] / counts[1]).item()
 
 
 def train(args):
@@ -581,13 +449,13 @@ def train(args):
     test_loader = torch.utils.data.DataLoader(test_share, **kw)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.wd},
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr)
     steps = len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup * steps, args.epochs * steps))
 
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
     start = 0
     if os.path.exists(ckpt_path) and not args.resume:
         raise FileExistsError(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
@@ -618,7 +486,7 @@ def train(args):
         sampler.set_epoch(epoch)
         model.train()
         t0, loss_sum = time.time(), torch.zeros(2, device=device)  # sum of losses, samples
-        for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False):
+        for x, y in progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
                 loss = F.cross_entropy(ddp(x), y)
@@ -638,7 +506,7 @@ def train(args):
                 f.write(json.dumps(record) + "\n")
             atomic_save({"adapter": gift_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
-            tqdm.write(json.dumps(record))
+            print(json.dumps(record), flush=True)  # the epoch's bar has closed: a line of its own
 
     if rank == 0:
         adapter = os.path.join(args.out, "adapter.safetensors")
@@ -674,7 +542,22 @@ def merge(args):
 
 
 # -----------------------------------------------------------------------------
-# Interpretability: the paper's cluster maps
+# Evaluation: top-1 accuracy, and the paper's cluster maps (interpretability)
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Top-1 accuracy (%) over all ranks' shares of the split."""
+    model.eval()
+    counts = torch.zeros(2, device=device)  # correct, seen
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            counts[0] += (model(x).argmax(1) == y).sum()
+        counts[1] += len(y)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[1]).item()
+
 
 def _jet(v):
     """(...) values in [0, 1] -> (..., 3) RGB in [0, 255], the 'jet' colour map (dark blue at 0, red at 1)."""
@@ -791,8 +674,11 @@ def demo(args):
                       "--visualize", "2"]))
     merge(parse_args(["--merge", os.path.join(run, "adapter.safetensors")]))
     print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Outputs in {run}: log.jsonl (one line per "
-          f"epoch), ckpt.pt (resume), adapter.safetensors, merged.safetensors, cluster_maps/*.png")
+          f"epoch), checkpoint.pt (resume), adapter.safetensors, merged.safetensors, cluster_maps/*.png")
 
+
+# -----------------------------------------------------------------------------
+# Command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GIFT fine-tuning of a ViT (see the module docstring)",
@@ -804,31 +690,32 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="Google .npz, timm .pth / .safetensors, or HF ViT .safetensors")
     p.add_argument("--train", help="training split: class-folder directory, VPT .json, or `path label` .txt list")
     p.add_argument("--test", help="split evaluated after every epoch (same forms)")
-    p.add_argument("--root", help="where .json / .txt relative paths start (default: the split file's folder)")
-    p.add_argument("--num-classes", type=int, help="default: class folders, or the largest training label + 1")
+    p.add_argument("--root", help="where .json / .txt relative paths start; None: the split file's folder")
+    p.add_argument("--num-classes", type=int, help="None: the class folders, or the largest training label + 1")
     p.add_argument("--preset", choices=["fgvc", "vtab"], default="fgvc", help="fgvc: Resize(256), RandomCrop(224), "
                    "flip / Resize(256), CenterCrop(224); vtab: resize to 224, no augmentation")
-    p.add_argument("--image-size", type=int, help="default: the checkpoint's (else position embeddings are resized)")
+    p.add_argument("--image-size", type=int,
+                   help="None: the checkpoint's (another size resizes the position embeddings)")
     p.add_argument("--targets", nargs="+", default=["attn.proj"], help="GIFT layers, by name suffix")
     p.add_argument("--rank", type=int, default=16, help="GIFT rank r")
     p.add_argument("--share", choices=["type", "all"], default="type", help="one Theta per target, or one for all")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     p.add_argument("--warmup", type=int, default=10, help="warmup epochs")
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay, on >= 2-D parameters only")
-    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay, on >= 2-D parameters only")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-decoding processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="checkpoint, log.jsonl, adapter, cluster maps (default runs/vit; demo: a temp dir)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
+    p.add_argument("--seed", type=int, default=0, help="the new head's and Theta's initialisation, the data order")
+    p.add_argument("--out", help="checkpoint, log.jsonl, adapter, cluster maps; None: runs/vit (demo: a temp dir)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     p.add_argument("--visualize", type=int, default=0, metavar="N",
                    help="cluster maps of N correctly classified test images")
-    p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize (default: all)")
+    p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize; None: all")
     args = p.parse_args(argv)
     if not (args.demo or args.merge or (args.checkpoint and args.train and args.test)):
-        p.error("give --checkpoint, --train and --test (or --demo, or --merge ADAPTER)")
+        p.exit(2, "error: give --checkpoint, --train and --test (or --demo, or --merge ADAPTER)\n")
     if args.out is None and not args.demo:
         args.out = "runs/vit"
     return args

@@ -1,0 +1,77 @@
+"""Tests for bench.py: a tiny end-to-end run and its measuring tools."""
+import io
+import json
+
+import pytest
+import torch
+
+from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, file_size
+from bench import main as bench_main
+from train_llama import ModelArgs, Transformer
+from train_vit import ViT, ViTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+def _bench_tiny_run(tmp_path, capsys):
+    bench_main(["--model", "all", "--vit", "Ti/16", "--image-size", "32", "--batch", "2", "--llama", "tiny",
+                "--llama-batch", "2", "--layers", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+                "--tokenizer-vocab", "300", "--json", str(tmp_path / "bench.json")])
+    return capsys.readouterr().out, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_bench_end_to_end_tiny(tmp_path, capsys):
+    out, result = _bench_tiny_run(tmp_path, capsys)
+    vit, llama = result["models"]
+    assert (vit["model"], llama["model"]) == ("vit", "llama")
+    for r in (vit, llama):
+        assert [t["variant"] for t in r["train"]] == list(VARIANTS)
+        for t in r["train"]:
+            assert t["step_s"] > 0 and t["flops"] > 0 and t["peak_bytes"] > 0
+            assert t["file_bytes"] >= 4 * t["trainable"]  # fp32 master weights, plus torch.save's framing
+        floor = r["train"][0]
+        assert floor["x_floor"] == 1.0 and floor["trainable"] == 0 and floor["file_bytes"] == 0
+        assert [i["variant"] for i in r["inference"]] == ["base", "gift-unmerged", "gift-merged"]
+        assert r["inference"][0]["x_base"] == 1.0 and all(i["forward_s"] > 0 for i in r["inference"])
+        for name in VARIANTS + ("gift-merged",):
+            assert f"| {name} |" in out
+    # ViT-Ti/16 (dim 192, 12 blocks): GIFT one Theta on attn.proj, 2*r*d_in; LoRA r=8, r*(d_in+d_out) per block
+    vit_n = {t["variant"]: t["trainable"] for t in vit["train"]}
+    assert vit_n["gift"] == vit_n["gift-param"] == 2 * 16 * 192
+    assert vit_n["lora"] == 12 * 8 * (192 + 192)
+    assert vit_n["full"] == sum(p.numel() for p in ViT(ViTConfig.from_name("Ti/16", image_size=32)).parameters())
+    # tiny LLaMA (dim 128, 4 heads, 2 KV heads of 32, FFN 352, 2 layers): GIFT one Theta for wq, one for wv
+    llama_n = {t["variant"]: t["trainable"] for t in llama["train"]}
+    assert llama_n["gift"] == llama_n["gift-param"] == 2 * (2 * 64 * 128)
+    assert llama_n["lora"] == 2 * 32 * ((128 + 128) + (128 + 64) + (128 + 64) + (128 + 352) + (352 + 128))
+    tiny = ModelArgs(**LLAMA_SHAPES["tiny"], n_layers=2, max_seq_len=16)
+    assert llama_n["full"] == sum(p.numel() for p in Transformer(tiny).parameters())
+    rows = result["tokenizers"]["rows"]
+    ours = [r for r in rows if r["implementation"] == "gift (hand-written)"]
+    assert [r["tokenizer"] for r in ours] == ["sentencepiece", "tiktoken"]
+    assert all(r["same_ids"] is not False and r["tokens_per_s"] > 0 for r in rows)  # None: reference not installed
+
+
+def test_bench_variants_flag_keeps_the_floor(tmp_path):
+    bench_main(["--model", "llama", "--llama", "tiny", "--layers", "1", "--seq", "8", "--steps", "1", "--warmup",
+                "0", "--variants", "lora", "gift", "--json", str(tmp_path / "b.json")])
+    llama, = json.loads((tmp_path / "b.json").read_text())["models"]
+    assert [t["variant"] for t in llama["train"]] == ["floor", "gift", "lora"]  # VARIANTS order, floor first
+
+
+def test_bench_peak_tensor_bytes_counts_live_storages():
+    with PeakTensorBytes() as tracker:
+        a = torch.ones(1000)              # 4000 bytes
+        b = a * 2                         # 8000 live
+        v = b.view(10, 100)               # a view allocates nothing
+        b.add_(1)                         # neither does an in-place op
+        del a, b, v
+        c = torch.zeros(500)              # a, b freed: 2000 live
+        c.mul_(3)
+    assert (tracker.peak, tracker.now) == (8000, 2000)
+
+
+def test_bench_file_size_is_torch_save_size():
+    state = {"a": torch.randn(7, 3), "b": torch.zeros(11, dtype=torch.bfloat16)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    assert file_size(state) == len(buf.getvalue())

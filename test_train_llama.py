@@ -1,0 +1,364 @@
+"""Tests for train_llama.py: the model against transformers and Meta's shard layout, the checkpoint readers,
+generation, training (resume, torchrun, FSDP), merging and the evaluation's parsing. Tiny models, CPU."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import train_llama as tl
+from gift import add_gift, gift_state_dict
+from train_common import read_safetensors, read_safetensors_metadata, write_safetensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+def _llama_args(gqa=True, llama3=False, **kw):
+    return tl.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2 if gqa else None, vocab_size=96,
+                        multiple_of=32, norm_eps=1e-5, rope_theta=500000.0 if llama3 else 10000.0,
+                        use_scaled_rope=llama3,
+                        rope_scaling={**tl.LLAMA31_ROPE_SCALING, "original_max_position_embeddings": 64}
+                        if llama3 else None, max_seq_len=128, **kw)
+
+
+def _llama_model(args, seed=0):
+    """A random float64 model whose norms are not all ones (so a norm loaded wrongly shows)."""
+    torch.manual_seed(seed)
+    model = tl.Transformer(args).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "norm" not in name else 0.2) + ("norm" in name))
+    return model.eval()
+
+
+def _llama_tokens(vocab=96, shape=(2, 17), seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _llama_write_shards(model, path, n, llama3, params=None):
+    """Meta's model-parallel layout: column-parallel weights split on dim 0, row-parallel ones on dim 1."""
+    path.mkdir(parents=True, exist_ok=True)
+    state, shards = model.state_dict(), [{} for _ in range(n)]
+    for key, t in state.items():
+        name = key.split(".")[-2]
+        dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
+               "tok_embeddings": 0 if llama3 else 1}.get(name)
+        for i in range(n):
+            shards[i][key] = t.clone() if dim is None else t.chunk(n, dim)[i].clone()
+            if not llama3:
+                shards[i]["rope.freqs"] = torch.ones(8)
+    for i, s in enumerate(shards):
+        torch.save(s, path / f"consolidated.{i:02d}.pth")
+    a = model.args
+    params = params or {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+                        "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps,
+                        "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope,
+                        "rope_scaling": a.rope_scaling}
+    (path / "params.json").write_text(json.dumps(params))
+    return path
+
+
+def _llama_hf(tmp_path, gqa, llama3, tie=False, shard=None):
+    """transformers' LlamaForCausalLM (float64, random, norms perturbed), saved as safetensors (sharded with
+    an index when shard, e.g. "50KB", is given)."""
+    transformers = pytest.importorskip("transformers")
+    rope = ({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if llama3
+            else {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2 if gqa else 4, intermediate_size=96, vocab_size=96,
+                                   rms_norm_eps=1e-5, rope_parameters=rope, max_position_embeddings=128,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(tmp_path / "hf", **({"max_shard_size": shard} if shard else {}))
+    return hf, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("llama3", [False, True])
+def test_llama_meta_two_shards_equal_unsharded(tmp_path, llama3):
+    model = _llama_model(_llama_args(gqa=True, llama3=llama3))
+    params = None
+    if not llama3:  # Llama 1/2 style params.json: nested under "model", vocab_size -1, an unknown key
+        a = model.args
+        params = {"model": {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+                            "vocab_size": -1, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps},
+                  "some_unknown_key": 1}
+    path = _llama_write_shards(model, tmp_path / "meta", 2, llama3, params)
+    loaded = tl.load_llama(path, max_seq_len=128)
+    assert loaded.args == model.args
+    for key, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], t), key
+    tokens = _llama_tokens()
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_llama_ffn_sizes_and_params():
+    sizes = [(4096, 256, None), (5120, 256, None), (8192, 4096, 1.3), (4096, 1024, 1.3)]
+    assert [tl.ModelArgs(dim=d, multiple_of=m, ffn_dim_multiplier=f).ffn_dim for d, m, f in sizes] == \
+        [11008, 13824, 28672, 14336]
+    a = tl.ModelArgs.from_params({"model": {"dim": 8, "n_heads": 2, "foo": 3}}, max_seq_len=16)
+    assert (a.dim, a.n_heads, a.max_seq_len, a.n_layers) == (8, 2, 16, 32)
+
+
+@pytest.mark.parametrize("gqa,llama3", [(False, False), (True, False), (False, True), (True, True)])
+def test_llama_logits_match_transformers(tmp_path, gqa, llama3):
+    hf, path = _llama_hf(tmp_path, gqa, llama3)
+    ours = tl.load_llama(path)
+    assert ours.args.use_scaled_rope == llama3 and ours.args.n_kv_heads == (2 if gqa else 4)
+    tokens = _llama_tokens(shape=(2, 100))  # long enough for RoPE's scaled frequencies to matter
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    out = ours(tokens)
+    assert out.dtype == torch.float32 and out.shape == (2, 100, 96)
+    assert torch.allclose(ours.double()(tokens).double(), ref, atol=1e-5, rtol=0) and (ref.abs().max() > 0.1)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_hf_and_meta_forms_equal(tmp_path, tie):
+    hf, path = _llama_hf(tmp_path, gqa=True, llama3=True, tie=tie, shard=None if tie else "50KB")
+    from_hf = tl.load_llama(path)
+    if tie:
+        assert "lm_head.weight" not in read_safetensors(path / "model.safetensors")
+    else:  # sharded: model-0000k-of-0000N.safetensors + model.safetensors.index.json
+        assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    tl.save_meta(from_hf, tmp_path / "meta")
+    from_meta = tl.load_llama(tmp_path / "meta")
+    tokens = _llama_tokens()
+    assert torch.equal(from_hf(tokens), from_meta(tokens))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert torch.allclose(from_hf(tokens).double(), ref, atol=1e-5)
+        bf16 = tl.load_llama(path, dtype=torch.bfloat16)  # the GPU dtype: RoPE and RMSNorm still in float32
+        assert bf16.tok_embeddings.weight.dtype == torch.bfloat16 and bf16.cos.dtype == torch.float32
+        assert (bf16(tokens).double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_llama_generate_with_cache_equals_full_forwards():
+    model = _llama_model(_llama_args(gqa=True, llama3=True))
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6, 10], [11]]
+
+    def greedy(p, n, eos=None):  # one prompt, no padding, no cache: a full forward per token
+        seq, out = list(p), []
+        for _ in range(n):
+            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+            if nxt == eos:
+                break
+            seq.append(nxt)
+            out.append(nxt)
+        return out
+
+    ref = [greedy(p, 12) for p in prompts]
+    assert tl.generate(model, prompts, 12) == ref
+    eos = ref[1][3]  # a token prompt 1 generates: generation stops before it
+    got = tl.generate(model, prompts, 12, eos_id=eos)
+    assert got == [greedy(p, 12, eos) for p in prompts] and len(got[1]) == 3
+    assert tl.generate(model, prompts, 0) == [[], [], []]
+
+
+@pytest.fixture(scope="module")
+def _llama_demo(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("demo")
+    model_dir, data = tl.write_demo(root, pretrain_steps=0)
+    return model_dir, data
+
+
+def _llama_train_args(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--batch-size", "16", "--rank", "8", "--lr", "1e-2", "--dtype", "float64", "--no-eval", *extra]
+
+
+def _llama_adapter(out):
+    """(run config, Theta) of the adapter.safetensors a run wrote to out."""
+    path = out / "adapter.safetensors"
+    return json.loads(read_safetensors_metadata(path)["config"]), read_safetensors(path)
+
+
+def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "a", "--micro-batch-size", "8", "--save-every", "4"))
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
+                              "--stop-after", "10"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 10
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
+                              "--resume"))
+    (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
+    assert config_a == config_b == {"targets": ["attention.wq", "attention.wv"], "rank": 8, "share": "type",
+                                    "model": str(model_dir)}
+    assert a.keys() == b.keys() and len(a) == 4
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["gift.attention_wq.psi.weight"].abs().max() > 0
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert len(log_a) == len(log_b) == 30
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    with pytest.raises(ValueError, match="written with"):  # a resumed run must have the same schedule
+        tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--resume",
+                                  "--lr", "2e-2"))
+
+
+def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
+    model_dir, data = _llama_demo
+    extra = ["--stop-after", "3", "--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
+    one = _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16", *extra)
+    tl.main([a for a in one if a != "--no-eval"])
+    two = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", *extra)
+    torchrun("train_llama.py", *[a for a in two if a != "--no-eval"])
+    a, b = _llama_adapter(tmp_path / "one")[1], _llama_adapter(tmp_path / "two")[1]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-12, rtol=0), key
+    ev_a = json.loads((tmp_path / "one" / "eval.json").read_text())
+    ev_b = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert ev_a["accuracy"] == ev_b["accuracy"]
+    gens = (tmp_path / "two" / "eval_generations.jsonl").read_text().splitlines()
+    assert len(gens) == 10 and gens == (tmp_path / "one" / "eval_generations.jsonl").read_text().splitlines()
+
+
+def test_llama_merged_export_equals_gift_model(tmp_path):
+    model = _llama_model(_llama_args(gqa=True, llama3=True))
+    base = _llama_write_shards(model, tmp_path / "base", 1, llama3=True)
+    gift_model = tl.load_llama(base, max_seq_len=128)
+    torch.manual_seed(0)
+    add_gift(gift_model, ["attention.wq", "attention.wv"], 8)
+    with torch.no_grad():
+        for theta in gift_model.gift.values():
+            theta.psi.weight.normal_(0, 0.1)
+    config = {"targets": ["attention.wq", "attention.wv"], "rank": 8, "share": "type"}
+    write_safetensors(tmp_path / "adapter.safetensors", gift_state_dict(gift_model), {"config": json.dumps(config)})
+    tl.main(["--model", str(base), "--adapter", str(tmp_path / "adapter.safetensors"), "--merge",
+             str(tmp_path / "merged")])
+    merged = tl.load_llama(tmp_path / "merged", max_seq_len=128)
+    assert sorted(os.listdir(tmp_path / "merged")) == ["consolidated.00.pth", "params.json"]
+    assert set(json.loads((tmp_path / "merged" / "params.json").read_text())) <= {
+        "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+        "rope_theta", "use_scaled_rope", "rope_scaling"}
+    tokens = _llama_tokens()
+    with torch.no_grad():
+        out, ref, plain = merged(tokens), gift_model(tokens), model(tokens)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=0) and not torch.allclose(out, plain, atol=1e-3)
+
+
+def _llama_error(path, match):
+    with pytest.raises(ValueError, match=match):
+        tl.load_llama(path)
+
+
+def test_llama_bad_checkpoints_raise(tmp_path):
+    model = _llama_model(_llama_args())
+    good = _llama_write_shards(model, tmp_path / "good", 1, llama3=True)
+    state = torch.load(good / "consolidated.00.pth", weights_only=True)
+    for name, change in [("missing", lambda s: s.pop("layers.1.attention.wk.weight")),
+                         ("shape", lambda s: s.update({"layers.0.feed_forward.w2.weight": torch.zeros(64, 95)})),
+                         ("extra", lambda s: s.update({"layers.0.attention.bias": torch.zeros(3)}))]:
+        bad = _llama_write_shards(model, tmp_path / name, 1, llama3=True)
+        s = copy.copy(state)
+        change(s)
+        torch.save(s, bad / "consolidated.00.pth")
+        key = {"missing": "layers.1.attention.wk.weight", "shape": "layers.0.feed_forward.w2.weight",
+               "extra": "layers.0.attention.bias"}[name]
+        _llama_error(bad, f"{bad}.*consolidated.00.pth.*{key}")
+    raw = (good / "consolidated.00.pth").read_bytes()
+    (good / "consolidated.00.pth").write_bytes(raw[:len(raw) // 2])
+    _llama_error(good, "consolidated.00.pth: cannot read")
+    two = _llama_write_shards(model, tmp_path / "two", 2, llama3=True)
+    s = torch.load(two / "consolidated.01.pth", weights_only=True)
+    s.pop("norm.weight")
+    torch.save(s, two / "consolidated.01.pth")
+    _llama_error(two, "consolidated.01.pth: key 'norm.weight' is in only one")
+
+
+def test_llama_bad_hf_checkpoint_raises(tmp_path):
+    _, path = _llama_hf(tmp_path, gqa=True, llama3=False)
+    raw = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(raw[:-100])
+    _llama_error(path, "model.safetensors")
+    (path / "model.safetensors").write_bytes(raw)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    _llama_error(path, "model.layers.0.mlp|feed_forward.w1")
+
+
+def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    bad = tmp_path / "data"
+    (bad / "dataset" / "boolq").mkdir(parents=True)
+    records = json.loads((data / "commonsense_170k.json").read_text())
+    del records[3]["answer"]
+    (bad / "commonsense_170k.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"commonsense_170k.json: record 3 has no string field 'answer'"):
+        tl.main(_llama_train_args(model_dir, bad, tmp_path / "out"))
+    (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
+    with pytest.raises(ValueError, match=r"boolq.test.json: record 1 has no string field 'instruction'"):
+        tl.main(["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-only",
+                 "--tasks", "boolq"])
+
+
+def test_llama_prompts_targets_and_extraction():
+    r = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
+         "answer": "true"}
+    paper = tl.prompt_of(r, "paper") + tl.target_of(r, "paper")
+    assert paper == "Is it? Answer format: true/false\nthe correct answer is true"
+    assert tl.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
+    assert tl.extract("boolq", "the correct answer is  true ", "paper") == "true"
+    assert tl.extract("boolq", "true, the correct answer is false", "paper") == "false"
+    assert tl.extract("boolq", "I think true", "paper") == ""
+    assert tl.extract("boolq", "false or true", "first_match") == "false"
+    assert tl.extract("ARC-Easy", "answer3 then answer1", "first_match") == "answer3"
+    x, y = tl.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
+    assert x.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
+    assert y.tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]
+
+
+def test_llama_grad_checkpointing_same_gradients():
+    model = _llama_model(_llama_args())
+    add_gift(model, ["attention.wq", "attention.wv"], 4)
+    with torch.no_grad():
+        for theta in model.gift.values():
+            theta.psi.weight.normal_(0, 0.1)
+    model.train()
+    tokens = _llama_tokens()
+    targets = tokens.roll(-1, 1)
+    targets[:, :5] = -100
+    calls, grads = [], []
+    model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    for ckpt in (False, True):
+        model.grad_checkpointing = ckpt
+        model.zero_grad()
+        model(tokens, targets).backward()
+        grads.append([p.grad.clone() for p in model.gift.parameters()])
+    assert len(calls) == 3  # once without; forward + recomputation in backward with checkpointing
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0) and a.abs().max() > 0
+
+
+def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
+    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed with
+    activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
+    generations (every rank runs every batch in lockstep)."""
+    model_dir, data = _llama_demo
+    extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
+    tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16",
+                                          "--stop-after", "3", *extra) if a != "--no-eval"])
+    with pytest.raises(SystemExit):  # without torchrun there is nothing to shard over
+        tl.main(_llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"))
+    first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
+                              "--stop-after", "2")
+    resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
+                                            "--stop-after", "3", "--resume", "--grad-checkpointing", *extra)
+               if a != "--no-eval"]
+    for args in (first, resumed):
+        torchrun("train_llama.py", *args)
+    for a, b in ([_llama_adapter(tmp_path / d)[1] for d in ("one", "two")],
+                 [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["theta"] for d in ("one", "two")]):
+        assert a.keys() == b.keys() and len(a) == 4
+        for key in a:
+            assert type(b[key]) is torch.Tensor and b[key].dtype == torch.float64, key
+            assert torch.allclose(a[key], b[key], atol=1e-12, rtol=0), key
+    assert a["gift.attention_wq.psi.weight"].abs().max() > 0
+    gens = (tmp_path / "two" / "eval_generations.jsonl").read_text().splitlines()
+    assert len(gens) == 10 and gens == (tmp_path / "one" / "eval_generations.jsonl").read_text().splitlines()
