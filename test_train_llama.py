@@ -3,6 +3,7 @@ generation, training (resume, torchrun, FSDP), merging and the evaluation's pars
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,87 @@ def test_llama_hf_and_meta_forms_equal(tmp_path, tie):
         assert bf16.tok_embeddings.weight.dtype == torch.bfloat16 and bf16.cos.dtype == torch.float32
         assert (bf16(tokens).double() - ref).abs().max() < 0.05 * ref.abs().max()
 
+
+# --- Hub checkpoints of the Llama family: model_type llama, mistral, qwen2 --------------------------------
+
+LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _hub_model(tmp_path, model_type, shard=None, **cfg):
+    """transformers' <Type>ForCausalLM from a small random config (float32, every weight random, biases and
+    norms included), saved as an HF folder whose config.json has the Hub's form (rope_theta and rope_scaling
+    at the top level; transformers 5 writes rope_parameters instead)."""
+    transformers = pytest.importorskip("transformers")
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    config = getattr(transformers, name + "Config")(**{
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, **cfg})
+    torch.manual_seed(0)
+    hf = getattr(transformers, name + "ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + ("norm" in n))
+    path = tmp_path / model_type
+    hf.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    c = json.loads((path / "config.json").read_text())
+    if "rope_parameters" in c:
+        rope = c.pop("rope_parameters")
+        c |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": None if rope["rope_type"] == "default" else rope}
+        (path / "config.json").write_text(json.dumps(c))
+    return hf, path
+
+
+@pytest.mark.parametrize("model_type,cfg", [
+    ("llama", {"tie_word_embeddings": True, "rope_parameters": LLAMA32_ROPE}),       # Llama 3.2 1B's form
+    ("mistral", {"sliding_window": 48, "rope_theta": 1e6}),                           # Mistral 7B v0.1's form
+    ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6, "sliding_window": 16,  # Qwen2.5 0.5B's form
+               "use_sliding_window": False}),
+    ("qwen2", {"head_dim": 32}),                                                      # head_dim != dim / heads
+])
+def test_llama_hub_family_logits_match_transformers(tmp_path, capsys, model_type, cfg):
+    hf, path = _hub_model(tmp_path, model_type, shard="40KB" if model_type == "mistral" else None, **cfg)
+    ours = tl.load_llama(path)
+    a, rope = ours.args, cfg.get("rope_parameters", {})
+    assert a.attention_bias == (model_type == "qwen2") and a.tie_embeddings == cfg.get("tie_word_embeddings", False)
+    assert a.rope_theta == cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    assert a.use_scaled_rope == (rope.get("rope_type") == "llama3") and a.head_dim == cfg.get("head_dim")
+    assert a.sliding_window == (48 if model_type == "mistral" else None)  # qwen2's is off (use_sliding_window)
+    tokens = _llama_tokens(shape=(2, 48))  # long enough for Llama 3.2's scaled frequencies to matter
+    with torch.no_grad():
+        ref, out = hf(tokens).logits, ours(tokens)
+    assert out.dtype == torch.float32 and ref.abs().max() > 1
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
+    tl.save_meta(ours, tmp_path / "meta")  # --merge's output reads back as the same model (biases included)
+    assert torch.equal(tl.load_llama(tmp_path / "meta")(tokens), out)
+    if model_type == "mistral":
+        with pytest.raises(ValueError, match="sliding window of 48"):
+            ours(_llama_tokens(shape=(1, 49)))
+        with pytest.raises(SystemExit) as e:
+            tl.parse_args(["--model", str(path), "--data", str(tmp_path), "--max-len", "49"])
+        assert e.value.code == 2 and "error: --max-len 49 > the sliding window" in capsys.readouterr().err
+
+
+SMOLLM2 = Path(os.environ.get("GIFT_SMOLLM2", "~/.cache/gift/SmolLM2-135M-Instruct")).expanduser()
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(),
+                    reason=f"no {SMOLLM2}: run docs/small_experiment/prepare.py (or set GIFT_SMOLLM2)")
+def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers():
+    """SmolLM2-135M-Instruct, an HF folder as the Hub has it (Q4_1-dequantised real weights): the same greedy
+    tokens as transformers, and the answer everyone knows."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_dict=True)["input_ids"]
+    ours = tl.load_llama(SMOLLM2)
+    assert ours.args.tie_embeddings and (ours.args.n_kv_heads, ours.args.rope_theta) == (3, 100000)
+    got = tl.generate(ours.eval(), [prompt], 20, eos_id=tok.eos_token_id)[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert got + [tok.eos_token_id] == want
+    assert tok.decode(got) == "The capital of France is Paris."
 
 def test_llama_generate_with_cache_equals_full_forwards():
     model = _llama_model(_llama_args(gqa=True, llama3=True))
@@ -281,6 +363,12 @@ def test_llama_bad_hf_checkpoint_raises(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     _llama_error(path, "model.layers.0.mlp|feed_forward.w1")
+    for change, match in [({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
+                          ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                          ({"attention_bias": True}, "attention_bias"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'")]:
+        (path / "config.json").write_text(json.dumps({**cfg, **change}))
+        _llama_error(path, f"config.json: {match}")
 
 
 def test_llama_bad_data_record_raises(tmp_path, _llama_demo):

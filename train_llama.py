@@ -16,8 +16,8 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
 
---model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
-model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.model (or
+--model takes a Meta folder (params.json, consolidated.NN.pth) or a Hub folder of the Llama family (config.json
+with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.model (or
 MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the paper's other variants.
 """
 import argparse
@@ -64,6 +64,11 @@ class ModelArgs:
     use_scaled_rope: bool = False      # Llama 3.1+: slow down RoPE's low frequencies
     rope_scaling: dict | None = None   # the scaling's constants; None = Llama 3.1's (LLAMA31_ROPE_SCALING)
     max_seq_len: int = 2048            # length of the RoPE tables, so the longest sequence the model takes
+    # Hub flags (Meta's models have none of these): one architecture covers HF llama, mistral and qwen2
+    head_dim: int | None = None        # None: dim // n_heads
+    attention_bias: bool = False       # biases on wq, wk, wv (Qwen2)
+    tie_embeddings: bool = False       # the output layer is the embedding matrix (SmolLM2, Llama 3.2 1B, ...)
+    sliding_window: int | None = None  # Mistral: longer sequences are refused (within it, attention is full)
 
     @classmethod
     def from_params(cls, params: dict, **overrides):
@@ -93,7 +98,7 @@ class RMSNorm(nn.Module):
 
 def rope_tables(args: ModelArgs):
     """cos, sin of position * frequency, each (max_seq_len, head_dim / 2), float32."""
-    hd = args.dim // args.n_heads
+    hd = args.head_dim or args.dim // args.n_heads
     freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd)  # (hd/2,)
     if args.use_scaled_rope:  # Llama 3.1: keep the short wavelengths, stretch the long ones, blend between
         s = args.rope_scaling or LLAMA31_ROPE_SCALING
@@ -120,10 +125,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim, bias = args.head_dim or args.dim // args.n_heads, args.attention_bias
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None  # (keys, values), each (B, S, n_kv_heads, hd), only while generate() runs
 
@@ -172,6 +177,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args)  # not persistent: recomputed, never read from a checkpoint
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -185,6 +192,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if start_pos + T > self.cos.shape[0]:
             raise ValueError(f"sequence of {start_pos + T} tokens > max_seq_len {self.cos.shape[0]}")
+        if self.args.sliding_window and start_pos + T > self.args.sliding_window:
+            raise ValueError(f"sequence of {start_pos + T} tokens > the model's sliding window of "
+                             f"{self.args.sliding_window} (sliding-window attention is not implemented)")
         h = self.tok_embeddings(tokens)
         cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
         mask = None  # plain causal attention (training, and a prompt without padding)
@@ -288,20 +298,33 @@ def _read_meta(path: Path):
             raise ValueError(f"{files[0]}: unexpected key {key!r}")
     if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
-    return args, state, f"{path} ({', '.join(f.name for f in files)})", False
+    return args, state, f"{path} ({', '.join(f.name for f in files)})"
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one architecture; qwen2 adds q, k, v biases
+
+
+def sliding_window(cfg: dict):
+    """An HF config's attention window, None for full attention: Mistral slides it in every layer, Qwen2
+    only with use_sliding_window (off in its releases)."""
+    return cfg.get("sliding_window") if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window") else None
 
 
 def _read_hf(path: Path):
     cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{path}/config.json: biases in attention/MLP are not LLaMA's; not supported")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # older files / transformers >= 5
+    what, kind = f"{path}/config.json", cfg.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ValueError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
+    if kind == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise ValueError(f"{what}: attention_bias/mlp_bias (biases on o_proj or the MLP) are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # Hub files / transformers >= 5
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path}/config.json: rope type {rope_type!r} is not supported (default, llama3)")
+        raise ValueError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
     dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    hd = cfg.get("head_dim") or dim // n_heads  # set apart from dim / heads in e.g. Mistral-Nemo
     base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
@@ -309,7 +332,10 @@ def _read_hf(path: Path):
                      norm_eps=cfg.get("rms_norm_eps", 1e-6),
                      rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                      use_scaled_rope=rope_type == "llama3",
-                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None)
+                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None,
+                     head_dim=hd if hd != dim // n_heads else None,
+                     attention_bias=kind == "qwen2", tie_embeddings=cfg.get("tie_word_embeddings", False),
+                     sliding_window=sliding_window(cfg))
     assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -322,16 +348,16 @@ def _read_hf(path: Path):
         for key, t in read_safetensors(path / name).items():
             if weight_map is not None and weight_map.get(key) != name:
                 raise ValueError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m and m[2] in HF_LAYER_NAMES
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES
                    else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
             heads = {"wq": n_heads, "wk": args.n_kv_heads}.get(new.split(".")[-2])
-            if heads and t.shape[0] == heads * (dim // n_heads):  # HF's rotate-half row order -> Meta's pairs
-                t = t.view(heads, 2, t.shape[0] // heads // 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+            if heads and t.shape[0] == heads * hd:  # HF's rotate-half row order -> Meta's pairs (weights, biases)
+                t = t.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
             state[new] = t
     if weight_map is not None and len(state) != len(weight_map):
         raise ValueError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
-    return args, state, where, cfg.get("tie_word_embeddings", False)
+    return args, state, where
 
 
 def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
@@ -340,15 +366,16 @@ def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
     misshapen weight is an error naming the key and the files."""
     path = Path(path)
     if (path / "params.json").exists():
-        args, state, where, tied = _read_meta(path)
+        args, state, where = _read_meta(path)
     elif (path / "config.json").exists():
-        args, state, where, tied = _read_hf(path)
+        args, state, where = _read_hf(path)
     else:
         raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
     if max_seq_len:
         args.max_seq_len = max_seq_len
     with torch.device("meta"):  # no memory, no random init: every weight comes from the file
         model = Transformer(args)
+    tied = args.tie_embeddings  # the file holds the embedding once
     expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     for key, shape in expected.items():
         if key not in state:
@@ -377,6 +404,9 @@ def save_meta(model: Transformer, out_dir):
     params |= {"use_scaled_rope": True} if a.use_scaled_rope else {}
     params |= {"rope_scaling": a.rope_scaling} if a.use_scaled_rope and a.rope_scaling not in (
         None, LLAMA31_ROPE_SCALING) else {}
+    # Hub flags Meta's format lacks, so that load_llama reads the merge back as it was (tied embeddings are
+    # written twice, untied, as Meta's format has them)
+    params |= {k: getattr(a, k) for k in ("head_dim", "attention_bias", "sliding_window") if getattr(a, k)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(model.state_dict(), out_dir / "consolidated.00.pth")
     (out_dir / "params.json").write_text(json.dumps(params, indent=2))
@@ -870,6 +900,11 @@ def parse_args(argv=None):
         fail(f"--adapter {args.adapter}: no such file")
     if not (args.merge or args.generate or args.data):
         fail("--data is required to train or evaluate")
+    config = Path(args.model) / "config.json"
+    window = sliding_window(json.loads(config.read_text())) if config.is_file() else None
+    if window and args.max_len > window and not (args.eval_only or args.generate):
+        fail(f"--max-len {args.max_len} > the sliding window of {args.model} ({window} tokens): sliding-window "
+             f"attention is not implemented; pass --max-len {window} or less")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     return args
