@@ -3,6 +3,8 @@ generation, training (resume, torchrun, FSDP), merging and the evaluation's pars
 import copy
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -371,7 +373,7 @@ def test_llama_bad_hf_checkpoint_raises(tmp_path):
         _llama_error(path, f"config.json: {match}")
 
 
-def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
+def test_llama_bad_data_record_raises(tmp_path, capsys, _llama_demo):
     model_dir, data = _llama_demo
     bad = tmp_path / "data"
     (bad / "dataset" / "boolq").mkdir(parents=True)
@@ -381,9 +383,38 @@ def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
     with pytest.raises(ValueError, match=r"commonsense_170k.json: record 3 has no string field 'answer'"):
         tl.main(_llama_train_args(model_dir, bad, tmp_path / "out"))
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
-    with pytest.raises(ValueError, match=r"boolq.test.json: record 1 has no string field 'instruction'"):
+    with pytest.raises(SystemExit):  # found before the model is loaded
         tl.main(["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-only",
                  "--tasks", "boolq"])
+    assert re.search(r"error: .*boolq.test.json: record 1 has no string field 'instruction'", capsys.readouterr().err)
+
+
+def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_demo):
+    """A task folder that is not one of the paper's eight: its answers' form (answerK, optionK, solutionK,
+    endingK, true/false) gives the answer words; any other form is refused before anything is loaded."""
+    model_dir, data = _llama_demo
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    forms = {"intents": ["answer7", "answer12", "answer1"], "pairs": ["option2", "option1"], "yesno": ["true", "false"],
+             "labels": ["answer1", "play_music"], "mixed": ["answer1", "option2"]}
+    for task, answers in forms.items():
+        (own / "dataset" / task).mkdir()
+        (own / "dataset" / task / "test.json").write_text(json.dumps(
+            [{"instruction": f"Pick one of {'/'.join(answers)}", "answer": a} for a in answers]))
+    assert tl.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
+    assert tl.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
+    assert tl.read_test_set(own, "yesno")[1] == "true|false" and tl.read_test_set(own, "boolq")[1] == "true|false"
+    acc = tl.main(["--model", str(model_dir), "--data", str(own), "--out", str(tmp_path / "o"), "--eval-only",
+                   "--tasks", "intents", "pairs", "yesno", "--extract", "first_match", "--max-new-tokens", "4"])
+    assert set(acc) == {"intents", "pairs", "yesno", "avg"}
+    gens = [json.loads(line) for line in (tmp_path / "o" / "eval_generations.jsonl").read_text().splitlines()]
+    assert [g["answer"] for g in gens] == forms["intents"] + forms["pairs"] + forms["yesno"]
+    for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "no such file")]:
+        with pytest.raises(SystemExit):
+            tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and odd in err and err.count("\n") == 1, err
+        assert task == "nothere" or "answerK, optionK, solutionK, endingK, true/false" in err
 
 
 def test_llama_prompts_targets_and_extraction():
@@ -392,11 +423,11 @@ def test_llama_prompts_targets_and_extraction():
     paper = tl.prompt_of(r, "paper") + tl.target_of(r, "paper")
     assert paper == "Is it? Answer format: true/false\nthe correct answer is true"
     assert tl.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
-    assert tl.extract("boolq", "the correct answer is  true ", "paper") == "true"
-    assert tl.extract("boolq", "true, the correct answer is false", "paper") == "false"
-    assert tl.extract("boolq", "I think true", "paper") == ""
-    assert tl.extract("boolq", "false or true", "first_match") == "false"
-    assert tl.extract("ARC-Easy", "answer3 then answer1", "first_match") == "answer3"
+    assert tl.extract("the correct answer is  true ", "paper", "true|false") == "true"
+    assert tl.extract("true, the correct answer is false", "paper", "true|false") == "false"
+    assert tl.extract("I think true", "paper", "true|false") == ""
+    assert tl.extract("false or true", "first_match", "true|false") == "false"
+    assert tl.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
     x, y = tl.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
     assert x.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert y.tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]

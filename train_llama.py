@@ -454,6 +454,9 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
                 "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
+# Another task's answers must all take one of the eight tasks' forms; its answer words follow from them
+ANSWER_FORMS = {"answerK": "answer[1-9][0-9]*", "optionK": "option[1-9][0-9]*", "solutionK": "solution[1-9][0-9]*",
+                "endingK": "ending[1-9][0-9]*", "true/false": "true|false"}
 
 # Paper (v3) Table: GIFT_QV r=64, accuracy % in TASKS order, then the average.
 PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
@@ -677,11 +680,30 @@ def merge(args):
 # -----------------------------------------------------------------------------
 # Evaluation: greedy generation on the 8 test sets, the paper's exact match
 
-def extract(task, text, how):
+def read_test_set(data, task):
+    """(records, answer words) of DATA/dataset/<task>/test.json. The answer words (a regex, for --extract
+    first_match) of the paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers,
+    which must all be of one form of ANSWER_FORMS."""
+    path = Path(data) / "dataset" / task / "test.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
+    records = read_records(path, ["instruction", "answer"])
+    if task in TASKS:
+        return records, ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
+    answers = sorted({r["answer"].strip() for r in records})
+    for words in ANSWER_FORMS.values():
+        if all(re.fullmatch(words, a) for a in answers):
+            return records, words
+    odd = [a for a in answers if not any(re.fullmatch(w, a) for w in ANSWER_FORMS.values())] or answers
+    raise ValueError(f"{path}: gold answers {', '.join(map(repr, odd[:3]))} are not of one supported form; the "
+                     f"evaluation reads {', '.join(ANSWER_FORMS)} (one form per task)")
+
+
+def extract(text, how, words):
     if how == "paper":  # LoReFT: what follows the first "the correct answer is ", stripped
         i = text.find(TRIGGER)
         return text[i + len(TRIGGER):].strip() if i >= 0 else ""
-    found = re.findall(ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5"), text)
+    found = re.findall(words, text)
     return found[0] if found else ""  # LLM-Adapters: the first answer word anywhere in the generation
 
 
@@ -706,7 +728,7 @@ def evaluate(args, model, tok, rank, world):
     # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
     part, parts = (0, 1) if args.fsdp else (rank, world)
     for task in args.tasks:
-        records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
+        records, words = read_test_set(args.data, task)
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
@@ -716,7 +738,7 @@ def evaluate(args, model, tok, rank, world):
             idx = order[k:k + args.eval_batch_size]
             for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
                 text = tok.decode(ids)
-                pred = extract(task, text, args.extract)
+                pred = extract(text, args.extract, words)
                 correct += pred == records[i]["answer"].strip()
                 gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
                              "answer": records[i]["answer"]})
@@ -879,7 +901,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="adapter.safetensors for --eval-only, --generate, --merge")
     p.add_argument("--eval-only", action="store_true", help="evaluate without training")
     p.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
-    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate")
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
+                   "paper's eight or your own (answers answerK, optionK, solutionK, endingK or true/false)")
     p.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
@@ -905,6 +928,12 @@ def parse_args(argv=None):
     if window and args.max_len > window and not (args.eval_only or args.generate):
         fail(f"--max-len {args.max_len} > the sliding window of {args.model} ({window} tokens): sliding-window "
              f"attention is not implemented; pass --max-len {window} or less")
+    if args.data and not (args.merge or args.generate or args.no_eval):  # before hours of training, not after
+        for task in args.tasks:
+            try:
+                read_test_set(args.data, task)
+            except (FileNotFoundError, ValueError) as e:
+                fail(str(e))
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     return args
