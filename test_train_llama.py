@@ -409,12 +409,31 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     assert set(acc) == {"intents", "pairs", "yesno", "avg"}
     gens = [json.loads(line) for line in (tmp_path / "o" / "eval_generations.jsonl").read_text().splitlines()]
     assert [g["answer"] for g in gens] == forms["intents"] + forms["pairs"] + forms["yesno"]
+    # the held-out loss is the mean cross-entropy per target token (as in training): computed here from full logits
+    tok, model = tl.find_tokenizer(model_dir), tl.load_llama(model_dir)
+    nll = []
+    for a in forms["intents"]:
+        ids, n = tl.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
+                                "paper", 512)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+        nll += [-logp[t - 1, ids[t]].item() for t in range(n, len(ids))]
+    ev = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert ev["n"] == {"intents": 3, "pairs": 2, "yesno": 2}
+    assert abs(ev["loss"]["intents"] - sum(nll) / len(nll)) < 1e-5
+    assert ev["interval95"]["pairs"] == tl.wilson_interval(ev["accuracy"]["pairs"], 2)
     for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "no such file")]:
         with pytest.raises(SystemExit):
             tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
         err = capsys.readouterr().err
         assert err.startswith("error: ") and odd in err and err.count("\n") == 1, err
         assert task == "nothere" or "answerK, optionK, solutionK, endingK, true/false" in err
+
+
+def test_llama_wilson_interval():
+    assert tl.wilson_interval(50.0, 100) == [40.4, 59.6]
+    assert tl.wilson_interval(0.0, 10) == [0.0, 27.8] and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
+    assert tl.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
 
 
 def test_llama_prompts_targets_and_extraction():

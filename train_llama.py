@@ -17,8 +17,9 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or a Hub folder of the Llama family (config.json
-with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.model (or
-MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the paper's other variants.
+with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is
+MODEL/tokenizer.model (or MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the
+paper's other variants.
 """
 import argparse
 import contextlib
@@ -489,10 +490,17 @@ def target_of(record, template):
     return TRIGGER + record["answer"] if template == "paper" else record["output"]
 
 
+def example_ids(tok, record, template, max_len):
+    """(ids, n_prompt): BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:]. Prompt and
+    target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text."""
+    prompt = prompt_of(record, template)
+    ids = tok.encode(prompt + target_of(record, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
+    return ids, len(tok.encode(prompt, bos=True, eos=False))
+
+
 def tokenize_train(tok, path, template, max_len, cache_dir, rank):
-    """[(ids, n_prompt)]: BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:].
-    Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text.
-    Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
+    """[(ids, n_prompt)] of every training example (example_ids). Cached by the file's and the tokenizer's
+    identity: re-runs and --resume start at once."""
     path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                                 for p in (path, tok.path)]
     key = hashlib.sha256(json.dumps([stats, template, max_len]).encode()).hexdigest()[:16]
@@ -501,11 +509,10 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
         for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
-            prompt = prompt_of(r, template)
-            seq = tok.encode(prompt + target_of(r, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
+            seq, n = example_ids(tok, r, template, max_len)
             ids += seq
             offsets.append(len(ids))
-            n_prompt.append(len(tok.encode(prompt, bos=True, eos=False)))
+            n_prompt.append(n)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"ids": torch.tensor(ids, dtype=torch.int32), "offsets": torch.tensor(offsets),
                      "n_prompt": torch.tensor(n_prompt, dtype=torch.int32)}, cache)
@@ -531,11 +538,13 @@ def global_batches(lengths, batch_size, seed, epoch):
 
 
 def collate(examples, device):
-    """[(ids, n_prompt)] -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off the target."""
+    """[(ids, n_prompt)], ids a tensor or list -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off
+    the target."""
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.zeros(len(examples), T, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (ids, n_prompt) in enumerate(examples):
+        ids = torch.as_tensor(ids)
         x[b, :len(ids) - 1], y[b, :len(ids) - 1] = ids[:-1], ids[1:]
         y[b, :n_prompt - 1] = -100  # position t predicts token t + 1: prompt tokens are not targets
     return x.to(device), y.to(device)
@@ -651,8 +660,9 @@ def train(args, model, tok, rank, world, device):
         if world > 1:
             dist.all_reduce(loss_sum)
         tokens = sum(lengths[i] - 1 for i in batch)
+        seconds = time.time() - t0
         stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
-                 "tokens_per_s": round(tokens / (time.time() - t0))}
+                 "tokens_per_s": round(tokens / seconds), "seconds": round(seconds, 3)}
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
         bar.update()
         if log:
@@ -680,14 +690,15 @@ def merge(args):
 # -----------------------------------------------------------------------------
 # Evaluation: greedy generation on the 8 test sets, the paper's exact match
 
-def read_test_set(data, task):
-    """(records, answer words) of DATA/dataset/<task>/test.json. The answer words (a regex, for --extract
+def read_test_set(data, task, template="paper"):
+    """(records, answer words) of DATA/dataset/<task>/test.json, each record with the fields the template's
+    target needs (the held-out loss is on it). The answer words (a regex, for --extract
     first_match) of the paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers,
     which must all be of one form of ANSWER_FORMS."""
     path = Path(data) / "dataset" / task / "test.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
-    records = read_records(path, ["instruction", "answer"])
+    records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []))
     if task in TASKS:
         return records, ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
     answers = sorted({r["answer"].strip() for r in records})
@@ -720,15 +731,16 @@ def paper_model(a: ModelArgs):
 
 @torch.no_grad()
 def evaluate(args, model, tok, rank, world):
-    """Accuracy (%) per task; each rank generates for every world-th example; writes eval.json, eval.md and
-    eval_generations.jsonl to --out on rank 0."""
+    """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
+    cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
+    --out on rank 0."""
     model.eval()
-    acc, rows = {}, []
+    acc, rows, stats = {}, [], {"n": {}, "loss": {}}
     # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
     # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
     part, parts = (0, 1) if args.fsdp else (rank, world)
     for task in args.tasks:
-        records, words = read_test_set(args.data, task)
+        records, words = read_test_set(args.data, task, args.template)
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
@@ -742,33 +754,54 @@ def evaluate(args, model, tok, rank, world):
                 correct += pred == records[i]["answer"].strip()
                 gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
                              "answer": records[i]["answer"]})
-        counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+        loss = n_tokens = 0.0
+        for k in range(0, len(order), args.eval_batch_size):
+            x, y = collate([example_ids(tok, records[i], args.template, args.max_len)
+                            for i in order[k:k + args.eval_batch_size]], model.tok_embeddings.weight.device)
+            loss += model(x, y).item()
+            n_tokens += (y != -100).sum().item()
+        counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
         if parts > 1:
             dist.all_reduce(counts)
             everyone = [None] * world
             dist.all_gather_object(everyone, gens)
             gens = [g for part in everyone for g in part]
         acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
+        stats["n"][task], stats["loss"][task] = int(counts[1]), counts[2].item() / max(1, counts[3].item())
         rows += sorted(gens, key=lambda g: g["index"])
-        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
+        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
-        write_results(args, acc, paper_model(model.args), rows)
+        write_results(args, acc, paper_model(model.args), rows, stats)
     return acc
 
 
-def write_results(args, acc, paper, rows):
+def wilson_interval(accuracy, n, z=1.96):
+    """The 95% Wilson score interval (%) of an accuracy (%) measured on n examples: unlike p +- 1.96 se, it
+    stays within 0..100 and is not empty at 0% or 100%."""
+    if n == 0:
+        return [0.0, 100.0]
+    p, q = accuracy / 100, z * z / n
+    mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
+    return [round(100 * (mid - half), 1), round(100 * (mid + half), 1)]
+
+
+def write_results(args, acc, paper, rows, stats):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = dict(zip(TASKS + ["avg"], PAPER[paper])) if paper else {}
-    head = "| task | accuracy % |" + (f" paper ({paper}, GIFT_QV r=64) |" if paper else "")
-    lines = [head, "|---|---|" + ("---|" if paper else "")]
+    stats["interval95"] = {task: wilson_interval(acc[task], n) for task, n in stats["n"].items()}
+    head = "| task | accuracy % | 95% interval | n | held-out loss |" + (f" paper ({paper}, GIFT_QV r=64) |"
+                                                                    if paper else "")
+    lines = [head, "|---|---|---|---|---|" + ("---|" if paper else "")]
     for task, a in acc.items():
-        lines.append(f"| {task} | {a:.1f} |" + (f" {ref[task]:.1f} |" if paper else ""))
+        lo, hi = stats["interval95"].get(task, ("", ""))
+        extra = f" {lo}-{hi} | {stats['n'][task]} | {stats['loss'][task]:.4f} |" if task in stats["n"] else " | | |"
+        lines.append(f"| {task} | {a:.1f} |{extra}" + (f" {ref[task]:.1f} |" if paper else ""))
     table = "\n".join(lines)
     print(table)
     (out / "eval.md").write_text(table + "\n")
-    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None,
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, **stats, "paper": ref or None,
                                                "protocol": {"template": args.template, "extract": args.extract,
                                                             "max_new_tokens": args.max_new_tokens}}, indent=2))
     with open(out / "eval_generations.jsonl", "w") as f:
@@ -931,7 +964,7 @@ def parse_args(argv=None):
     if args.data and not (args.merge or args.generate or args.no_eval):  # before hours of training, not after
         for task in args.tasks:
             try:
-                read_test_set(args.data, task)
+                read_test_set(args.data, task, args.template)
             except (FileNotFoundError, ValueError) as e:
                 fail(str(e))
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:

@@ -193,7 +193,8 @@ def write_tasks(bigbench: Path, names, out: Path):
     tasks = read_tasks(bigbench, names)
     for name in names:
         if name not in tasks:
-            raise SystemExit(f"error: {bigbench} has no benchmark_tasks/{name}/task.json: is it bigbench 1.0.0 (the .tar.gz or its unpacked folder)?")
+            raise SystemExit(f"error: {bigbench} has no benchmark_tasks/{name}/task.json: is it bigbench 1.0.0 "
+                             f"(the .tar.gz or its unpacked folder)?")
         records = TASK_RECORDS[name](tasks[name])
         order = list(range(len(records)))
         random.Random(SEED).shuffle(order)
