@@ -226,11 +226,11 @@ def test_llama_generate_with_cache_equals_full_forwards():
     model = _llama_model(_llama_args(gqa=True, llama3=True))
     prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6, 10], [11]]
 
-    def greedy(p, n, eos=None):  # one prompt, no padding, no cache: a full forward per token
+    def greedy(p, n, stops=()):  # one prompt, no padding, no cache: a full forward per token
         seq, out = list(p), []
         for _ in range(n):
             nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
-            if nxt == eos:
+            if nxt in stops:
                 break
             seq.append(nxt)
             out.append(nxt)
@@ -240,7 +240,10 @@ def test_llama_generate_with_cache_equals_full_forwards():
     assert tl.generate(model, prompts, 12) == ref
     eos = ref[1][3]  # a token prompt 1 generates: generation stops before it
     got = tl.generate(model, prompts, 12, eos_id=eos)
-    assert got == [greedy(p, 12, eos) for p in prompts] and len(got[1]) == 3
+    assert got == [greedy(p, 12, [eos]) for p in prompts] and len(got[1]) == 3
+    stops = [ref[0][2], ref[2][1]]  # several (a tokenizer's stop_ids): each prompt stops at the first it meets
+    got = tl.generate(model, prompts, 12, eos_id=stops)
+    assert got == [greedy(p, 12, stops) for p in prompts] and len(got[0]) <= 2 and len(got[2]) <= 1
     assert tl.generate(model, prompts, 0) == [[], [], []]
 
 
@@ -330,6 +333,40 @@ def test_llama_merged_export_equals_gift_model(tmp_path):
 def _llama_error(path, match):
     with pytest.raises(ValueError, match=match):
         tl.load_llama(path)
+
+
+def test_llama_find_tokenizer(tmp_path, capsys):
+    """An HF folder's tokenizer.json first (what transformers loads; EOS from the JSON beside it), then
+    tokenizer.model, then original/tokenizer.model; --tokenizer (a file or a folder) wins; none, or one without
+    EOS, is the user's error, reported before the model is loaded."""
+    from tokenizer import HFTokenizer, TiktokenTokenizer, train_tiny_tokenizer
+    d = tmp_path / "model"
+    (d / "original").mkdir(parents=True)
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+            "added_tokens": [{"id": 3, "content": "</s>", "special": True, "normalized": False}]}
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    for path in (d / "tokenizer.model", d / "original" / "tokenizer.model", tmp_path / "other.model"):
+        train_tiny_tokenizer(["aaab aab"], 258, str(path))
+    tok = tl.find_tokenizer(d)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == 3 and tok.encode("abab</s>", False, False) == [2, 2, 3]
+    assert tl.find_tokenizer(d, tmp_path / "other.model").path == str(tmp_path / "other.model")
+    assert tl.find_tokenizer(tmp_path / "elsewhere", d).path == str(d / "tokenizer.json")  # --tokenizer FOLDER
+    (d / "tokenizer.json").unlink()
+    assert tl.find_tokenizer(d).path == str(d / "tokenizer.model")
+    (d / "tokenizer.model").unlink()
+    tok = tl.find_tokenizer(d)
+    assert isinstance(tok, TiktokenTokenizer) and tok.path == str(d / "original" / "tokenizer.model")
+    (d / "original" / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json or tokenizer.model in .*model \(or its original"):
+        tl.find_tokenizer(d)
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer.json: no end-of-text token declared: add eos_token"):
+        tl.find_tokenizer(d)
+    with pytest.raises(SystemExit) as e:  # the folder has no checkpoint either: the tokenizer is looked at first
+        tl.main(["--model", str(d), "--generate", "Hi"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {d / 'tokenizer.json'}: no end-of-text")
 
 
 def test_llama_bad_checkpoints_raise(tmp_path):

@@ -477,11 +477,15 @@ def _byte_chars():
 _BYTE_CHARS = _byte_chars()  # byte b -> _BYTE_CHARS[b]
 _TO_BYTE_CHARS = str.maketrans(dict(zip(map(chr, range(256)), _BYTE_CHARS)))  # for bytes read as Latin-1
 _FROM_BYTE_CHARS = {c: b for b, c in enumerate(_BYTE_CHARS)}
-_WHITE_SPACE_CHARS = frozenset(c for c in map(chr, range(0x3001)) if re.fullmatch(f"[{_WHITE_SPACE}]", c))
+_WHITE_SPACE_CHARS = frozenset(re.findall(f"[{_WHITE_SPACE}]", "".join(map(chr, range(0x3001)))))
 # The steps each part of the file may hold (besides "Sequence", under the key given first).
 _HF_STEPS = {"normalizer": ("normalizers", {"NFC", "NFD", "NFKC", "NFKD", "Prepend", "Replace"}),
              "pre_tokenizer": ("pretokenizers", {"Metaspace", "Split", "Digits", "ByteLevel"}),
              "decoder": ("decoders", {"ByteLevel", "Metaspace", "Replace", "ByteFallback", "Fuse", "Strip"})}
+
+
+def _word_char(c):  # the regex crate's \w, which tokenizers' single_word test uses
+    return unicodedata.category(c)[0] in "LM" or unicodedata.category(c) in ("Nd", "Nl", "Pc")
 
 
 class HFTokenizer(Tokenizer):
@@ -489,7 +493,8 @@ class HFTokenizer(Tokenizer):
     bos_token / eos_token / pad_token, else config.json's, else generation_config.json's *_token_id (the
     first, for a list); stop_ids: eos_id and every eos_token_id of config.json and generation_config.json;
     add_bos: tokenizer_config.json's add_bos_token, else whether the post_processor's template starts with
-    BOS. The files are read from the tokenizer.json's folder; any of them may be absent."""
+    BOS. The files are read from the tokenizer.json's folder; any of them may be absent. n_words: the highest
+    id + 1 (the model's embedding may have more rows)."""
 
     def __init__(self, path):
         super().__init__(path)
@@ -502,11 +507,13 @@ class HFTokenizer(Tokenizer):
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 raise ValueError(f"{what}: BPE {key} {model[key]!r} is not supported")
+        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+            raise ValueError(f"{what}: the BPE model needs a vocab object and a merges list")
         self._id = dict(model["vocab"])  # token -> id, the model's own (added tokens apart, as in tokenizers)
         self._rank = {}  # (left, right) -> -rank: bpe() merges the highest first
         for rank, m in enumerate(model["merges"]):  # "left right", or [left, right] (tokens with spaces)
             pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2 or pair[0] not in self._id or pair[1] not in self._id or pair[0] + pair[1] not in self._id:
+            if len(pair) != 2 or not (pair[0] in self._id and pair[1] in self._id and pair[0] + pair[1] in self._id):
                 raise ValueError(f"{what}: merge {rank} {m!r} is not two tokens that join into a token")
             self._rank[pair] = -rank  # a repeated pair keeps its last rank, as in tokenizers
         unk = model.get("unk_token")
@@ -611,12 +618,12 @@ class HFTokenizer(Tokenizer):
         """text -> [str | id]: the added tokens regex finds become their ids; the text around them stays."""
         if regex is None:
             return [text]
-        word = lambda c: c.isalnum() or c == "_"
         out, pos = [], 0
         for m in regex.finditer(text):
             i, single_word, lstrip, rstrip = self._added[m.group()]
             start, stop = m.span()
-            if single_word and (start > 0 and word(text[start - 1]) or stop < len(text) and word(text[stop])):
+            if single_word and (start > 0 and _word_char(text[start - 1])
+                                or stop < len(text) and _word_char(text[stop])):
                 continue
             while lstrip and start > pos and text[start - 1] in _WHITE_SPACE_CHARS:
                 start -= 1

@@ -18,8 +18,8 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or a Hub folder of the Llama family (config.json
 with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is
-MODEL/tokenizer.model (or MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the
-paper's other variants.
+MODEL/tokenizer.json (an HF folder's, with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or
+MODEL/original/tokenizer.model, or --tokenizer. --preset proj / qkvud selects the paper's other variants.
 """
 import argparse
 import contextlib
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -220,7 +221,9 @@ class Transformer(nn.Module):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
-    Returns each prompt's generated ids (without the prompt), cut before the first eos_id."""
+    eos_id: one id or several (a tokenizer's stop_ids: instruct models end a turn with their own token).
+    Returns each prompt's generated ids (without the prompt), cut before the first of them."""
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
     device = model.tok_embeddings.weight.device
     tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
@@ -238,8 +241,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
         for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
             logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end])  # (B, end - pos, V)
             tokens[:, end] = logits[:, -1].argmax(-1)
-            if eos_id is not None:
-                done |= tokens[:, end] == eos_id
+            if stops:
+                done |= torch.isin(tokens[:, end], torch.tensor(stops, device=device))
             pos = end
             if done.all():
                 break
@@ -248,7 +251,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
             layer.attention.cache = None
     out = []
     for row in tokens[:, P:end + 1].tolist() if max_new_tokens else [[]] * B:
-        out.append(row[:row.index(eos_id)] if eos_id in row else row)
+        out.append(row[:min((row.index(i) for i in stops if i in row), default=len(row))])
     return out
 
 
@@ -414,11 +417,23 @@ def save_meta(model: Transformer, out_dir):
 
 
 def find_tokenizer(model_path, tokenizer=None):
-    for p in [tokenizer] if tokenizer else [Path(model_path) / "tokenizer.model",
-                                             Path(model_path) / "original" / "tokenizer.model"]:
-        if Path(p).exists():
-            return load_tokenizer(p)
-    raise FileNotFoundError(f"no tokenizer.model in {model_path} (or its original/): pass --tokenizer")
+    """The tokenizer file (or, for a folder, the one in it) named by --tokenizer, else the one in the model folder:
+    tokenizer.json (an HF folder's, which transformers uses; BOS, EOS, stop ids and whether BOS is added come from
+    the JSON files beside it), else tokenizer.model (Meta's folders), else original/tokenizer.model (Meta's copy in
+    an HF Llama 3 repo)."""
+    if tokenizer and not Path(tokenizer).is_dir():
+        found = [Path(tokenizer)]
+    else:
+        d = Path(tokenizer or model_path)
+        found = [p for p in (d / "tokenizer.json", d / "tokenizer.model", d / "original" / "tokenizer.model")
+                 if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
+    tok = load_tokenizer(found[0])
+    if tok.eos_id is None:  # training ends every example with it
+        raise ValueError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
+                         f"(or eos_token_id to a config.json) beside it")
+    return tok
 
 
 def read_adapter_config(path) -> dict:
@@ -491,11 +506,12 @@ def target_of(record, template):
 
 
 def example_ids(tok, record, template, max_len):
-    """(ids, n_prompt): BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:]. Prompt and
-    target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text."""
+    """(ids, n_prompt): BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is on
+    ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in
+    the text."""
     prompt = prompt_of(record, template)
-    ids = tok.encode(prompt + target_of(record, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
-    return ids, len(tok.encode(prompt, bos=True, eos=False))
+    ids = tok.encode(prompt + target_of(record, template), tok.add_bos, eos=False)[:max_len - 1] + [tok.eos_id]
+    return ids, len(tok.encode(prompt, tok.add_bos, eos=False))
 
 
 def tokenize_train(tok, path, template, max_len, cache_dir, rank):
@@ -503,7 +519,7 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
     identity: re-runs and --resume start at once."""
     path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                                 for p in (path, tok.path)]
-    key = hashlib.sha256(json.dumps([stats, template, max_len]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"tokens-{key}.pt"
     if rank == 0 and not cache.exists():
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
@@ -743,12 +759,12 @@ def evaluate(args, model, tok, rank, world):
         records, words = read_test_set(args.data, task, args.template)
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
-        prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
+        prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
         correct, gens = 0, []
         for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
             idx = order[k:k + args.eval_batch_size]
-            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
+            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
                 text = tok.decode(ids)
                 pred = extract(text, args.extract, words)
                 correct += pred == records[i]["answer"].strip()
@@ -903,7 +919,8 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup "
                    "(under a minute on a CPU)")
     p.add_argument("--model", help="Meta or HF checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.model; None: the one in --model or --model/original")
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
+                   "--model (or --model/original)")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
     p.add_argument("--out", default="runs/llama", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*")
     p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
@@ -983,16 +1000,21 @@ def main(argv=None):
         return None
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float64": torch.float64}[args.dtype]
+    try:  # before the model: a missing or unreadable tokenizer is the user's to fix
+        tok = find_tokenizer(args.model, args.tokenizer)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)  # as parse_args reports a user mistake
+        raise SystemExit(2) from None
     model = gift_model(args, dtype)
     if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
         fsdp_shard(model, device)
     else:
         model.to(device)
     print0(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
-    tok = find_tokenizer(args.model, args.tokenizer)
     result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
-        ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
+        ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
+                       tok.stop_ids)
         print0(args.generate + tok.decode(ids[0]))
     else:
         if not args.eval_only:
