@@ -185,8 +185,9 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, tokens, targets=None, start_pos=0, valid=None):
-        """tokens (B, T) -> logits (B, T, vocab_size), float32.
+    def forward(self, tokens, targets=None, start_pos=0, valid=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, vocab_size), float32; (B, 1, vocab_size) at the last position only
+        with last_only (generation: a prompt's other logits would cost as much as the rest of the model).
         targets (B, T), -100 = ignore: returns the *summed* cross-entropy instead, computing logits only at
         the target positions (the full (B, T, 128256) float32 logits would cost more memory than the model's
         activations). start_pos: position of tokens[:, 0] (generation with the KV cache). valid (B,
@@ -211,7 +212,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, start_pos)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         if targets is None:
             return self.output(h).float()
         keep = targets != -100
@@ -239,7 +240,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
     done, pos, end = torch.zeros(B, dtype=torch.bool, device=device), 0, P
     try:
         for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
-            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end])  # (B, end - pos, V)
+            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end], last_only=True)  # (B, 1, V)
             tokens[:, end] = logits[:, -1].argmax(-1)
             if stops:
                 done |= torch.isin(tokens[:, end], torch.tensor(stops, device=device))
