@@ -485,7 +485,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
 
 def test_llama_wilson_interval():
     assert tl.wilson_interval(50.0, 100) == [40.4, 59.6]
-    assert tl.wilson_interval(0.0, 10) == [0.0, 27.8] and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
+    assert str(tl.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
     assert tl.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
 
 

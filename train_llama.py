@@ -800,7 +800,7 @@ def wilson_interval(accuracy, n, z=1.96):
         return [0.0, 100.0]
     p, q = accuracy / 100, z * z / n
     mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
-    return [round(100 * (mid - half), 1), round(100 * (mid + half), 1)]
+    return [round(max(0.0, 100 * (mid - half)), 1), round(min(100.0, 100 * (mid + half)), 1)]  # no -0.0 at 0%
 
 
 def write_results(args, acc, paper, rows, stats):
