@@ -709,9 +709,9 @@ def merge(args):
 
 def read_test_set(data, task, template="paper"):
     """(records, answer words) of DATA/dataset/<task>/test.json, each record with the fields the template's
-    target needs (the held-out loss is on it). The answer words (a regex, for --extract
-    first_match) of the paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers,
-    which must all be of one form of ANSWER_FORMS."""
+    target needs (the held-out loss is on it). The answer words (a regex, for --extract first_match) of the
+    paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers, which must all be of
+    one form of ANSWER_FORMS."""
     path = Path(data) / "dataset" / task / "test.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
