@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import train_vit
 from gift import add_gift
-from train_common import read_safetensors, write_safetensors
+from train_common import UserError, read_safetensors, write_safetensors
 from train_vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,7 +216,7 @@ def test_vit_cluster_map_png_written(_vit_demo):
 
 def test_vit_merge_equals_unmerged(_vit_demo):
     adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
-    out = train_vit.merge(train_vit.parse_args(["--merge", adapter]))
+    out = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(_vit_demo["root"] / "merged.safetensors")]))
     merged = load_vit(out, ViTConfig(image_size=64, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=128)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -245,9 +245,9 @@ def test_vit_resume_equals_uninterrupted(_vit_demo, tmp_path, monkeypatch):
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert [r["epoch"] for r in logs[1]] == [1, 2, 3]
     assert [(r["train_loss"], r["test_top1"]) for r in logs[0]] == [(r["train_loss"], r["test_top1"]) for r in logs[1]]
-    with pytest.raises(FileExistsError, match="checkpoint.pt exists: add --resume"):
+    with pytest.raises(UserError, match="checkpoint.pt exists: add --resume"):
         train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b")]))
-    with pytest.raises(ValueError, match=r"other settings for \['lr'\]"):
+    with pytest.raises(UserError, match=r"other settings or inputs \(lr 0.003 -> 0.001\)"):
         train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b"), "--resume", "--lr", "1e-3"]))
 
 
@@ -305,7 +305,7 @@ def test_vit_bad_splits_raise(tmp_path):
     with pytest.raises(ValueError, match=r"word.txt:1: label 'cat' is not an integer"):
         read_split(str(tmp_path / "word.txt"))
     (tmp_path / "missing.txt").write_text("img/a b.png 1\nimg/gone.png 0\n")
-    with pytest.raises(FileNotFoundError, match=r"missing.txt:2: image .*gone.png does not exist"):
+    with pytest.raises(UserError, match=r"missing.txt:2: image .*gone.png does not exist"):
         read_split(str(tmp_path / "missing.txt"))
     Image.new("RGB", (20, 30)).save(tmp_path / "img" / "c.png")
     (tmp_path / "train.json").write_text(json.dumps({"img/a b.png": 12, "img/c.png": 3}))  # VPT: ids mapped 0..C-1

@@ -1,6 +1,7 @@
 """What the training scripts share: safetensors read/write, atomic saves, distributed set-up, rank-0 printing
 and progress bars, the guards of a run (user errors in one line, a lock on --out, the resume check, a stop at
 the first non-finite loss, strict JSON logs), and the LoRA baseline that bench.py measures GIFT against."""
+import contextlib
 import functools
 import hashlib
 import json
@@ -194,15 +195,23 @@ def progress(iterable=None, **kwargs):
 # -----------------------------------------------------------------------------
 # The guards of a run: input files, --out, resuming, divergence, logs
 
-def read_json(path, what="file"):
+@contextlib.contextmanager
+def utf8_text(path):
+    """Reading the text file path inside this block: content that is not UTF-8 is a UserError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def read_json(path):
     """A JSON file's content; a missing, non-UTF-8 or malformed file is a UserError naming it. A dict comes back
     as a dict whose missing keys are a UserError naming the file and the key (a config lacking a field)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        with utf8_text(path):
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise UserError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     return _Fields(path, data) if isinstance(data, dict) else data
@@ -259,6 +268,14 @@ def lock_out(out):
     _locks[key] = f
 
 
+def check_ranges(args, minimum):
+    """minimum: {argument: its least value}; an argument below it (None: not given) is a UserError."""
+    for name, least in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+
+
 def check_new_output(path, flag, inputs=()):
     """A UserError unless path (a file or a folder to be written) destroys nothing: it is none of inputs (the
     base model...) and does not exist yet, or is an empty folder."""
@@ -311,7 +328,8 @@ def resume_checkpoint(path, resume, run, keys, device="cpu"):
 def check_finite(where, kept, **values):
     """Stops a diverged run at its first non-finite loss or gradient norm (values: numbers or 0-d tensors), before
     anything is saved over the last good checkpoint or written into the log. kept: what survives."""
-    bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
+    values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise UserError(f"{where}: {', '.join(f'{k} {v}' for k, v in bad.items())}; training stopped, {kept}. At "
                         f"the first step this points at non-finite weights in the model, later at a too large --lr")

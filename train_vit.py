@@ -25,6 +25,7 @@ random numbers are reseeded per (epoch, rank), so a resumed run repeats an unint
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -41,8 +42,9 @@ import torch.nn.functional as F
 
 from gift import add_gift, cluster_head, gift_layers, gift_state_dict, load_gift_state_dict, merge_gift, \
     parameter_summary
-from train_common import atomic_save, print0, progress, read_safetensors, read_safetensors_metadata, \
-    setup_distributed, write_safetensors
+from train_common import UserError, atomic_save, check_finite, check_new_output, check_ranges, cli, fingerprint, lock_out, \
+    log_json, print0, progress, read_adapter_config, read_safetensors, resume_checkpoint, setup_distributed, \
+    trim_log, utf8_text, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
@@ -165,7 +167,7 @@ def resize_pos_embed(pos, grid: int):
 def _read_checkpoint(path):
     """{key: tensor} from a file, whatever its container: safetensors, npz (a zip of .npy), torch zip/pickle."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
         if f.read(9)[8:] == b"{":  # safetensors: 8-byte length, then the JSON header
             return read_safetensors(path)
@@ -175,10 +177,10 @@ def _read_checkpoint(path):
                 return {k: torch.from_numpy(z[k]) for k in z.files}
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, numpy and pickle each raise their own errors for a broken file
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
                          f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a plain state dict {{name: tensor}}")
+        raise UserError(f"{path} is not a plain state dict {{name: tensor}}")
     return state
 
 
@@ -186,7 +188,7 @@ def _taker(w, path):
     """take(key) pops w[key]; a missing key is an error naming the file and the key."""
     def take(key):
         if key not in w:
-            raise ValueError(f"{path}: backbone weight {key!r} is missing")
+            raise UserError(f"{path}: backbone weight {key!r} is missing")
         return w.pop(key)
     return take
 
@@ -253,7 +255,8 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
     Google's kernels, else from the standard sizes). num_classes=None keeps the checkpoint's head (an error
     if it has none or it is all zeros, like the ImageNet-21k files); a number attaches a new head.
     image_size resizes the position embeddings; drop_path sets stochastic depth for training. A missing or
-    misshapen backbone weight is an error; unused keys (pre_logits, a replaced head) are reported."""
+    misshapen backbone weight is an error, and so is an unused one; only the keys of a replaced head (and
+    pre_logits / pooler) may be left out, and they are reported."""
     w = _read_checkpoint(path)
     if any(k.endswith("embedding/kernel") for k in w):
         sd, heads, unused = _google_to_timm(w, path)
@@ -262,17 +265,17 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
     elif "patch_embed.proj.weight" in w:
         sd, heads, unused = dict(w), 0, {}
     else:
-        raise ValueError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
+        raise UserError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
     if config is None:
         dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
         heads = heads or {s[0]: s[2] for s in SIZES.values()}.get(dim)
         if not heads or "blocks.0.mlp.fc1.weight" not in sd:
-            raise ValueError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
+            raise UserError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
         config = ViTConfig(image_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch, patch_size=patch, dim=dim,
                            depth=_depth(sd, "blocks."), heads=heads, mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0])
     head = sd.get("head.weight")
     if num_classes is None and (head is None or not head.any()):
-        raise ValueError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
+        raise UserError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
     config = replace(config, num_classes=num_classes or head.shape[0], image_size=image_size or config.image_size,
                      drop_path=drop_path)
     model = ViT(config)
@@ -282,15 +285,21 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
             if key.startswith("head.") and num_classes is not None:
                 continue
             if key not in sd:
-                raise ValueError(f"{path}: backbone weight {key!r} is missing")
+                raise UserError(f"{path}: backbone weight {key!r} is missing")
             t = sd.pop(key)
             if key == "pos_embed" and t.shape != param.shape and t.shape[1] - 1 == math.isqrt(t.shape[1] - 1) ** 2:
                 t = resize_pos_embed(t, config.image_size // config.patch_size)
             if t.shape != param.shape:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
+                raise UserError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
                                  f"for {config}")
             param.copy_(t)
+    # only a replaced head and the layer before one (Google's pre_logits, HF's pooler) may be left out: any
+    # other tensor means that the config does not describe this checkpoint (a deeper one would be cut short)
     unused = sorted(unused) + sorted(sd)
+    backbone = [k for k in unused if not (k.startswith(("head.", "pre_logits")) or "pooler" in k)]
+    if backbone:
+        raise UserError(f"{path}: {len(backbone)} tensors have no place in a ViT of {config} ({', '.join(backbone[:3])}"
+                        f"{', ...' if len(backbone) > 3 else ''}): this config does not describe the checkpoint")
     print0(f"loaded {path}: {len(own) - 2 * (num_classes is not None)} tensors"
            f"{f'; new head for {num_classes} classes' if num_classes is not None else ''}"
            f"; unused: {', '.join(unused) if unused else 'none'}")
@@ -313,46 +322,53 @@ def read_split(spec, root=None, classes=None):
     classes: the training split's, so that the test split maps to the same labels."""
     if os.path.isdir(spec):
         names = sorted(d for d in os.listdir(spec) if os.path.isdir(os.path.join(spec, d)))
-        classes = classes or names
         samples = [(os.path.join(dirpath, f), name, os.path.join(dirpath, f)) for name in names
                    for dirpath, _, files in sorted(os.walk(os.path.join(spec, name)))
                    for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        empty = sorted(set(names) - {label for _, label, _ in samples})
+        if empty and classes is None:  # the training split: a folder without images would be a class never seen
+            raise UserError(f"{spec}: the class folder(s) {', '.join(empty[:5])} hold no images "
+                            f"({' '.join(IMAGE_EXTENSIONS)}): remove them, or add images")
+        classes = classes or names
     elif not os.path.isfile(spec):
-        raise FileNotFoundError(f"split {spec} does not exist (give a class-folder directory, .json or .txt)")
+        raise UserError(f"split {spec} does not exist (give a class-folder directory, .json or .txt)")
     else:
         root, samples = root or os.path.dirname(spec), []
-        with open(spec) as f:
+        with open(spec, encoding="utf-8") as f, utf8_text(spec):
             if spec.endswith(".json"):
                 try:
                     items = [(f"{spec}: entry {k!r}", k, v) for k, v in json.load(f).items()]
                 except (json.JSONDecodeError, AttributeError) as e:
-                    raise ValueError(f"{spec}: not a JSON object {{relative_path: label}} ({e})") from None
+                    raise UserError(f"{spec}: not a JSON object {{relative_path: label}} ({e})") from None
             else:
                 items = []
                 for i, line in enumerate(f, 1):
                     parts = line.strip().rsplit(maxsplit=1)
                     if len(parts) == 1:
-                        raise ValueError(f"{spec}:{i}: expected `relative/path label`, got {line.strip()!r}")
+                        raise UserError(f"{spec}:{i}: expected `relative/path label`, got {line.strip()!r}")
                     if parts:
                         items.append((f"{spec}:{i}", parts[0], parts[1]))
         for where, rel, label in items:
             try:
                 label = int(label)
             except (TypeError, ValueError):
-                raise ValueError(f"{where}: label {label!r} is not an integer") from None
+                raise UserError(f"{where}: label {label!r} is not an integer") from None
             if not os.path.isfile(os.path.join(root, rel)):
-                raise FileNotFoundError(f"{where}: image {os.path.join(root, rel)} does not exist")
+                raise UserError(f"{where}: image {os.path.join(root, rel)} does not exist")
             samples.append((os.path.join(root, rel), label, where))
         if spec.endswith(".json"):
             classes = classes or sorted({label for _, label, _ in samples})
     if not samples:
-        raise ValueError(f"{spec}: no samples")
+        flat = os.path.isdir(spec) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(spec))
+        raise UserError(f"{spec}: no images{' in class folders (its images lie directly in it)' if flat else ''}; "
+                        f"a split is a folder with one sub-folder of images per class, a VPT .json "
+                        f"{{relative_path: label}} or a .txt of `relative/path label` lines")
     if classes is None:
         return samples, None
     index = {c: i for i, c in enumerate(classes)}
     for _, label, where in samples:
         if label not in index:
-            raise ValueError(f"{where}: class {label!r} is not among the training split's classes")
+            raise UserError(f"{where}: class {label!r} is not among the training split's classes")
     return [(path, index[label], where) for path, label, where in samples], classes
 
 
@@ -360,21 +376,31 @@ def check_labels(samples, num_classes):
     """[(path, label)] of read_split's samples; a label outside [0, num_classes) is an error naming its record."""
     for _, label, where in samples:
         if not 0 <= label < num_classes:
-            raise ValueError(f"{where}: label {label} outside [0, {num_classes})")
+            raise UserError(f"{where}: label {label} outside [0, {num_classes})")
     return [(path, label) for path, label, _ in samples]
 
 
-def load_image(path, size: int, mode: str):
+# What one image may cost before resizing: Resize(256) of a 1 x 20000 strip (138 bytes as a PNG) would make it
+# 256 x 5 million pixels. Pillow's own guard counts pixels only, and only refuses past 179 million.
+MAX_PIXELS, MAX_ASPECT = 1 << 26, 20
+
+
+def load_image(path, size: int, mode: str, rng=None):
     """The paper's preprocessing, in Pillow, to a (3, size, size) tensor in [-1, 1] (mean = std = 0.5).
-    mode "train": Resize(256) RandomCrop(224) HFlip; "test": Resize(256) CenterCrop(224) (FGVC, 256/224 of
-    size in general); "resize": straight to size x size (VTAB-1k). Randomness from torch, which DataLoader
-    seeds per worker and per epoch."""
+    mode "train": Resize(256) RandomCrop(224) HFlip, the crop and flip drawn from rng (a numpy Generator);
+    "test": Resize(256) CenterCrop(224) (FGVC, 256/224 of size in general); "resize": straight to size x size
+    (VTAB-1k). An image over MAX_PIXELS or MAX_ASPECT is refused before it is decoded."""
     from PIL import Image  # imported here, in the DataLoader workers: importing this module stays cheap
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+            if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
+                raise UserError(f"image {path}: {w} x {h} pixels is over the limit of {MAX_PIXELS} pixels and an "
+                                f"aspect ratio of {MAX_ASPECT}:1 (what decoding and resizing it may cost); shrink "
+                                f"or crop it, or leave it out of the split")
             im = im.convert("RGB")
-    except OSError as e:
-        raise OSError(f"cannot decode image {path}: {e}") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot decode image {path}: {e}") from None
     if mode == "resize":
         im = im.resize((size, size), Image.BILINEAR)
     else:
@@ -382,33 +408,44 @@ def load_image(path, size: int, mode: str):
         w, h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's Resize(int)
         im = im.resize((w, h), Image.BILINEAR)
         if mode == "train":
-            top, left = torch.randint(h - size + 1, ()).item(), torch.randint(w - size + 1, ()).item()
+            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
         else:
             top, left = round((h - size) / 2), round((w - size) / 2)
         im = im.crop((left, top, left + size, top + size))
-        if mode == "train" and torch.rand(()) < 0.5:
+        if mode == "train" and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (3, size, size)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, size, mode):
-        self.samples, self.size, self.mode = samples, size, mode
+    def __init__(self, samples, size, mode, seed=0):
+        self.samples, self.size, self.mode, self.seed, self.epoch = samples, size, mode, seed, 0
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return load_image(path, self.size, self.mode), label
+        # the crop and flip of sample i depend on (seed, epoch, i) alone, not on which worker or process decodes
+        # it: a run resumed with another --workers (its default is the machine's CPU count) repeats them exactly
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return load_image(path, self.size, self.mode, rng), label
 
 
 # -----------------------------------------------------------------------------
 # Training
 
-# Settings that fix the training trajectory: --resume refuses a checkpoint written with others.
-RESUME_FIELDS = ("checkpoint", "train", "test", "root", "num_classes", "preset", "image_size", "targets", "rank",
-                 "share", "epochs", "warmup", "batch_size", "lr", "weight_decay", "drop_path", "seed")
+# Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
+# inputs (checkpoint, splits and classes, compared by content) or another compute precision.
+RESUME_FIELDS = ("preset", "image_size", "targets", "rank", "share", "epochs", "warmup", "batch_size", "lr",
+                 "weight_decay", "drop_path", "seed")
+
+
+def split_id(samples):
+    """A short hash of a split as the run sees it: its images' paths relative to their common folder, labels."""
+    base = os.path.commonpath([path for path, _ in samples])
+    listing = [(os.path.relpath(path, base), label) for path, label in samples]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def lr_factor(step, warmup, total):
@@ -421,15 +458,29 @@ def lr_factor(step, warmup, total):
 def train(args):
     rank, world, local_rank, device = setup_distributed()
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     torch.manual_seed(args.seed)  # the same new head and Theta on every rank
     form = lambda spec: "folders" if os.path.isdir(spec) else os.path.splitext(spec)[1]  # noqa: E731
     if form(args.train) != form(args.test):
-        raise ValueError(f"--train {args.train} and --test {args.test} must have the same form (labels map alike)")
+        raise UserError(f"--train {args.train} and --test {args.test} must have the same form (labels map alike)")
     train_samples, classes = read_split(args.train, args.root)
     test_samples, _ = read_split(args.test, args.root, classes)
     num_classes = args.num_classes or (len(classes) if classes else 1 + max(s[1] for s in train_samples))
     train_samples, test_samples = check_labels(train_samples, num_classes), check_labels(test_samples, num_classes)
+    if len({label for _, label in train_samples}) < 2:  # a 1-way head is 100% right whatever it learns
+        raise UserError(f"--train {args.train}: every image has the same label; a classifier needs two classes or more")
+
+    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        lock_out(args.out)
+    run = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "num_classes": num_classes,
+           "checkpoint": fingerprint(args.checkpoint), "train": split_id(train_samples),
+           "test": split_id(test_samples), "autocast": "bfloat16" if device.type == "cuda" else None}
+    ckpt = resume_checkpoint(ckpt_path, args.resume, run, ["adapter", "optimizer", "scheduler", "epoch"], device)
+    if args.resume and ckpt is None:
+        print0(f"--resume: no {ckpt_path} yet, starting a new run")
 
     model = load_vit(args.checkpoint, num_classes=num_classes, image_size=args.image_size, drop_path=args.drop_path)
     add_gift(model, args.targets, args.rank, args.share)  # freezes the backbone
@@ -439,7 +490,7 @@ def train(args):
 
     size = model.config.image_size
     modes = ("train", "test") if args.preset == "fgvc" else ("resize", "resize")
-    train_set = ImageDataset(train_samples, size, modes[0])
+    train_set = ImageDataset(train_samples, size, modes[0], args.seed)
     test_set = ImageDataset(test_samples, size, modes[1])
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     kw = dict(batch_size=args.batch_size // world, num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -454,25 +505,15 @@ def train(args):
     steps = len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup * steps, args.epochs * steps))
 
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
     start = 0
-    if os.path.exists(ckpt_path) and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = [f for f in RESUME_FIELDS if ckpt["args"][f] != getattr(args, f)]
-        if changed:
-            raise ValueError(f"{ckpt_path} was written with other settings for {changed}; use them, or another --out")
+    if ckpt:
         load_gift_state_dict(model, ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"]
         print0(f"resumed from {ckpt_path}: {start} of {args.epochs} epochs done")
     if rank == 0:  # keep the log lines of the epochs the checkpoint holds (all of them, or none on a new run)
-        lines = open(log_path).readlines() if start and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line for line in lines if json.loads(line)["epoch"] <= start)
+        trim_log(log_path, "epoch", start)
 
     # plain DDP suits a Theta shared by every block: autograd sums its gradient over the blocks before DDP's
     # hook fires once per step, and the frozen backbone is not synchronised at all
@@ -480,18 +521,23 @@ def train(args):
         model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(start, args.epochs):
-        # reseed per (epoch, rank): drop_path, crops and flips are the same whether or not the run was resumed,
-        # so the checkpoint needs no RNG state (and each rank still draws its own numbers)
+        # reseed per (epoch, rank): drop_path is the same whether or not the run was resumed, so the checkpoint
+        # needs no RNG state (and each rank still draws its own numbers); crops and flips: ImageDataset
         torch.manual_seed(args.seed + 1000 * epoch + rank)
         sampler.set_epoch(epoch)
+        train_set.epoch = epoch
         model.train()
+        kept = f"the checkpoint of epoch {epoch} ({ckpt_path}) is kept" if epoch else "nothing was saved"
         t0, loss_sum = time.time(), torch.zeros(2, device=device)  # sum of losses, samples
-        for x, y in progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False):
+        bar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
+        for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
                 loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # all ranks': DDP averaged the grads
+            check_finite(f"epoch {epoch + 1}, step {i + 1}", kept, loss=loss, gradient_norm=norm)
             opt.step()
             sched.step()
             loss_sum += torch.stack([loss.detach().float() * len(y), torch.tensor(float(len(y)), device=device)])
@@ -503,14 +549,15 @@ def train(args):
                       "test_top1": round(top1, 4), "lr": sched.get_last_lr()[0],
                       "seconds": round(time.time() - t0, 2)}
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                log_json(f, record)
             atomic_save({"adapter": gift_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "run": run, "args": vars(args)},
+                        ckpt_path)
             print(json.dumps(record), flush=True)  # the epoch's bar has closed: a line of its own
 
     if rank == 0:
         adapter = os.path.join(args.out, "adapter.safetensors")
-        config = {**vars(args), "vit": asdict(model.config), "classes": classes}
+        config = {**vars(args), "script": "train_vit.py", "vit": asdict(model.config), "classes": classes}
         write_safetensors(adapter, gift_state_dict(model, ["head"]), {"config": json.dumps(config)})
         print(f"adapter (Theta + head + run config): {adapter}")
         if args.visualize:
@@ -524,21 +571,25 @@ def train(args):
 
 
 def merge(args):
-    """Base checkpoint + adapter -> merged.safetensors: a plain ViT state dict (timm names) with W (I + phi psi)."""
-    meta = read_safetensors_metadata(args.merge)
-    if "config" not in meta:
-        raise ValueError(f"{args.merge}: no run config in its metadata; is it an adapter written by train_vit.py?")
-    run = json.loads(meta["config"])
+    """Base checkpoint + --adapter -> the file --merge: a plain ViT state dict (timm names) with W (I + phi psi).
+    The base is --checkpoint, or the one the adapter's run config names."""
+    run = read_adapter_config(args.adapter, "train_vit.py", ["vit", "targets", "rank", "share", "checkpoint"])
+    base = args.checkpoint or run["checkpoint"]
+    if not os.path.isfile(base):
+        raise UserError(f"the base checkpoint {base} (named by {args.adapter}) does not exist: pass --checkpoint")
+    if os.path.isdir(args.merge):
+        raise UserError(f"--merge {args.merge} is a folder: give the file to write, e.g. "
+                        f"{os.path.join(args.merge, 'merged.safetensors')}")
+    check_new_output(args.merge, "--merge", [base, args.adapter])
     vit = ViTConfig(**run["vit"])
-    model = load_vit(args.checkpoint or run["checkpoint"], vit, num_classes=vit.num_classes,
-                     image_size=vit.image_size)
+    model = load_vit(base, vit, num_classes=vit.num_classes, image_size=vit.image_size)
     add_gift(model, run["targets"], run["rank"], run["share"])
-    load_gift_state_dict(model, read_safetensors(args.merge))
+    load_gift_state_dict(model, read_safetensors(args.adapter))
     merge_gift(model)
-    out = os.path.join(os.path.dirname(args.merge), "merged.safetensors")
-    write_safetensors(out, model.state_dict(), {"config": meta["config"]})
-    print(f"merged model (timm names, loads with load_vit): {out}")
-    return out
+    os.makedirs(os.path.dirname(args.merge) or ".", exist_ok=True)
+    write_safetensors(args.merge, model.state_dict(), {"config": json.dumps(run)})
+    print(f"merged model (timm names, loads with load_vit): {args.merge}")
+    return args.merge
 
 
 # -----------------------------------------------------------------------------
@@ -660,6 +711,8 @@ def make_demo(root):
 
 def demo(args):
     t0 = time.time()
+    if args.out:
+        check_new_output(args.out, "--out")
     root = args.out or tempfile.mkdtemp(prefix="gift_vit_demo_")
     print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight ViT written in "
           "Google's .npz format,\ngenerated 80 px pictures of 4 coloured-square classes). Accuracies say nothing "
@@ -672,9 +725,12 @@ def demo(args):
     train(parse_args(["--checkpoint", checkpoint, "--train", train_dir, "--test", test_dir, "--out", run,
                       "--epochs", "5", "--warmup", "1", "--batch-size", "16", "--lr", "3e-3", "--workers", "2",
                       "--visualize", "2"]))
-    merge(parse_args(["--merge", os.path.join(run, "adapter.safetensors")]))
-    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Outputs in {run}: log.jsonl (one line per "
-          f"epoch), checkpoint.pt (resume), adapter.safetensors, merged.safetensors, cluster_maps/*.png")
+    merge(parse_args(["--adapter", os.path.join(run, "adapter.safetensors"),
+                      "--merge", os.path.join(run, "merged.safetensors")]))
+    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Everything is in {root}:\n"
+          f"  {checkpoint}, {train_dir}, {test_dir}: the synthetic checkpoint and images\n"
+          f"  {run}: log.jsonl (one line per epoch), checkpoint.pt (resume), adapter.safetensors, "
+          f"merged.safetensors, cluster_maps/*.png")
 
 
 # -----------------------------------------------------------------------------
@@ -685,8 +741,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--demo", action="store_true", help="synthetic checkpoint and data in a temp dir (or --out), "
                    "then the whole pipeline: under a minute on a CPU")
-    p.add_argument("--merge", metavar="ADAPTER", help="write merged.safetensors next to ADAPTER and exit "
-                   "(base weights from the adapter's config, or --checkpoint)")
+    p.add_argument("--adapter", help="adapter.safetensors of a run, for --merge")
+    p.add_argument("--merge", metavar="OUT", help="write the base checkpoint (the adapter's, or --checkpoint) with "
+                   "--adapter merged to the new file OUT (.safetensors, timm names) and exit")
     p.add_argument("--checkpoint", help="Google .npz, timm .pth / .safetensors, or HF ViT .safetensors")
     p.add_argument("--train", help="training split: class-folder directory, VPT .json, or `path label` .txt list")
     p.add_argument("--test", help="split evaluated after every epoch (same forms)")
@@ -715,12 +772,16 @@ def parse_args(argv=None):
     p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize; None: all")
     args = p.parse_args(argv)
     if not (args.demo or args.merge or (args.checkpoint and args.train and args.test)):
-        p.exit(2, "error: give --checkpoint, --train and --test (or --demo, or --merge ADAPTER)\n")
+        raise UserError("give --checkpoint, --train and --test (or --demo, or --adapter FILE --merge OUT)")
+    if args.merge and not args.adapter:
+        raise UserError("--merge OUT needs --adapter (the adapter.safetensors of a run)")
+    check_ranges(args, {"epochs": 1, "batch_size": 1, "rank": 1, "warmup": 0, "workers": 0, "visualize": 0})
     if args.out is None and not args.demo:
         args.out = "runs/vit"
     return args
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
