@@ -3,6 +3,7 @@ generation, training (resume, torchrun, FSDP), merging and the evaluation's pars
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -178,7 +179,17 @@ def _llama_adapter(out):
     return json.loads(read_safetensors_metadata(path)["config"]), read_safetensors(path)
 
 
-def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
+def _llama_user_error(capsys, argv, match):
+    """main(argv) as the command line runs it: exit status 2 and one line `error: ...` matching match."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tl.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys):
     model_dir, data = _llama_demo
     tl.main(_llama_train_args(model_dir, data, tmp_path / "a", "--micro-batch-size", "8", "--save-every", "4"))
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
@@ -187,8 +198,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
-    assert config_a == config_b == {"targets": ["attention.wq", "attention.wv"], "rank": 8, "share": "type",
-                                    "model": str(model_dir)}
+    assert config_a == config_b == {"script": "train_llama.py", "targets": ["attention.wq", "attention.wv"], "rank": 8,
+                                    "share": "type", "model": str(model_dir)}
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -197,9 +208,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert len(log_a) == len(log_b) == 30
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
-    with pytest.raises(ValueError, match="written with"):  # a resumed run must have the same schedule
-        tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--resume",
-                                  "--lr", "2e-2"))
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "b", "--resume", "--lr", "2e-2"),
+                      r"b.checkpoint.pt was written by a run with other settings or inputs \(lr 0.01 -> 0.02\)")
 
 
 def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
@@ -283,19 +293,19 @@ def test_llama_bad_hf_checkpoint_raises(tmp_path):
     _llama_error(path, "model.layers.0.mlp|feed_forward.w1")
 
 
-def test_llama_bad_data_record_raises(tmp_path, _llama_demo):
+def test_llama_bad_data_record_raises(tmp_path, _llama_demo, capsys):
     model_dir, data = _llama_demo
     bad = tmp_path / "data"
     (bad / "dataset" / "boolq").mkdir(parents=True)
     records = json.loads((data / "commonsense_170k.json").read_text())
     del records[3]["answer"]
     (bad / "commonsense_170k.json").write_text(json.dumps(records))
-    with pytest.raises(ValueError, match=r"commonsense_170k.json: record 3 has no string field 'answer'"):
-        tl.main(_llama_train_args(model_dir, bad, tmp_path / "out"))
+    _llama_user_error(capsys, _llama_train_args(model_dir, bad, tmp_path / "out"),
+                      r"commonsense_170k.json: record 3 has no string field 'answer'")
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
-    with pytest.raises(ValueError, match=r"boolq.test.json: record 1 has no string field 'instruction'"):
-        tl.main(["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-only",
-                 "--tasks", "boolq"])
+    _llama_user_error(capsys, ["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"),
+                               "--eval-only", "--tasks", "boolq"],
+                      r"boolq.test.json: record 1 has no string field 'instruction'")
 
 
 def test_llama_prompts_targets_and_extraction():
@@ -336,7 +346,7 @@ def test_llama_grad_checkpointing_same_gradients():
         assert torch.allclose(a, b, atol=1e-12, rtol=0) and a.abs().max() > 0
 
 
-def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
+def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun, capsys):
     """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed with
     activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
     generations (every rank runs every batch in lockstep)."""
@@ -344,8 +354,8 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
     extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
     tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16",
                                           "--stop-after", "3", *extra) if a != "--no-eval"])
-    with pytest.raises(SystemExit):  # without torchrun there is nothing to shard over
-        tl.main(_llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"))
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"),  # nothing to shard over
+                      "--fsdp shards the model over processes")
     first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
                               "--stop-after", "2")
     resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",

@@ -151,8 +151,10 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # an interruption too: no temporary file is left behind
         shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
         kept = "; the previous one is kept" if os.path.exists(path) else ""
         raise UserError(f"could not write {path}: {(e.strerror or str(e)).lower()}{kept}") from None
 
@@ -355,7 +357,7 @@ def trim_log(path, key, last):
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
 
 
-def read_adapter_config(path, script, required):
+def adapter_config(path, script, required):
     """The run config a script wrote into an adapter's metadata ({"config": JSON, with "script"}); a file that is
     no adapter, or another script's, is a UserError saying so."""
     if not str(path).endswith(".safetensors"):

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from gift import add_gift, cluster_head, gift_layers, gift_state_dict, load_gift_state_dict, merge_gift, \
     parameter_summary
-from train_common import UserError, atomic_save, check_finite, check_new_output, check_ranges, cli, fingerprint, lock_out, \
-    log_json, print0, progress, read_adapter_config, read_safetensors, resume_checkpoint, setup_distributed, \
+from train_common import UserError, adapter_config, atomic_save, check_finite, check_new_output, check_ranges, cli, \
+    fingerprint, lock_out, log_json, print0, progress, read_safetensors, resume_checkpoint, setup_distributed, \
     trim_log, utf8_text, write_safetensors
 
 # -----------------------------------------------------------------------------
@@ -573,7 +573,7 @@ def train(args):
 def merge(args):
     """Base checkpoint + --adapter -> the file --merge: a plain ViT state dict (timm names) with W (I + phi psi).
     The base is --checkpoint, or the one the adapter's run config names."""
-    run = read_adapter_config(args.adapter, "train_vit.py", ["vit", "targets", "rank", "share", "checkpoint"])
+    run = adapter_config(args.adapter, "train_vit.py", ["vit", "targets", "rank", "share", "checkpoint"])
     base = args.checkpoint or run["checkpoint"]
     if not os.path.isfile(base):
         raise UserError(f"the base checkpoint {base} (named by {args.adapter}) does not exist: pass --checkpoint")
