@@ -278,13 +278,12 @@ def check_ranges(args, minimum):
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
 
 
-def check_new_output(path, flag, inputs=()):
-    """A UserError unless path (a file or a folder to be written) destroys nothing: it is none of inputs (the
-    base model...) and does not exist yet, or is an empty folder."""
-    for i in inputs:
+def check_new_output(path, flag, inputs=None):
+    """A UserError unless path (a file or a folder to be written) destroys nothing: it is none of inputs
+    ({what: path}, e.g. {"the base model": ...}) and does not exist yet, or is an empty folder."""
+    for what, i in (inputs or {}).items():
         if i and os.path.exists(path) and os.path.exists(i) and os.path.samefile(path, i):
-            raise UserError(f"{flag} {path} is {i}, an input of this run: writing there would destroy it; "
-                            f"choose a new path")
+            raise UserError(f"{flag} {path} is {what}: writing there would destroy it; choose a new path")
     if os.path.isfile(path):
         raise UserError(f"{flag} {path} exists: choose a new path (or delete it first)")
     found = sorted(os.listdir(path)) if os.path.isdir(path) else []
@@ -300,8 +299,8 @@ def load_checkpoint(path, keys, device="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a broken zip, pickle or storage each raise their own error
-        raise UserError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"truncated? restore it, or remove it to start over") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read it ({why}); truncated? restore it, or remove it to start over") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a checkpoint of this script (no {', '.join(missing)}); remove it or choose "
@@ -330,11 +329,12 @@ def resume_checkpoint(path, resume, run, keys, device="cpu"):
 def check_finite(where, kept, **values):
     """Stops a diverged run at its first non-finite loss or gradient norm (values: numbers or 0-d tensors), before
     anything is saved over the last good checkpoint or written into the log. kept: what survives."""
-    values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    values = {k.replace("_", " "): float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+              for k, v in values.items()}
+    bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
     if bad:
-        raise UserError(f"{where}: {', '.join(f'{k} {v}' for k, v in bad.items())}; training stopped, {kept}. At "
-                        f"the first step this points at non-finite weights in the model, later at a too large --lr")
+        raise UserError(f"{where}: {bad}; training stopped, {kept}. At the first step this points at non-finite "
+                        f"weights in the model, later at a too large --lr")
 
 
 def log_json(f, record):

@@ -664,7 +664,7 @@ def train(args, model, tok, rank, world, device):
 def merge(args):
     """--model + --adapter -> a Meta checkpoint in the new folder --merge whose weights are W (I + phi psi),
     written into a temporary sibling folder that is renamed once complete."""
-    check_new_output(args.merge, "--merge", [args.model])
+    check_new_output(args.merge, "--merge", {"the --model folder": args.model})
     model = gift_model(args)  # in the stored dtype; merge_gift computes each layer's merge in float32
     atomic_write(args.merge, lambda tmp: save_meta(merge_gift(model), tmp))
     print(f"merged checkpoint written to {args.merge}")

@@ -580,7 +580,7 @@ def merge(args):
     if os.path.isdir(args.merge):
         raise UserError(f"--merge {args.merge} is a folder: give the file to write, e.g. "
                         f"{os.path.join(args.merge, 'merged.safetensors')}")
-    check_new_output(args.merge, "--merge", [base, args.adapter])
+    check_new_output(args.merge, "--merge", {"the base checkpoint": base, "the adapter": args.adapter})
     vit = ViTConfig(**run["vit"])
     model = load_vit(base, vit, num_classes=vit.num_classes, image_size=vit.image_size)
     add_gift(model, run["targets"], run["rank"], run["share"])
