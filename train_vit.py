@@ -15,13 +15,15 @@ Run:
         --test vtab-1k/dtd/test.txt --num-classes 47 --out runs/dtd
     torchrun --nproc_per_node=4 train_vit.py ...same flags...     # DDP; --batch-size stays the global batch
     python train_vit.py ...same flags... --resume                  # continue from runs/cub/checkpoint.pt, exactly
-    python train_vit.py --merge runs/cub/adapter.safetensors      # runs/cub/merged.safetensors (timm names)
+    python train_vit.py --adapter runs/cub/adapter.safetensors --merge runs/cub/merged.safetensors  # timm names
 
 Numerics: LayerNorm eps 1e-6 and exact (erf) GELU, as timm and HF run these weights (Google's Flax code
 used the tanh approximation, which differs by at most 5e-4 per activation). Inputs are normalised with
 mean = std = 0.5, i.e. pixels in [-1, 1]. bf16 autocast on GPUs (Theta's master weights stay fp32), fp32 on CPU.
 The checkpoint is written atomically after every epoch (an interruption loses at most the epoch in progress);
-random numbers are reseeded per (epoch, rank), so a resumed run repeats an uninterrupted one bit for bit.
+random numbers are reseeded per (epoch, rank), crops and flips per (seed, epoch, image), so a resumed run
+repeats an uninterrupted one bit for bit, whatever --workers. A mistake (a bad flag, file or split, a used --out)
+is one line `error: ...` and exit status 2; a non-finite loss stops the run, keeping the last checkpoint.
 """
 import argparse
 import functools
