@@ -1,5 +1,6 @@
 """Fixtures shared by the test files."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent
+CACHE = Path.home() / ".cache" / "gift-test"  # downloads and files built from them, never committed
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +36,30 @@ def torchrun():
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
     return run
+
+
+@pytest.fixture(scope="session")
+def pypi_file():
+    """pypi_file(name, version, *pip_options): the file `pip download --no-deps` fetches for name==version (a
+    wheel, or the sdist with "--no-binary", ":all:"), kept in ~/.cache/gift-test/pypi and taken from there next
+    time. Skips the test when pip cannot get it (no network, no index)."""
+    def get(name, version, *options):
+        dest, key = CACHE / "pypi", lambda s: re.sub(r"[-_]+", "_", s.lower())  # file names vary in - and _
+        stem, wheel = key(f"{name}-{version}"), "--no-binary" not in options
+
+        def found():
+            return sorted(p for p in dest.glob("*") if p.name.endswith(".whl") == wheel
+                          and (key(p.name).startswith(stem + "_") or key(p.name).startswith(stem + ".")))
+        if not found():
+            dest.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), *options,
+                   f"{name}=={version}"]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                pytest.skip(f"pip download {name}=={version} timed out (index unreachable?)")
+            if r.returncode != 0 or not found():
+                why = " ".join(r.stderr.split())[-300:]
+                pytest.skip(f"pip download {name}=={version} failed (index unreachable?): {why}")
+        return found()[0]
+    return get

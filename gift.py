@@ -1,6 +1,7 @@
 """GIFT: Generative Interpretable Fine-Tuning, in one torch-only file.
 
 Paper: C. Savadikar, X. Song, T. Wu, "GIFT: Generative Interpretable Fine-Tuning", arXiv 2312.00700.
+A self-contained tour: `python gift.py` (about 10 s on 2 CPU cores).
 
 A frozen linear layer y = x W^T + b (W: d_out x d_in) is fine-tuned by *generating* its new weight from
 the old one with two small linear maps Theta = (phi, psi) that are shared by every layer of one type:
@@ -18,32 +19,35 @@ Two forms of the same layer (they agree to rounding; the activation form is what
     a full-size dW and its gradient           y = (x + x psi^T phi^T) W^T + b: 4 d_in r FLOPs per token,
                                               no d_out x d_in matrix is ever built
 
-In nn.Linear terms phi = Linear(d_in, r), psi = Linear(r, d_in), so phi.weight is phi^T (r x d_in) and
-psi.weight is psi^T (d_in x r): dW = psi(phi(W)) and x_hat = x + (x @ psi.weight) @ phi.weight.
+Theta is stored as the official code's nn.Linear(d_in, r) "phi" and nn.Linear(r, d_in) "psi" (their weights
+are phi^T and psi^T); GIFT.matrices gives phi and psi themselves, so the code below reads like the maths.
 Trainable parameters: 2 r d_in per Theta whatever the depth (24,576 for ViT-B/16 attn.proj at r=16).
 
 Initialisation: phi keeps PyTorch's default init and psi starts at zero, so dW = 0 and the model at step 0
-*is* the pretrained model (as LoRA's B = 0). psi's gradient, x^T (g W) phi.weight^T for the layer's output
-gradient g, is not zero, so training starts at once; phi's, (x psi.weight)^T (g W), is zero until psi moves.
+*is* the pretrained model (as LoRA's B = 0). psi's gradient, phi^T (g W)^T x for the layer's output gradient
+g, is not zero, so training starts at once; phi's, (g W)^T x psi^T, is zero until psi moves.
+
+Any Linear layer: the activation form runs the layer's own forward on x_hat, so a subclass that dequantises
+(int8, 4-bit), casts or scales its weight stays right: GIFT trains on a quantised base as QLoRA does. The
+parameter form, merge_gift and cluster_head compute with W: they need a float weight and say so otherwise.
 
 Interpretability: C = W phi (d_out x r) is an r-way token-clustering head. For a layer's output tokens y
 (N x d_out), y @ C (N x r) gives r maps that localise objects and parts in images (cluster_head below).
 
-Precision: Theta's parameters are kept in float32 (float64 for a float64 model) so that the optimizer sees
-fp32 master weights: psi starts at zero and its early updates are far below bf16's resolution. The edit
-itself is computed in the activation's dtype (bf16 for a bf16 model, like autocast does): it is added to
-x in that dtype anyway, so computing it in higher precision would only be rounded away at the sum.
-merge_gift computes W (I + phi psi) in float32 (float64 for float64 weights) and casts once.
+Precision: Theta's parameters are kept in float32 (float64 for a float64 model): fp32 master weights, as psi
+starts at zero and its early updates are far below bf16's resolution. The edit is computed in the activation's
+dtype (bf16 for a bf16 model, like autocast): it is added to x in that dtype anyway, so higher precision would
+be rounded away at the sum. merge_gift computes W (I + phi psi) in float32/64 and casts once.
 
 Usage:
-    from gift import add_gift, gift_state_dict, merge_gift
+    from gift import add_gift, gift_disabled, gift_state_dict, merge_gift
     add_gift(model, targets=["q_proj", "v_proj"], rank=64)   # one Theta per type, base frozen
     ... train as usual (only model.gift is trainable) ...
+    with gift_disabled(model): ...                             # the base model, nothing copied
     torch.save(gift_state_dict(model), "adapter.pt")           # 2 r d_in numbers per Theta
     merge_gift(model)                                          # plain nn.Linear again, no overhead
-
-Run `python gift.py` for a self-contained tour (about 10 s on 2 CPU cores).
 """
+import contextlib
 import re
 
 import torch
@@ -61,183 +65,186 @@ class GIFT(nn.Module):
         self.phi = nn.Linear(in_features, rank, bias=False)  # default (kaiming-uniform) init
         self.psi = nn.Linear(rank, in_features, bias=False)
         nn.init.zeros_(self.psi.weight)                     # dW = 0: step 0 equals the base model
-        self.ran = False  # set by the layers using this Theta, checked after each forward (add_gift)
+
+    def matrices(self, dtype):
+        return self.phi.weight.T.to(dtype), self.psi.weight.T.to(dtype)  # phi (d_in, r), psi (r, d_in)
 
     def delta(self, weight):
-        """Parameter form: dW = psi(phi(W)) = (W phi) psi, (d_out, d_in) -> (d_out, d_in)."""
-        phi, psi = self.phi.weight.to(weight.dtype), self.psi.weight.to(weight.dtype)
-        return (weight @ phi.T) @ psi.T                     # (d_out,d_in)@(d_in,r)@(r,d_in)
+        """Parameter form: dW = (W phi) psi, (d_out, d_in) -> (d_out, d_in)."""
+        phi, psi = self.matrices(weight.dtype)
+        return (weight @ phi) @ psi                         # (d_out,d_in)@(d_in,r)@(r,d_in)
 
     def forward(self, x):
-        """Activation form: the edited input x + x psi^T phi^T, (..., d_in) -> (..., d_in)."""
-        phi, psi = self.phi.weight.to(x.dtype), self.psi.weight.to(x.dtype)
-        return x + (x @ psi) @ phi                          # (..,d_in)@(d_in,r)@(r,d_in)
+        """Activation form: x_hat = x + x psi^T phi^T, (..., d_in) -> (..., d_in); F.linear(x, A) = x A^T."""
+        phi, psi = self.matrices(x.dtype)
+        return x + F.linear(F.linear(x, psi), phi)          # (..,d_in) -> (..,r) -> (..,d_in)
 
 
 class GIFTLinear(nn.Module):
-    """A frozen nn.Linear whose weight is generated by a shared Theta.
-
-    weight and bias are the original Parameter objects, moved here under the same names, so the layer's
-    state_dict keys do not change. The original module (emptied of them, so that it pins no stale copy) and
-    Theta sit in a plain tuple, which nn.Module does not register: Theta is saved, moved and optimised once,
-    under model.gift, however many layers share it; merge_gift puts the original module back."""
+    """A frozen Linear layer (nn.Linear or a subclass) run on its input edited by a shared Theta. It shares the
+    original module's parameter, buffer and submodule dicts: state_dict keys, .to(), DDP and FSDP are unchanged.
+    .base and .theta are plain attributes, not submodules: Theta is saved, moved and optimised once, in model.gift."""
 
     def __init__(self, base: nn.Linear, theta: GIFT, mode: str):
         super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        del base.weight, base.bias
-        self.in_features, self.out_features, self.mode = base.in_features, base.out_features, mode
-        self.refs = (base, theta)
-
-    @property
-    def theta(self) -> GIFT:
-        return self.refs[1]
+        self.__dict__.update(base=base, theta=theta, _parameters=base._parameters, _buffers=base._buffers,
+                             _non_persistent_buffers_set=base._non_persistent_buffers_set, _modules=base._modules)
+        self.in_features, self.out_features, self.mode, self.enabled = base.in_features, base.out_features, mode, True
+        # In eval() nn.TransformerEncoderLayer reads linear1/2.weight in one fused kernel instead of calling them,
+        # unless a submodule has a forward (pre-)hook (torch/nn/modules/transformer.py): this one does nothing.
+        self.register_forward_pre_hook(_no_op)
 
     def forward(self, x):
-        self.theta.ran = True
-        if self.mode == "activation":
-            return F.linear(self.theta(x), self.weight, self.bias)
-        return F.linear(x, self.weight + self.theta.delta(self.weight), self.bias)
+        if self.mode == "parameter" and self.enabled:       # base is a plain nn.Linear (add_gift checked)
+            return F.linear(x, self.weight + self.theta.delta(self.weight), self.bias)
+        return self.base(self.theta(x) if self.enabled else x)  # the layer's own forward; x as is in gift_disabled
+
+    def train(self, mode=True):  # the original module is no child of this one: keep its flag in step
+        self.base.train(mode)
+        return super().train(mode)
+
+    def _save_to_state_dict(self, *args):  # the original module's own (de)serialisation, e.g. a quantised
+        self.base._save_to_state_dict(*args)  # layer's extra state
+
+    def _load_from_state_dict(self, *args):
+        self.base._load_from_state_dict(*args)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+        return f"{type(self.base).__name__}({self.base.extra_repr()}), mode={self.mode}"
 
 
-def _match(model, targets):
-    """Returns {theta key: [(qualified name, module), ...]} for targets as PEFT reads them."""
-    names = [name for name, _ in model.named_modules() if name]
-    if isinstance(targets, str):  # one regular expression, full match; Theta per leaf name
-        groups = {}
-        for name in names:
-            if re.fullmatch(targets, name):
-                groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-        if not groups:
-            raise ValueError(f"target regex {targets!r} matched no module (it must match the whole "
-                             f"qualified name). Linear layers: {_linear_names(model)}")
-    else:                          # name suffixes: equal to the entry or ending in "." + entry
-        if not targets:
-            raise ValueError("targets is empty: give name suffixes, e.g. ['q_proj', 'v_proj']")
-        groups = {}
-        for entry in targets:
-            found = [n for n in names if n == entry or n.endswith("." + entry)]
-            if not found:
-                raise ValueError(f"target {entry!r} matched no module. Linear layers: {_linear_names(model)}")
-            groups[entry.replace(".", "_")] = found
-    modules = dict(model.named_modules())
-    return {key: [(n, modules[n]) for n in found] for key, found in groups.items()}
-
-
-def _master_dtype(dtype):
-    """float64 for a float64 model, else float32: the dtype of Theta's weights and of merge_gift's sum."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _no_op(module, args):
+    pass
 
 
 def _linear_names(model, limit=40):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more or "(none)"
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "") or "(none)"
+
+
+def _master_dtype(dtype):  # the dtype of Theta's weights and of merge_gift's sum
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _float_weight(name, linear):
+    if not linear.weight.is_floating_point():
+        raise ValueError(f"layer {name!r} ({type(linear).__name__}) has a {linear.weight.dtype} weight (quantised?): "
+                         f"GIFT trains it (mode='activation') but cannot merge into it or draw its cluster maps")
+    return linear.weight
+
+
+def _checked_targets(model, targets, share, mode):
+    """{theta key: [(qualified name, Linear)]}, each name of a module, once every up-front check has passed."""
+    if hasattr(model, "gift"):
+        raise ValueError("add_gift was already called on this model (it has .gift); merge_gift it first")
+    if share not in ("type", "all") or mode not in ("activation", "parameter"):
+        raise ValueError(f"share must be 'type' or 'all', mode 'activation' or 'parameter'; got {share!r}, {mode!r}")
+    if isinstance(model, nn.Sequential):  # it would run model.gift as its last layer
+        raise ValueError("add_gift needs a model that is not an nn.Sequential: wrap it in a module of your own")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if isinstance(targets, str):  # one regular expression, full match; one Theta per leaf name
+        matched = [(n.rsplit(".", 1)[-1], n) for n in modules if n and re.fullmatch(targets, n)]
+    else:                          # name suffixes: equal to the entry or ending in "." + entry; Theta per entry
+        matched = []
+        for entry in targets:
+            found = [(entry.replace(".", "_"), n) for n in modules if n and (n == entry or n.endswith("." + entry))]
+            if not found:
+                raise ValueError(f"target {entry!r} matched no module. Linear layers: {_linear_names(model)}")
+            matched += found
+    if not matched:
+        raise ValueError(f"targets {targets!r} matched no module: give name suffixes (['q_proj', 'v_proj']) or a "
+                         f"regex matching whole qualified names. Linear layers: {_linear_names(model)}")
+    groups, key_of, sizes = {}, {}, {}  # sizes: group -> {in_features: its first layer}
+    for key, name in matched:
+        module = modules[name]
+        if key_of.setdefault(id(module), key) != key:
+            raise ValueError(f"layer {name!r} is matched by more than one target; make the targets disjoint")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                             f"GIFT edits Linear layers. Linear layers: {_linear_names(model)}")
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            raise ValueError(f"target {name!r} is inside nn.MultiheadAttention, which reads its weight directly "
+                             f"instead of calling the layer: GIFT cannot edit it. Target e.g. linear1, linear2")
+        if mode == "parameter" and type(module).forward is not nn.Linear.forward:  # F.linear(x, W + dW) would
+            raise ValueError(f"target {name!r} is a {type(module).__name__} with its own forward, which the "
+                             f"parameter form would bypass; use mode='activation'")
+        group = "all" if share == "all" else key
+        groups.setdefault(group, []).append((name, module))
+        sizes.setdefault(group, {}).setdefault(module.in_features, name)
+    for first in sizes.values():
+        if len(first) > 1:
+            raise ValueError("layers sharing one Theta need the same in_features; got " + ", ".join(
+                f"{n} ({size})" for size, n in first.items()) + ". Use share='type' or separate targets")
+    return groups
 
 
 def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: str = "activation"):
-    """Freezes `model`, replaces each targeted nn.Linear by a GIFTLinear and returns the Thetas.
+    """Freezes `model`, wraps each targeted Linear layer in a GIFTLinear and returns the Thetas.
 
     targets: list of name suffixes (["q_proj", "v_proj"], ["attn.proj"]) or one regex (full match).
     share="type": one Theta per list entry (per leaf name for a regex), the paper's default;
     share="all": one Theta for every targeted layer. The Thetas are registered once as model.gift."""
-    if hasattr(model, "gift"):
-        raise ValueError("add_gift was already called on this model (it has .gift); merge_gift it first")
-    if share not in ("type", "all") or mode not in ("activation", "parameter"):
-        raise ValueError(f"share must be 'type' or 'all' and mode 'activation' or 'parameter', "
-                         f"got share={share!r}, mode={mode!r}")
-    groups = _match(model, targets)
-    names = [name for found in groups.values() for name, _ in found]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"layers {twice} are matched by more than one target; make the targets disjoint")
-    if share == "all":
-        groups = {"all": [item for found in groups.values() for item in found]}
-    for found in groups.values():
-        for name, module in found:
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear; "
-                                 f"GIFT edits Linear layers. Linear layers: {_linear_names(model)}")
-            parent = model.get_submodule(name.rpartition(".")[0])
-            if isinstance(parent, nn.MultiheadAttention):  # it reads out_proj.weight, never calls it
-                raise ValueError(f"target {name!r} is inside nn.MultiheadAttention, which reads its weight "
-                                 f"directly instead of calling the layer, so GIFT cannot edit it. "
-                                 f"Target other layers (e.g. linear1, linear2)")
-        first = {}  # in_features -> the first layer of that size
-        for name, module in found:
-            first.setdefault(module.in_features, name)
-        if len(first) > 1:
-            raise ValueError("layers sharing one Theta need the same in_features; got " + ", ".join(
-                f"{n} ({size})" for size, n in first.items()) + ". Use share='type' or separate targets")
-
+    groups = _checked_targets(model, targets, share, mode)
     thetas = nn.ModuleDict()  # built before anything changes: a bad rank leaves the model untouched
     for key, found in groups.items():
-        w = found[0][1].weight
-        thetas[key] = GIFT(w.shape[1], rank).to(w.device, _master_dtype(w.dtype))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for key, found in groups.items():
-        for name, module in found:
+        first = found[0][1]
+        thetas[key] = GIFT(first.in_features, rank).to(first.weight.device, _master_dtype(first.weight.dtype))
+    model.requires_grad_(False)
+    for m in model.modules():  # in eval() with a padding mask it hands its layers nested tensors, which torch's
+        if isinstance(m, nn.TransformerEncoder):  # attention refuses once a layer needs grad (Theta does)
+            m.use_nested_tensor = False
+    wrapped = {id(m): GIFTLinear(m, thetas[key], mode) for key, found in groups.items() for _, m in found}
+    for name, module in list(model.named_modules(remove_duplicate=False)):  # every place a module is used at
+        if id(module) in wrapped:
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, GIFTLinear(module, thetas[key], mode))
+            setattr(model.get_submodule(parent), leaf, wrapped[id(module)])
     model.gift = thetas
-    model._gift_hooks = (model.register_forward_pre_hook(_reset_ran), model.register_forward_hook(_check_ran))
     return thetas
 
 
-def _reset_ran(model, args):
-    for theta in model.gift.values():
-        theta.ran = False
-
-
-def _check_ran(model, args, output):
-    """A Theta none of whose layers ran in a forward of the whole model would be silently ignored."""
-    for key, theta in model.gift.items():
-        if not theta.ran:
-            names = [n for n, layer in gift_layers(model) if layer.theta is theta]
-            raise RuntimeError(
-                f"GIFT: no layer of Theta {key!r} ({', '.join(names[:3])}, ...) ran in this forward: their parent "
-                f"read .weight directly (e.g. nn.TransformerEncoderLayer's fast path in eval() under no_grad). "
-                f"Run in train() mode, or merge_gift(model) before inference")
-
-
-def gift_layers(model: nn.Module):
-    """[(qualified name, GIFTLinear)] in module order."""
+def gift_layers(model: nn.Module):  # [(qualified name, GIFTLinear)] in module order
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GIFTLinear)]
+
+
+@contextlib.contextmanager
+def gift_disabled(model: nn.Module):
+    """`with gift_disabled(model):` every GIFT layer computes its base layer: the pretrained model, nothing
+    copied. Leaving the block, also by an exception, restores the edit."""
+    layers = [layer for _, layer in gift_layers(_unwrap(model))]
+    if not layers:
+        raise ValueError("this model has no GIFT layer (call add_gift first)")
+    before = [layer.enabled for layer in layers]  # restored as they were: gift_disabled blocks may nest
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.enabled = enabled
 
 
 @torch.no_grad()
 def merge_gift(model: nn.Module) -> nn.Module:
-    """Writes W (I + phi psi) into every GIFT layer, restores the original Linear modules, drops model.gift."""
+    """Writes W (I + phi psi) into every GIFT layer, puts the original modules back, drops model.gift."""
     if not hasattr(model, "gift"):
         raise ValueError("this model has no GIFT to merge (add_gift was not called, or it was merged already)")
-    for name, layer in gift_layers(model):
-        base, theta = layer.refs
-        acc = _master_dtype(layer.weight.dtype)
-        w = layer.weight.to(acc)
-        layer.weight.copy_(w + theta.delta(w))             # computed in acc, cast back by copy_
-        base.register_parameter("weight", layer.weight)    # the layer's current tensors: .to() may have
-        base.register_parameter("bias", layer.bias)        # replaced the Parameter objects since add_gift
+    layers = gift_layers(model)
+    weights = [_float_weight(name, layer.base) for name, layer in layers]  # all checked before any write
+    for w, (_, layer) in zip(weights, layers):
+        acc = w.to(_master_dtype(w.dtype))
+        w.copy_(acc + layer.theta.delta(acc))              # computed in float32/64, cast back by copy_
+    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GIFTLinear)]:
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, base)
-    for hook in model._gift_hooks:
-        hook.remove()
-    del model.gift, model._gift_hooks
+        setattr(model.get_submodule(parent), leaf, layer.base)
+    del model.gift
     return model
 
 
 def _unwrap(model):
     """The model under DDP / DataParallel (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def gift_state_dict(model: nn.Module, extra=()) -> dict:
@@ -286,7 +293,7 @@ def parameter_summary(model: nn.Module) -> str:
 @torch.no_grad()
 def cluster_head(layer: GIFTLinear):
     """C = W phi (d_out, r), float32: for output tokens y (N, d_out) of `layer`, y @ C are r cluster maps."""
-    return layer.weight.float() @ layer.theta.phi.weight.float().T  # (d_out,d_in)@(d_in,r)
+    return _float_weight(type(layer.base).__name__, layer.base).float() @ layer.theta.matrices(torch.float32)[0]
 
 
 if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a model this file never saw
@@ -307,7 +314,7 @@ if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a mod
 
     t0, targets, rank = time.time(), ["linear1", "linear2"], 8
     torch.manual_seed(0)
-    base = Classifier().double()
+    base = Classifier().double().requires_grad_(False)  # frozen like the GIFT model: torch picks the same kernels
     model = copy.deepcopy(base)
     add_gift(model, targets, rank)
     lora = sum(rank * (m.in_features + m.out_features) for _, m in gift_layers(model))
@@ -326,11 +333,13 @@ if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a mod
     a, p, m = model(tokens), param_form(tokens), merged(tokens)
     print(f"float64, random Theta: |activation - parameter| = {(a - p).abs().max():.1e}, "
           f"|activation - merged| = {(a - m).abs().max():.1e}")
-    try:
-        with torch.no_grad():
-            model.eval()(tokens)                                       # torch's fast path skips linear1.forward
-    except RuntimeError as e:
-        print(f"eval() under no_grad is refused, not silently wrong: {str(e)[:90]}...")
+    with torch.no_grad():
+        e = model.eval()(tokens)             # torch's fused encoder path stays off: linear1/linear2 run
+        with gift_disabled(model):           # the base model, from the same object
+            b = model(tokens)
+    model.train()
+    print(f"eval() under no_grad: |eval - train| = {(e - a).abs().max():.1e}; "
+          f"gift_disabled: |model - base| = {(b - base(tokens)).abs().max():.1e}")
 
     # Train Theta and the head on a generated task: is token 3 more frequent than token 5?
     torch.manual_seed(0)
@@ -348,15 +357,15 @@ if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a mod
         opt.step()
         if step % 50 == 0:
             with torch.no_grad():
-                acc = (model(test_x).argmax(1) == test_y).float().mean()
+                acc = (model.eval()(test_x).argmax(1) == test_y).float().mean()
+            model.train()
             print(f"step {step:3d}  loss {loss.item():.3f}  test accuracy {acc:.3f}")
 
     buf = io.BytesIO()
     torch.save(gift_state_dict(model, extra=["head"]), buf)
     with torch.no_grad():
-        before = model(test_x)
-        merge_gift(model)
-        after = model.eval()(test_x)                                   # merged: torch's fast path is fine
+        before = model.eval()(test_x)
+        after = merge_gift(model)(test_x)                              # merged: torch's fused path
     print(f"adapter file: {buf.tell():,} bytes; merged model keys == base keys: "
           f"{list(model.state_dict()) == list(base.state_dict())}; |unmerged - merged| = "
           f"{(before - after).abs().max():.1e} (float32); tour took {time.time() - t0:.1f} s")

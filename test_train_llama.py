@@ -15,7 +15,7 @@ import torch
 import train_llama as tl
 from gift import add_gift, gift_state_dict
 from tokenizer import train_tiny_tokenizer
-from train_common import read_safetensors, read_safetensors_metadata, write_safetensors
+from train_common import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,11 +148,11 @@ def test_llama_generate_with_cache_equals_full_forwards():
     model = _llama_model(_llama_args(gqa=True, llama3=True))
     prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6, 10], [11]]
 
-    def greedy(p, n, eos=None):  # one prompt, no padding, no cache: a full forward per token
+    def greedy(p, n, stops=()):  # one prompt, no padding, no cache: a full forward per token
         seq, out = list(p), []
         for _ in range(n):
             nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
-            if nxt == eos:
+            if nxt in stops:
                 break
             seq.append(nxt)
             out.append(nxt)
@@ -162,7 +162,10 @@ def test_llama_generate_with_cache_equals_full_forwards():
     assert tl.generate(model, prompts, 12) == ref
     eos = ref[1][3]  # a token prompt 1 generates: generation stops before it
     got = tl.generate(model, prompts, 12, eos_id=eos)
-    assert got == [greedy(p, 12, eos) for p in prompts] and len(got[1]) == 3
+    assert got == [greedy(p, 12, [eos]) for p in prompts] and len(got[1]) == 3
+    stops = [ref[0][2], ref[2][1]]  # several (a tokenizer's stop_ids): each prompt stops at the first it meets
+    got = tl.generate(model, prompts, 12, eos_id=stops)
+    assert got == [greedy(p, 12, stops) for p in prompts] and len(got[0]) <= 2 and len(got[2]) <= 1
     assert tl.generate(model, prompts, 0) == [[], [], []]
 
 
@@ -203,8 +206,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
-    assert config_a == config_b == {"script": "train_llama.py", "targets": ["attention.wq", "attention.wv"], "rank": 8,
-                                    "share": "type", "model": str(model_dir)}
+    assert config_a == config_b == {"script": "train_llama.py", "method": "gift", "rank": 8, "share": "type",
+                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir)}
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -276,9 +279,95 @@ def test_llama_merged_export_equals_gift_model(tmp_path):
     assert torch.allclose(out, ref, atol=1e-10, rtol=0) and not torch.allclose(out, plain, atol=1e-3)
 
 
+def test_llama_lora_end_to_end(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    out = tmp_path / "lora"
+    tl.main(_llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--stop-after", "3",
+                              "--method", "lora", "--rank", "4"))
+    config, state = _llama_adapter(out)
+    targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
+    assert config == {"script": "train_llama.py", "method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0,
+                      "model": str(model_dir)}
+    assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
+    assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
+    adapter = str(out / "adapter.safetensors")
+    ev = ["--model", str(model_dir), "--data", str(data), "--adapter", adapter, "--eval-only", "--dtype", "float64",
+          "--eval-limit", "4", "--tasks", "boolq", "--out", str(tmp_path / "ev")]
+    tl.main(ev)
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # dim 64, 2 KV heads of 16, FFN 192 (2/3 of 4 x 64, rounded up to 32): r (d_in + d_out) per layer
+    n = 2 * 4 * sum(d_in + d_out for d_in, d_out in [(64, 64), (64, 32), (64, 32), (64, 192), (192, 64)])
+    assert result["adapter"]["method"] == "lora" and result["trainable_params"] == n
+    assert f"LoRA r=4, {n:,} params" in (tmp_path / "ev" / "eval.md").read_text()
+    # merged: plain Meta keys (W + (alpha/r) B A), the same logits as the unmerged model, on a float64 copy
+    base = tl.load_llama(model_dir, dtype=torch.float64)
+    tl.save_meta(base, tmp_path / "base64")
+    tl.main(["--model", str(tmp_path / "base64"), "--adapter", adapter, "--merge", str(tmp_path / "merged")])
+    merged = tl.load_llama(tmp_path / "merged")
+    assert list(merged.state_dict()) == list(base.state_dict()) and merged.output.weight.dtype == torch.float64
+    unmerged = tl.gift_model(tl.parse_args(ev[:1] + [str(tmp_path / "base64")] + ev[2:])).eval()
+    tokens = _llama_tokens(vocab=base.args.vocab_size)
+    with torch.no_grad():
+        want = unmerged(tokens)
+        assert torch.allclose(merged(tokens), want, atol=1e-10, rtol=0)
+        assert not torch.allclose(base(tokens), want, atol=1e-6)
+
+
+def test_llama_lora_step0_and_theta_dtype(_llama_demo):
+    model_dir, data = _llama_demo
+    base = tl.load_llama(model_dir, dtype=torch.float64)
+    tokens = _llama_tokens(vocab=base.args.vocab_size)
+    args = ["--model", str(model_dir), "--data", str(data), "--dtype", "float64"]
+    lora = tl.gift_model(tl.parse_args(args + ["--method", "lora"]), torch.float64)
+    with torch.no_grad():
+        assert torch.equal(lora(tokens), base(tokens))  # B = 0
+    assert {p.shape for p in lora.parameters() if p.requires_grad} >= {(32, 64), (64, 32), (192, 32)}  # r = 32
+    assert lora.layers[0].attention.wq.scale == 2.0  # alpha = 2r
+    official = tl.gift_model(tl.parse_args(args + ["--theta-dtype", "bf16"]), torch.float32)
+    assert {p.dtype for p in official.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in official.parameters() if not p.requires_grad} == {torch.float32}
+    ours = tl.gift_model(tl.parse_args(args), torch.bfloat16)
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}  # fp32 master weights
+
+
 def _llama_error(path, match):
     with pytest.raises(ValueError, match=match):
         tl.load_llama(path)
+
+
+def test_llama_find_tokenizer(tmp_path, capsys):
+    """An HF folder's tokenizer.json first (what transformers loads; EOS from the JSON beside it), then
+    tokenizer.model, then original/tokenizer.model; --tokenizer (a file or a folder) wins; none, or one without
+    EOS, is the user's error, reported before the model is loaded."""
+    from tokenizer import HFTokenizer, TiktokenTokenizer, train_tiny_tokenizer
+    d = tmp_path / "model"
+    (d / "original").mkdir(parents=True)
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]},
+            "added_tokens": [{"id": 3, "content": "</s>", "special": True, "normalized": False}]}
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    for path in (d / "tokenizer.model", d / "original" / "tokenizer.model", tmp_path / "other.model"):
+        train_tiny_tokenizer(["aaab aab"], 258, str(path))
+    tok = tl.find_tokenizer(d)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == 3 and tok.encode("abab</s>", False, False) == [2, 2, 3]
+    assert tl.find_tokenizer(d, tmp_path / "other.model").path == str(tmp_path / "other.model")
+    assert tl.find_tokenizer(tmp_path / "elsewhere", d).path == str(d / "tokenizer.json")  # --tokenizer FOLDER
+    (d / "tokenizer.json").unlink()
+    assert tl.find_tokenizer(d).path == str(d / "tokenizer.model")
+    (d / "tokenizer.model").unlink()
+    tok = tl.find_tokenizer(d)
+    assert isinstance(tok, TiktokenTokenizer) and tok.path == str(d / "original" / "tokenizer.model")
+    (d / "original" / "tokenizer.model").unlink()
+    with pytest.raises(UserError, match=r"no tokenizer.json or tokenizer.model in .*model \(or its original"):
+        tl.find_tokenizer(d)
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer.json: no end-of-text token declared: add eos_token"):
+        tl.find_tokenizer(d)
+    (d / "params.json").write_text("{}")  # a checkpoint folder, as far as the first look goes
+    with pytest.raises(SystemExit) as e:  # the tokenizer is looked at before the model is loaded
+        tl.main(["--model", str(d), "--generate", "Hi"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {d / 'tokenizer.json'}: no end-of-text")
 
 
 def test_llama_bad_checkpoints_raise(tmp_path):

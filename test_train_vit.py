@@ -1,5 +1,6 @@
 """Tests for train_vit.py: the ViT against raw kernels and transformers, the checkpoint readers, the data
 readers, training (resume, torchrun), merging and the cluster maps. Tiny models, CPU."""
+import argparse
 import json
 import os
 import re
@@ -80,7 +81,7 @@ def _vit_demo(tmp_path_factory, one_thread):
     """The demo's synthetic npz checkpoint and image folders, and one 2-epoch run with cluster maps."""
     root = tmp_path_factory.mktemp("vit_demo")
     ckpt, train_dir, test_dir = train_vit.make_demo(str(root))
-    args = ["--checkpoint", ckpt, "--train", train_dir, "--test", test_dir, "--epochs", "2", "--warmup", "1",
+    args = ["--checkpoint", ckpt, "--train", train_dir, "--test", test_dir, "--epochs", "2", "--warmup", "0",
             "--batch-size", "16", "--lr", "3e-3", "--workers", "0"]
     model = train_vit.train(train_vit.parse_args(args + ["--out", str(root / "run"), "--visualize", "1"]))
     return dict(root=root, ckpt=ckpt, train=train_dir, test=test_dir, args=args, model=model)
@@ -193,7 +194,7 @@ def test_vit_pos_embed_interpolation(tmp_path):
 def test_vit_training_changes_only_theta_and_head(_vit_demo):
     trained = _vit_demo["model"].state_dict()
     with torch.random.fork_rng():
-        torch.manual_seed(0)  # what train() draws: the new head, then phi
+        torch.manual_seed(42)  # what train() draws (--seed's default, the paper's): the new head, then phi
         start = load_vit(_vit_demo["ckpt"], num_classes=4)
         add_gift(start, ["attn.proj"], 16)
     start = start.state_dict()
@@ -201,7 +202,10 @@ def test_vit_training_changes_only_theta_and_head(_vit_demo):
     changed = sorted(k for k in start if not torch.equal(start[k], trained[k]))
     assert changed == ["gift.attn_proj.phi.weight", "gift.attn_proj.psi.weight", "head.bias", "head.weight"]
     log = [json.loads(line) for line in open(_vit_demo["root"] / "run" / "log.jsonl")]
-    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["lr"] == 0.0
+    assert [r["epoch"] for r in log] == [1, 2]
+    # per epoch, no warmup: 3e-3 at t=0, then 1e-6 + (3e-3 - 1e-6)(1 + cos(pi / 2)) / 2
+    assert [r["lr"] for r in log] == [3e-3, 1e-6 + (3e-3 - 1e-6) / 2]
+    assert {(r["method"], r["adapter_params"]) for r in log} == {("gift", 2 * 16 * 64)}
 
 
 def test_vit_cluster_map_png_written(_vit_demo):
@@ -221,8 +225,8 @@ def test_vit_cluster_map_png_written(_vit_demo):
 
 def test_vit_merge_equals_unmerged(_vit_demo, tmp_path):
     adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
-    out = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(tmp_path / "m" / "merged.safetensors")]))
-    assert os.listdir(tmp_path / "m") == ["merged.safetensors"]  # written into a temporary sibling, then renamed
+    out = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(tmp_path / "m" / "m.st")]))
+    assert os.listdir(tmp_path / "m") == ["m.st"]  # written into a temporary sibling, then renamed
     merged = load_vit(out, ViTConfig(image_size=64, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=128)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -501,7 +505,7 @@ def test_vit_bad_training_splits(_vit_demo, tmp_path, capsys, layout, match):
     ("folder", r"is a folder: give the file to write, e.g. .*merged.safetensors"),
     ("taken", r"taken.safetensors exists: choose a new path"),
     ("llama_adapter", "is an adapter of train_llama.py, not of train_vit.py"),
-    ("adapter.pt", r"adapter.pt: not an adapter.safetensors")])
+    ("adapter.pt", r"adapter.pt: no 'state_dict' in it \(found \[\]\); not a GIFT authors' checkpoint")])
 def test_vit_merge_refuses(_vit_demo, tmp_path, capsys, out, match):
     adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
     (tmp_path / "taken.safetensors").write_bytes(b"keep me")
@@ -511,10 +515,142 @@ def test_vit_merge_refuses(_vit_demo, tmp_path, capsys, out, match):
     given = {"llama_adapter": str(tmp_path / "llama.safetensors"), "adapter.pt": str(tmp_path / "adapter.pt")}
     path = {"base": _vit_demo["ckpt"], "adapter": adapter, "folder": str(tmp_path),
             "taken": str(tmp_path / "taken.safetensors")}.get(out, str(tmp_path / "new.safetensors"))
-    _vit_user_error(capsys, ["--adapter", given.get(out, adapter), "--merge", path], match)
+    base = ["--checkpoint", _vit_demo["ckpt"]] if out == "adapter.pt" else []  # a torch file names no base
+    _vit_user_error(capsys, ["--adapter", given.get(out, adapter), "--merge", path, *base], match)
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me" and not (tmp_path / "new.safetensors").exists()
 
 
 def test_vit_demo_refuses_a_used_out(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     _vit_user_error(capsys, ["--demo", "--out", str(tmp_path)], r"--out .* holds files \(notes.txt\)")
+def test_vit_lr_schedule_is_timms():
+    # timm's CosineLRScheduler(t_initial=100, warmup_t=10, warmup_lr_init=1e-7, lr_min=1e-6), per epoch, by hand
+    lr = [train_vit.cosine_lr(t, 1e-4, 100, 10, 1e-7, 1e-6) for t in range(100)]
+    assert lr[0] == 1e-7 and abs(lr[5] - 5.005e-5) < 1e-18 and abs(lr[9] - 9.001e-5) < 1e-18
+    # from epoch 10 the cosine runs on t itself (warmup_prefix=False): cos(pi/10) = 0.95106, cos(0.99 pi) = -0.99951
+    assert abs(lr[10] - 9.757729755661e-05) < 1e-15 and abs(lr[99] - 1.0244252621e-06) < 1e-15
+    assert max(lr) == lr[10] and all(a > b for a, b in zip(lr[10:], lr[11:]))
+    # --schedule step: the same function in steps (timm's t_in_epochs=False), 7 steps an epoch
+    assert train_vit.cosine_lr(3, 1e-4, 700, 70, 1e-7, 1e-6) == 1e-7 + 3 * (1e-4 - 1e-7) / 70
+    args = train_vit.parse_args(["--checkpoint", "c", "--train", "a", "--test", "b"])
+    assert (args.precision, args.schedule, args.seed, args.drop_path, args.warmup, args.warmup_lr, args.min_lr,
+            args.epochs, args.batch_size, args.rank, args.method) == ("fp32", "epoch", 42, 0.1, 10, 1e-7, 1e-6, 100,
+                                                                       32, 16, "gift")
+
+
+def test_vit_adapter_evaluated_with_its_stored_top1(_vit_demo, capsys):
+    run = _vit_demo["root"] / "run"
+    logged = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["test_top1"]
+    top1 = train_vit.evaluate_adapter(train_vit.parse_args(["--adapter", str(run / "adapter.safetensors"), "--test",
+                                                _vit_demo["test"], "--batch-size", "16", "--workers", "0"]))
+    assert round(top1, 4) == logged  # the same weights, data and batches as the run's last evaluation
+    assert f"stored in the adapter: {logged:.2f}%" in capsys.readouterr().out
+
+
+def test_vit_lora_end_to_end(_vit_demo, tmp_path):
+    out = tmp_path / "lora"
+    model = train_vit.train(train_vit.parse_args(_vit_demo["args"] + ["--epochs", "1", "--out", str(out),
+                                                                      "--method", "lora"]))
+    adapter = read_safetensors(str(out / "adapter.safetensors"))
+    assert sorted(adapter) == sorted([f"blocks.{i}.attn.proj.lora_{m}" for i in range(4) for m in "AB"]
+                                     + ["head.bias", "head.weight"])
+    assert adapter["blocks.0.attn.proj.lora_A"].shape == (8, 64)  # r = 8, the paper's LoRA
+    assert adapter["blocks.3.attn.proj.lora_B"].abs().max() > 0
+    log = json.loads((out / "log.jsonl").read_text())
+    assert (log["method"], log["adapter_params"]) == ("lora", 4 * 8 * (64 + 64))
+    merged_path = train_vit.merge(train_vit.parse_args(["--adapter", str(out / "adapter.safetensors"), "--merge",
+                                                        str(tmp_path / "merged.safetensors")]))
+    merged = read_safetensors(merged_path)
+    assert sorted(merged) == sorted(load_vit(_vit_demo["ckpt"], num_classes=4).state_dict())  # plain ViT keys
+    plain = load_vit(merged_path, ViTConfig(image_size=64, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=128))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+    top1 = train_vit.evaluate_adapter(train_vit.parse_args(["--adapter", str(out / "adapter.safetensors"), "--test",
+                                                _vit_demo["test"], "--batch-size", "16", "--workers", "0"]))
+    assert round(top1, 4) == log["test_top1"]
+
+
+AUTHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "assets", "authors_gift_adapters",
+                       "CUB_last.pth.tar")
+
+
+@pytest.mark.skipif(not os.path.isfile(AUTHORS), reason="../shared/assets/authors_gift_adapters is absent")
+def test_vit_authors_adapter_converts_to_the_same_logits(tmp_path, capsys):
+    state, run, metric = train_vit.read_authors_adapter(AUTHORS)  # CUDA-saved tensors, Namespace allow-listed
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "gift.attn_proj.phi.weight": (16, 768), "gift.attn_proj.psi.weight": (768, 16),
+        "head.weight": (200, 768), "head.bias": (200,)}
+    assert (run["method"], run["targets"], run["rank"], run["arch"]) == ("gift", ["attn.proj"], 16,
+                                                                        "vit_base_patch16_224.augreg_in21k")
+    assert abs(metric - 89.7135) < 1e-4
+    # the authors' formula straight from the file: W' = out(in(W)) + W for every block's attn.proj, fp64
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        sd = torch.load(AUTHORS, map_location="cpu", weights_only=True)["state_dict"]
+    phi, psi = sd["in_projections.attn:proj.weight"].double(), sd["out_projections.attn:proj.weight"].double()
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=16, dim=768, depth=2, heads=12, mlp_dim=256, num_classes=200)
+    base = ViT(cfg)
+    write_safetensors(tmp_path / "base.safetensors", base.state_dict())
+    ref = ViT(cfg).double()
+    ref.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for block in ref.blocks:
+            w = block.attn.proj.weight
+            w += F.linear(F.linear(w, phi), psi)            # (768,768) -> (768,16) -> (768,768)
+        ref.head.weight.copy_(sd["backbone.head.weight"])
+        ref.head.bias.copy_(sd["backbone.head.bias"])
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    args = ["--adapter", AUTHORS, "--checkpoint", str(tmp_path / "base.safetensors")]
+    ours, _, stored = train_vit.adapter_model(train_vit.parse_args(args + ["--test", "t"]))
+    assert stored == metric and ours.config == cfg
+    with torch.no_grad():
+        want = ref.eval()(x)
+        torch.testing.assert_close(ours.double().eval()(x), want, rtol=0, atol=1e-10)  # activation form
+        train_vit.main(args + ["--merge", str(tmp_path / "merged.safetensors")])
+        merged = load_vit(str(tmp_path / "merged.safetensors")).double().eval()
+        torch.testing.assert_close(merged(x), want, rtol=0, atol=1e-6)  # W (I + phi psi) summed and stored in fp32
+    # the start of a fine-tuning run: its Theta (the demo's 4 classes need a new head); 0 epochs writes the start
+    ckpt, train_dir, test_dir = train_vit.make_demo(str(tmp_path / "demo"))
+    train_vit.main(args + ["--train", train_dir, "--test", test_dir, "--epochs", "0", "--workers", "0", "--out",
+                           str(tmp_path / "ft")])
+    start = read_safetensors(str(tmp_path / "ft" / "adapter.safetensors"))
+    assert torch.equal(start["gift.attn_proj.psi.weight"], state["gift.attn_proj.psi.weight"])
+    assert start["head.weight"].shape == (4, 768)
+    # evaluation and cluster maps: top-1 printed beside the file's 89.71
+    images = sorted(Path(test_dir).rglob("*.png"))[:3]
+    (tmp_path / "test.txt").write_text("".join(f"{p} {i}\n" for i, p in enumerate(images)))
+    train_vit.main(args + ["--test", str(tmp_path / "test.txt"), "--root", "/", "--visualize", "1", "--workers", "0",
+                           "--out", str(tmp_path / "eval")])
+    assert "of 3 images; stored in the adapter: 89.71%" in capsys.readouterr().out
+
+
+def test_vit_authors_adapter_bad_files_refused(tmp_path):
+    good = {"in_projections.attn:proj.weight": torch.randn(4, 32),
+            "out_projections.attn:proj.weight": torch.randn(32, 4),
+            "backbone.head.weight": torch.randn(5, 32), "backbone.head.bias": torch.randn(5)}
+
+    def save(name, state, **args):
+        torch.save({"epoch": 1, "arch": "x", "state_dict": state, "args": argparse.Namespace(**args), "metric": 1.0},
+                   tmp_path / name)
+        return str(tmp_path / name)
+    state, run, metric = train_vit.read_adapter(save("ok.pth.tar", good, method="gift"))
+    assert run["rank"] == 4 and metric == 1.0 and sorted(state) == sorted(
+        ["gift.attn_proj.phi.weight", "gift.attn_proj.psi.weight", "head.weight", "head.bias"])
+    cases = [(save("rank.pth.tar", {**good, "out_projections.attn:proj.weight": torch.randn(32, 8)}),
+              r"in_projections.attn:proj.weight is \(4, 32\) and out_projections.attn:proj.weight is \(32, 8\)"),
+             (save("lora.pth.tar", {"blocks.0.attn.proj.lora_A": torch.randn(8, 32)}, method="lora"),
+              r"holds LoRA weights \(blocks.0.attn.proj.lora_A, 1 tensors\), not a GIFT adapter"),
+             (save("bias.pth.tar", {**good, "in_projections.attn:proj.bias": torch.randn(4)}),
+              r"found \['backbone.head.bias', .*'in_projections.attn:proj.bias'"),
+             (save("mlp.pth.tar", good, gift_block_block_type="mlp"), "trained with the GIFT block 'mlp'")]
+    data = open(cases[0][0], "rb").read()
+    (tmp_path / "cut.pth.tar").write_bytes(data[:len(data) // 2])
+    cases.append((str(tmp_path / "cut.pth.tar"), "cut.pth.tar: cannot read it as a GIFT authors' checkpoint"))
+    torch.save({"state_dict": good, "args": os.getcwd}, tmp_path / "code.pth.tar")  # a pickled reference to code
+    cases.append((str(tmp_path / "code.pth.tar"), r"GLOBAL (posix|nt).getcwd"))
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            train_vit.read_adapter(path)
+    with pytest.raises(UserError, match="names no base weights"):  # a user mistake, refused before any loading
+        train_vit.parse_args(["--adapter", cases[0][0], "--test", "t"])

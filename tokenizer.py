@@ -1,14 +1,23 @@
-"""The LLaMA tokenizers, written by hand (no sentencepiece, no tiktoken, no regex package).
+"""Hand-written tokenizers for the LLaMA family, RoBERTa and BERT (no sentencepiece, tiktoken, tokenizers, regex).
 
-load_tokenizer(path) reads a tokenizer.model and picks the format from its content:
+load_tokenizer(path) reads a tokenizer file and picks the format from its content:
   - SentencePieceTokenizer: a SentencePiece ModelProto (LLaMA-1/2): score-ordered BPE over characters, with
     a dummy prefix and byte fallback. Only the options LLaMA's files use are accepted; others are refused.
   - TiktokenTokenizer: a tiktoken rank file (Llama 3): the regex pre-tokenizer LLAMA3_PATTERN, then
     rank-ordered byte-level BPE, with the 256 special tokens appended after the ranks.
-Each has encode(text, bos, eos) -> ids, decode(ids) -> text, n_words, bos_id, eos_id, pad_id (None if absent)
-and stop_ids (ids that end a generation). encode() treats its text as plain text: a string such as
-"<|eot_id|>" or "<s>" inside the text is tokenized as ordinary characters, never as the special token (add
-specials by id). Both agree id for id with sentencepiece / tiktoken on Meta's files.
+  - HFTokenizer: a Hugging Face tokenizer.json with a BPE model, in the two families Llama-architecture models
+    use: byte-level BPE (Llama 3, SmolLM2, Qwen2) and SentencePiece-style BPE with byte fallback (Llama-2,
+    TinyLlama, Mistral). It runs the file's normalizer, pre-tokenizer, merges and decoder as the tokenizers
+    library does (the steps are listed at its section below); BOS, EOS, the stop ids and whether BOS is added
+    come from tokenizer_config.json, config.json and generation_config.json beside the file. (RoBERTa's
+    tokenizer.json is of the byte-level kind.)
+  - WordPieceTokenizer: BERT's tokenizer.json (BertNormalizer, BertPreTokenizer, WordPiece).
+Each has encode(text, bos, eos) -> ids, decode(ids) -> text, n_words, bos_id, eos_id, pad_id (None if absent),
+stop_ids (every id that ends a generation) and add_bos (whether the model expects BOS first: pass
+bos=tok.add_bos). The Meta formats treat text as plain text: a string such as "<|eot_id|>" or "<s>" inside it is
+tokenized as ordinary characters (add specials by id); HFTokenizer, as tokenizers does, turns the file's added
+tokens found in the text into their ids. Each agrees id for id with sentencepiece / tiktoken / tokenizers on
+real files (test_tokenizer.py).
 
 Also here: train_tiny_tokenizer (a small byte-level BPE for the demo) and, at the end, the writers that tests
 and bench.py use to build SentencePiece files.
@@ -16,6 +25,8 @@ and bench.py use to build SentencePiece files.
 import base64
 import functools
 import heapq
+import json
+import os
 import re
 import struct
 import sys
@@ -37,47 +48,52 @@ def load_tokenizer(path):
     """The tokenizer in the file at path, its format read from its content."""
     with open(path, "rb") as f:
         head = f.read(512)
+    if head.lstrip()[:1] == b"{":  # an HF tokenizer.json: BPE, or BERT's WordPiece
+        model = HFTokenizer._read_json(path).get("model") or {}
+        return WordPieceTokenizer(path) if model.get("type") == "WordPiece" else HFTokenizer(path)
     if head[:1] in (b"\x0a", b"\x12", b"\x1a"):  # protobuf key of field 1, 2 or 3, length-delimited
         return SentencePieceTokenizer(path)
     if re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", head):
         return TiktokenTokenizer(path)
-    raise ValueError(f"{path}: neither a SentencePiece model (protobuf) nor a tiktoken rank file "
-                     f"('<base64> <rank>' lines); it starts with {head[:40]!r}")
+    raise ValueError(f"{path}: neither a SentencePiece model (protobuf), a tiktoken rank file ('<base64> "
+                     f"<rank>' lines) nor a tokenizer.json; it starts with {head[:40]!r}")
 
 # -----------------------------------------------------------------------------
 # BPE and the shared base
 
 
-def bpe(symbols, priority):
+def bpe(symbols, priority, pairs=False):
     """Merge adjacent symbols, best pair first, until no pair is in the vocabulary.
 
-    symbols: list of str (SentencePiece) or bytes (tiktoken); priority: {piece: number}, higher merges
-    first (score for SentencePiece, -rank for tiktoken); ties go to the leftmost pair, as both reference
-    implementations do. A heap with lazy deletion keeps long inputs O(n log n)."""
+    symbols: list of str (SentencePiece, tokenizer.json) or bytes (tiktoken); priority: {piece: number}, higher
+    merges first (score for SentencePiece, -rank for tiktoken), or with pairs=True {(left, right): number}
+    (-rank in a tokenizer.json's merges, which name the pair, not just what it forms); ties go to the leftmost
+    pair, as all three reference implementations do. A heap with lazy deletion keeps long inputs O(n log n)."""
     n = len(symbols)
     if n < 2:
         return symbols
+    get = (lambda a, b: priority.get((a, b))) if pairs else (lambda a, b: priority.get(a + b))
     sym, nxt, prv = list(symbols), list(range(1, n + 1)), list(range(-1, n - 1))
     heap = []
     for i in range(n - 1):
-        p = priority.get(sym[i] + sym[i + 1])
+        p = get(sym[i], sym[i + 1])
         if p is not None:
-            heap.append((-p, i, sym[i] + sym[i + 1]))
+            heap.append((-p, i, sym[i], sym[i + 1]))
     heapq.heapify(heap)
     while heap:
-        _, i, merged = heapq.heappop(heap)
+        _, i, a, b = heapq.heappop(heap)
         j = nxt[i]
-        if sym[i] is None or j >= n or sym[i] + sym[j] != merged:
+        if j >= n or sym[i] != a or sym[j] != b:
             continue  # stale: one side was merged into something else since this pair was pushed
-        sym[i], sym[j] = merged, None
+        sym[i], sym[j] = a + b, None
         nxt[i] = nxt[j]
         if nxt[j] < n:
             prv[nxt[j]] = i
         for a, b in ((prv[i], i), (i, nxt[i])):
             if a >= 0 and b < n:
-                p = priority.get(sym[a] + sym[b])
+                p = get(sym[a], sym[b])
                 if p is not None:
-                    heapq.heappush(heap, (-p, a, sym[a] + sym[b]))
+                    heapq.heappush(heap, (-p, a, sym[a], sym[b]))
     out, i = [], 0
     while i < n:
         out.append(sym[i])
@@ -95,8 +111,10 @@ def utf8(text):
 
 class Tokenizer:
     """The shared part: a subclass reads its file in __init__ (setting n_words, bos_id, eos_id, pad_id,
-    stop_ids) and defines _chunks(text) -> the pieces that are encoded independently, _encode_chunk(chunk)
-    -> ids, and _decode(ids) -> text."""
+    stop_ids, and add_bos where it is not True) and defines _chunks(text) -> the pieces that are encoded
+    independently (or ids already known: an added token of a tokenizer.json), _encode_chunk(chunk) -> ids,
+    and _decode(ids) -> text."""
+    add_bos = True  # Meta's models are trained with BOS first
 
     def __init__(self, path):
         self.path = str(path)
@@ -105,12 +123,17 @@ class Tokenizer:
         self._cache = {}
 
     def encode(self, text, bos, eos):
-        """text -> token ids, with the begin-of-text id first if bos and the end-of-text id last if eos.
-        Special-token strings in text are plain text here."""
+        """text -> token ids, with the begin-of-text id first if bos and the end-of-text id last if eos."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        for flag, name in ((bos, "bos_id"), (eos, "eos_id")):
+            if flag and getattr(self, name) is None:
+                raise ValueError(f"{self.path}: asked for {name[:3].upper()} but the tokenizer declares none")
         ids = [self.bos_id] if bos else []
         for chunk in self._chunks(text):
+            if isinstance(chunk, int):
+                ids.append(chunk)
+                continue
             chunk_ids = self._cache.get(chunk)
             if chunk_ids is None:
                 if len(self._cache) >= 1 << 20:  # bound the memory on endless distinct input
@@ -321,7 +344,7 @@ _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u20
 
 
 @functools.lru_cache(maxsize=None)
-def _python_re(pattern):
+def _letters_numbers():  # the contents of a [...] set for \p{L} and for \p{N}
     letters, numbers = [], []
     for cp in range(sys.maxunicode + 1):
         cat = unicodedata.category(chr(cp))[0]
@@ -332,7 +355,13 @@ def _python_re(pattern):
             else:
                 ranges.append([cp, cp])
     cls = lambda ranges: "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
-    classes = {r"\p{L}": cls(letters), r"\p{N}": cls(numbers), r"\s": _WHITE_SPACE}
+    return cls(letters), cls(numbers)
+
+
+@functools.lru_cache(maxsize=None)
+def _python_re(pattern):
+    letters, numbers = _letters_numbers()
+    classes = {r"\p{L}": letters, r"\p{N}": numbers, r"\s": _WHITE_SPACE}
     out, inside = [], False  # inside a [...] set the ranges go in as they are, outside in their own set
     for token in re.findall(r"\\p\{.\}|\\.|.", pattern):
         inside = token == "[" or (inside and token != "]")
@@ -408,6 +437,423 @@ class TiktokenTokenizer(Tokenizer):
         n = len(self._token)
         parts = [self._token[i] if i < n else self._special_name[i].encode() for i in ids]
         return b"".join(parts).decode("utf-8", errors="replace")
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer.json (BPE models), as the tokenizers library runs encode(text, add_special_tokens=False)
+#
+#  1. Added tokens: the file's added_tokens found in the text (leftmost match first, the longest of those) are
+#     cut out and become their ids, honouring single_word / lstrip / rstrip. Those marked normalized=false are
+#     looked for in the raw text, the others in the text after step 2.
+#  2. The normalizer, on each remaining segment: NFC/NFD/NFKC/NFKD, Prepend (a string before a non-empty
+#     segment), Replace (a string by a string), or a Sequence of these. Llama-2's older files spell the
+#     SentencePiece conventions this way: Prepend("▁") + Replace(" ", "▁"), and no pre-tokenizer.
+#  3. The pre-tokenizer splits each segment into words: Metaspace (spaces -> "▁"; a "▁" put in front unless
+#     there is one: of every segment with prepend_scheme "always", only of the text's first with "first";
+#     split=true cuts before each "▁"), Split (a regex's matches and the text between them, behavior
+#     "Isolated"), Digits (each digit, or each run of digits, apart), ByteLevel (a leading space if
+#     add_prefix_space, the GPT-2 regex if use_regex, then each UTF-8 byte written as the printable character
+#     GPT-2's table gives it, so a byte-level vocabulary is a set of strings), or a Sequence of these.
+#  4. The model merges each word pair by pair, the pair listed first in "merges" first (leftmost on ties); with
+#     ignore_merges a word that is a token is taken whole. A character without a token becomes its UTF-8
+#     bytes' <0xNN> tokens (byte_fallback), else the unk_token (one for a run with fuse_unk), else it is
+#     dropped before merging, as tokenizers does (SmolLM2 has no token for bytes such as 0x04).
+# decode() maps ids to their tokens' strings (added tokens included, as tokenizers' decode with
+# skip_special_tokens=False) and runs the decoder chain: ByteLevel (characters back to bytes), Metaspace ("▁"
+# -> " ", dropped in the first token), Replace, ByteFallback (a run of <0xNN> tokens -> its text, or one U+FFFD
+# per byte if not UTF-8), Fuse, Strip, or a Sequence of these. Anything else (Unigram, WordLevel, other
+# normalizers, pre-tokenizers or decoders, BPE dropout, subword prefixes/suffixes, regexes with classes Python's
+# re cannot spell alike) is refused with an error naming it; WordPiece is BERT's class at the end.
+# Speed: words go through the base class's cache. A SentencePiece-style segment is one word to tokenizers; it
+# is cut before each run of "▁" when no token holds "x▁" (x != "▁"), exact then (see SentencePieceTokenizer).
+
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's regex
+
+
+def _byte_chars():
+    """GPT-2's bytes_to_unicode: the printable Latin-1 bytes stand for themselves, the other 68 bytes for
+    U+0100 onwards, in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = iter(range(256, 256 + 68))
+    return "".join(chr(b) if b in printable else chr(next(others)) for b in range(256))
+
+
+_BYTE_CHARS = _byte_chars()  # byte b -> _BYTE_CHARS[b]
+_TO_BYTE_CHARS = str.maketrans(dict(zip(map(chr, range(256)), _BYTE_CHARS)))  # for bytes read as Latin-1
+_FROM_BYTE_CHARS = {c: b for b, c in enumerate(_BYTE_CHARS)}
+_WHITE_SPACE_CHARS = frozenset(re.findall(f"[{_WHITE_SPACE}]", "".join(map(chr, range(0x3001)))))
+# The steps each part of the file may hold (besides "Sequence", under the key given first).
+_HF_STEPS = {"normalizer": ("normalizers", {"NFC", "NFD", "NFKC", "NFKD", "Prepend", "Replace"}),
+             "pre_tokenizer": ("pretokenizers", {"Metaspace", "Split", "Digits", "ByteLevel"}),
+             "decoder": ("decoders", {"ByteLevel", "Metaspace", "Replace", "ByteFallback", "Fuse", "Strip"})}
+
+
+def _word_char(c):  # the regex crate's \w, which tokenizers' single_word test uses
+    return unicodedata.category(c)[0] in "LM" or unicodedata.category(c) in ("Nd", "Nl", "Pc")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json with a BPE model. bos_id, eos_id, pad_id: tokenizer_config.json's
+    bos_token / eos_token / pad_token, else config.json's, else generation_config.json's *_token_id (the
+    first, for a list); stop_ids: eos_id and every eos_token_id of config.json and generation_config.json;
+    add_bos: tokenizer_config.json's add_bos_token, else whether the post_processor's template starts with
+    BOS. The files are read from the tokenizer.json's folder; any of them may be absent. n_words: the highest
+    id + 1 (the model's embedding may have more rows)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        what = self.path
+        spec = self._read_json(what)
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{what}: model type {model.get('type')!r} is not supported; only BPE (byte-level, "
+                             f"or SentencePiece-style with byte fallback) is")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                raise ValueError(f"{what}: BPE {key} {model[key]!r} is not supported")
+        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+            raise ValueError(f"{what}: the BPE model needs a vocab object and a merges list")
+        self._id = dict(model["vocab"])  # token -> id, the model's own (added tokens apart, as in tokenizers)
+        self._rank = {}  # (left, right) -> -rank: bpe() merges the highest first
+        for rank, m in enumerate(model["merges"]):  # "left right", or [left, right] (tokens with spaces)
+            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+            if len(pair) != 2 or not (pair[0] in self._id and pair[1] in self._id and pair[0] + pair[1] in self._id):
+                raise ValueError(f"{what}: merge {rank} {m!r} is not two tokens that join into a token")
+            self._rank[pair] = -rank  # a repeated pair keeps its last rank, as in tokenizers
+        unk = model.get("unk_token")
+        if unk is not None and unk not in self._id:
+            raise ValueError(f"{what}: unk_token {unk!r} is not in the vocabulary")
+        self._unk_id = self._id.get(unk)
+        self._fuse_unk, self._ignore_merges = bool(model.get("fuse_unk")), bool(model.get("ignore_merges"))
+        self._byte_id = {b: self._id.get(f"<0x{b:02X}>") for b in range(256)} if model.get("byte_fallback") else {}
+        self._normalizer = self._steps(spec.get("normalizer"), "normalizer")
+        self._pre = self._steps(spec.get("pre_tokenizer"), "pre_tokenizer")
+        self._decoder = self._steps(spec.get("decoder"), "decoder")
+
+        token = {i: t for t, i in self._id.items()}  # id -> the string decode() starts from
+        self._added_id = {}  # content -> id
+        self._added = {}  # the string searched for (normalized content if normalized) -> (id, flags)
+        raw, normalized = [], []
+        for t in spec.get("added_tokens") or []:
+            i, content = t["id"], t["content"]
+            if self._id.get(content, i) != i or token.get(i, content) != content:
+                raise ValueError(f"{what}: added token {content!r} has id {i}, the vocabulary says otherwise")
+            if t.get("normalized", not t.get("special")):
+                content = self._normalize(content)  # looked for, and decoded, as normalized
+                normalized.append(content)
+            else:
+                raw.append(content)
+            self._added_id[t["content"]] = i
+            self._added[content] = (i, t.get("single_word", False), t.get("lstrip", False), t.get("rstrip", False))
+            token[i] = content
+        self.n_words = max(token) + 1
+        self._token = [token.get(i) for i in range(self.n_words)]  # None: no token has that id
+        # Leftmost match first; at one place the longest, since re tries the alternatives in order.
+        self._raw_added, self._normalized_added = (
+            re.compile("|".join(map(re.escape, sorted(c, key=len, reverse=True)))) if c else None
+            for c in (raw, normalized))
+        self._sp_cut = ("\u2581" in self._id and not any(s["type"] == "ByteLevel" for s in self._pre)
+                        and not any(re.search("[^\u2581]\u2581", t) for t in self._id))
+        self._read_folder(spec.get("post_processor"))
+
+    @staticmethod
+    def _read_json(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        return data
+
+    def _steps(self, spec, part):
+        """The file's normalizer / pre_tokenizer / decoder -> its steps in order, each a dict checked here and
+        given what it needs at run time (compiled regexes, defaults). Plain data, so the tokenizer pickles."""
+        if spec is None:
+            return []
+        key, supported = _HF_STEPS[part]
+        kind = spec.get("type")
+        if kind == "Sequence":
+            return [step for sub in spec[key] for step in self._steps(sub, part)]
+        if kind not in supported:
+            raise ValueError(f"{self.path}: {part} {kind!r} is not supported (only {', '.join(sorted(supported))}, "
+                             f"and Sequence)")
+        step = dict(spec)
+        if kind == "Replace":
+            if set(spec["pattern"]) != {"String"}:
+                raise ValueError(f"{self.path}: {part} Replace with pattern {spec['pattern']!r} is not supported "
+                                 f"(only a String)")
+            step["old"] = spec["pattern"]["String"]
+        elif kind == "Metaspace":  # older files: add_prefix_space instead of prepend_scheme, split by default
+            step["prepend_scheme"] = ("never" if spec.get("add_prefix_space") is False
+                                      else spec.get("prepend_scheme") or "always")
+            r = re.escape(spec["replacement"])
+            step["regex"] = re.compile(f"{r}[^{r}]*|[^{r}]+") if spec.get("split", True) else None
+        elif kind == "Split":
+            pattern = spec["pattern"]
+            if spec.get("behavior") != "Isolated" or spec.get("invert"):
+                raise ValueError(f"{self.path}: {part} Split with behavior {spec.get('behavior')!r}, invert "
+                                 f"{spec.get('invert')!r} is not supported (only Isolated, not inverted)")
+            regex = pattern.get("Regex")
+            if regex is not None and re.search(r"\\[dDwWbB]", regex):  # Unicode or ASCII: engines differ
+                raise ValueError(f"{self.path}: {part} Split regex {regex!r} is not supported (\\d, \\w, \\b)")
+            try:
+                step["regex"] = _python_re(regex) if regex is not None else re.compile(re.escape(pattern["String"]))
+            except (re.error, KeyError) as e:
+                raise ValueError(f"{self.path}: {part} Split pattern {pattern!r} is not supported ({e})") from None
+        elif kind == "Digits":
+            step = {"type": "Split", "regex": _python_re(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")}
+        elif kind == "ByteLevel" and part == "pre_tokenizer":
+            step["regex"] = _python_re(GPT2_PATTERN) if spec.get("use_regex", True) else None
+        return [step]
+
+    def _normalize(self, text):
+        for s in self._normalizer:
+            if s["type"] == "Prepend":
+                text = s["prepend"] + text if text else text
+            elif s["type"] == "Replace":
+                text = text.replace(s["old"], s["content"])
+            else:
+                text = unicodedata.normalize(s["type"], text)
+        return text
+
+    def _cut_added(self, text, regex):
+        """text -> [str | id]: the added tokens regex finds become their ids; the text around them stays."""
+        if regex is None:
+            return [text]
+        out, pos = [], 0
+        for m in regex.finditer(text):
+            i, single_word, lstrip, rstrip = self._added[m.group()]
+            start, stop = m.span()
+            if single_word and (start > 0 and _word_char(text[start - 1])
+                                or stop < len(text) and _word_char(text[stop])):
+                continue
+            while lstrip and start > pos and text[start - 1] in _WHITE_SPACE_CHARS:
+                start -= 1
+            while rstrip and stop < len(text) and text[stop] in _WHITE_SPACE_CHARS:
+                stop += 1
+            out += [text[pos:start], i] if pos < start else [i]
+            pos = stop
+        return out + [text[pos:]] if pos < len(text) else out
+
+    def _pre_tokenize(self, text, first):
+        """A normalized segment -> its words; first: the segment starts the text (for Metaspace's "first")."""
+        words = [(text, first)]
+        for s in self._pre:
+            out = []
+            for w, first in words:
+                if s["type"] == "Metaspace":
+                    w = w.replace(" ", s["replacement"])
+                    if not w.startswith(s["replacement"]) and (
+                            s["prepend_scheme"] == "always" or s["prepend_scheme"] == "first" and first):
+                        w = s["replacement"] + w
+                    parts = s["regex"].findall(w) if s["regex"] else [w]
+                elif s["type"] == "ByteLevel":
+                    if s.get("add_prefix_space") and not w.startswith(" "):
+                        w = " " + w
+                    parts = [utf8(p).decode("latin-1").translate(_TO_BYTE_CHARS)
+                             for p in (s["regex"].findall(w) if s["regex"] else [w])]
+                else:  # Split, Isolated: the matches and the text between them
+                    parts, pos = [], 0
+                    for m in s["regex"].finditer(w):
+                        parts += [w[pos:m.start()], m.group()]
+                        pos = m.end()
+                    parts.append(w[pos:])
+                out += [(p, first and k == 0) for k, p in enumerate(p for p in parts if p)]
+            words = out
+        if self._sp_cut:
+            return [chunk for w, _ in words for chunk in _SP_WORDS.findall(w)]
+        return [w for w, _ in words]
+
+    def _chunks(self, text):
+        out = []
+        for k, segment in enumerate(self._cut_added(text, self._raw_added)):
+            if isinstance(segment, int):
+                out.append(segment)
+                continue
+            for j, sub in enumerate(self._cut_added(self._normalize(segment), self._normalized_added)):
+                out += [sub] if isinstance(sub, int) else self._pre_tokenize(sub, k == 0 and j == 0)
+        return out
+
+    def _fallback(self, piece):  # the <0xNN> ids of piece's bytes, or None
+        ids = [self._byte_id.get(b) for b in utf8(piece)] if self._byte_id else [None]
+        return None if None in ids else ids
+
+    def _encode_chunk(self, word):
+        if self._ignore_merges and word in self._id:
+            return [self._id[word]]
+        symbols = list(word)
+        if self._unk_id is None:  # tokenizers drops what it cannot encode before merging
+            symbols = [c for c in symbols if c in self._id or self._fallback(c)]
+        ids, unk = [], False
+        for piece in bpe(symbols, self._rank, pairs=True):
+            i = self._id.get(piece)
+            fallback = None if i is not None else self._fallback(piece)
+            if i is None and fallback is None:  # an unknown character
+                if not (unk and self._fuse_unk):
+                    ids.append(self._unk_id)
+                unk = True
+            else:
+                ids += [i] if i is not None else fallback
+                unk = False
+        return ids
+
+    def _decode(self, ids):
+        tokens = [self._token[i] for i in ids]
+        if None in tokens:
+            raise ValueError(f"decode: no token has id {ids[tokens.index(None)]} in {self.path}")
+        for s in self._decoder:
+            kind = s["type"]
+            if kind == "Replace":
+                tokens = [t.replace(s["old"], s["content"]) for t in tokens]
+            elif kind == "Fuse":
+                tokens = ["".join(tokens)]
+            elif kind == "Strip":  # up to start / stop copies of content off each token's ends
+                c, out = s["content"], []
+                for t in tokens:
+                    a, b = 0, len(t)
+                    while a < min(s["start"], b) and t[a] == c:
+                        a += 1
+                    while b > a and len(t) - b < s["stop"] and t[b - 1] == c:
+                        b -= 1
+                    out.append(t[a:b])
+                tokens = out
+            elif kind == "ByteFallback":
+                out, run = [], bytearray()
+                for t in [*tokens, None]:
+                    if t is not None and len(t) == 6 and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+                        run.append(int(t[3:5], 16))
+                        continue
+                    if run:
+                        try:
+                            out.append(run.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            out += ["\ufffd"] * len(run)
+                        run.clear()
+                    out += [] if t is None else [t]
+                tokens = out
+            elif kind == "Metaspace":
+                first = "" if s["prepend_scheme"] != "never" else " "
+                tokens = [t.replace(s["replacement"], " " if k else first) for k, t in enumerate(tokens)]
+            else:  # ByteLevel: a token of byte characters -> its bytes (any other token: its UTF-8)
+                data = bytearray()
+                for t in tokens:
+                    data += bytes(_FROM_BYTE_CHARS[c] for c in t) if all(c in _FROM_BYTE_CHARS for c in t) else utf8(t)
+                tokens = [data.decode("utf-8", errors="replace")]
+        return "".join(tokens) if self._decoder else " ".join(tokens)
+
+    def _read_folder(self, post_processor):
+        """bos_id, eos_id, pad_id, stop_ids and add_bos from the JSON files beside the tokenizer.json."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        files = {name: self._read_json(os.path.join(folder, name)) if os.path.exists(os.path.join(folder, name))
+                 else {} for name in ("tokenizer_config.json", "config.json", "generation_config.json")}
+        tc = files["tokenizer_config.json"]
+
+        def ids(key):  # what tokenizer_config.json names, then every id config.json and generation_config.json give
+            name = tc.get(f"{key}_token")
+            name = name.get("content") if isinstance(name, dict) else name  # also written as an AddedToken
+            found = []
+            if name is not None:
+                found.append(self._added_id.get(name, self._id.get(name)))
+                if found[0] is None:
+                    raise ValueError(f"{folder}/tokenizer_config.json: {key}_token {name!r} is not a token of "
+                                     f"{self.path}")
+            for file in ("config.json", "generation_config.json"):
+                value = files[file].get(f"{key}_token_id")
+                for i in value if isinstance(value, list) else [] if value is None else [value]:
+                    if not (isinstance(i, int) and 0 <= i < self.n_words and self._token[i] is not None):
+                        raise ValueError(f"{folder}/{file}: {key}_token_id {i!r} is not a token id of {self.path}")
+                    found.append(i)
+            return found
+        bos, eos, pad = ids("bos"), ids("eos"), ids("pad")
+        self.bos_id, self.eos_id, self.pad_id = (found[0] if found else None for found in (bos, eos, pad))
+        self.stop_ids = tuple(dict.fromkeys(eos))
+        if isinstance(tc.get("add_bos_token"), bool):
+            self.add_bos = tc["add_bos_token"]
+        else:  # Llama 3's files: a TemplateProcessing (possibly inside a Sequence) puts BOS first
+            processors = (post_processor or {}).get("processors") or [post_processor or {}]
+            template = next((p["single"] for p in processors if p.get("type") == "TemplateProcessing"), [])
+            first = template[0].get("SpecialToken", {}).get("id") if template else None
+            self.add_bos = first is not None and self.bos_id is not None and self._added_id.get(
+                first, self._id.get(first)) == self.bos_id
+
+# -----------------------------------------------------------------------------
+# BERT: WordPiece, from an HF tokenizer.json
+#
+# BertNormalizer (drop control characters, whitespace to " ", CJK ideographs as words of their own, then
+# strip accents and lowercase as the file says), BertPreTokenizer (split on whitespace, each punctuation
+# character a word of its own), then per word the longest vocabulary prefix and "##" pieces after it, or
+# [UNK] for the whole word if no split covers it.
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese character" blocks
+
+
+def _is_punctuation(c):  # ASCII symbols count too (BERT splits "$" and "^", which are not Unicode P*)
+    return (c.isascii() and c.isprintable() and not c.isalnum() and c != " ") or unicodedata.category(c)[0] == "P"
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's tokenizer.json (model WordPiece, normalizer BertNormalizer, pre_tokenizer BertPreTokenizer).
+    bos_id, eos_id, pad_id: [CLS], [SEP], [PAD]. Unlike HFTokenizer, added tokens ("[MASK]") in the text are
+    plain text."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        spec = HFTokenizer._read_json(path)
+        model, norm, pre = (spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer"))
+        kinds = (model.get("type"), norm.get("type"), pre.get("type"))
+        if kinds != ("WordPiece", "BertNormalizer", "BertPreTokenizer"):
+            raise ValueError(f"{path}: expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+                             f"BertPreTokenizer (BERT's tokenizer.json); found {kinds}")
+        self.vocab, self.prefix = model["vocab"], model.get("continuing_subword_prefix", "##")
+        self.max_chars, self.unk_id = model.get("max_input_chars_per_word", 100), model["vocab"][model["unk_token"]]
+        self.clean, self.cjk, self.lower = norm.get("clean_text", True), norm.get("handle_chinese_chars", True), \
+            norm.get("lowercase", True)
+        self.strip = self.lower if norm.get("strip_accents") is None else norm["strip_accents"]
+        self._piece = {i: p for p, i in self.vocab.items()}
+        self.n_words = 1 + max(self._piece)
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+        self.stop_ids, self.add_bos = (self.eos_id,), True
+
+    def _chunks(self, text):
+        if self.clean:
+            text = "".join(" " if c.isspace() else c for c in text
+                           if c not in "\0\ufffd" and (unicodedata.category(c)[0] != "C" or c in "\t\n\r"))
+        if self.cjk:
+            text = "".join(f" {c} " if any(a <= ord(c) <= b for a, b in _CJK) else c for c in text)
+        if self.strip:
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        if self.lower:
+            text = text.lower()
+        words = []
+        for word in text.split():
+            start = 0
+            for i, c in enumerate(word):
+                if _is_punctuation(c):
+                    words += [word[start:i], c] if i > start else [c]
+                    start = i + 1
+            if start < len(word):
+                words.append(word[start:])
+        return words
+
+    def _encode_chunk(self, word):
+        if len(word) > self.max_chars:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # the longest piece in the vocabulary first
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return ids
+
+    def _decode(self, ids):  # words joined by spaces, "##" pieces glued to the piece before
+        return " ".join(self._piece[i] for i in ids).replace(" " + self.prefix, "")
 
 # -----------------------------------------------------------------------------
 # Training: the demo's tiny tokenizer

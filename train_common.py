@@ -1,6 +1,7 @@
-"""What the training scripts share: safetensors read/write, atomic saves, distributed set-up, rank-0 printing
-and progress bars, the guards of a run (user errors in one line, a lock on --out, the resume check, a stop at
-the first non-finite loss, strict JSON logs), and the LoRA baseline that bench.py measures GIFT against."""
+"""What the scripts share: safetensors read/write, atomic saves, distributed set-up, rank-0 printing and
+progress bars, the guards of a run (user errors in one line, a lock on --out, the resume check, a stop at the
+first non-finite loss, strict JSON logs, input checks), the LoRA baseline GIFT is compared with (in the scripts
+and in bench.py), and one adapter interface (add, save, load, merge) over GIFT and LoRA."""
 import contextlib
 import functools
 import hashlib
@@ -17,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
+
+from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift
 
 # -----------------------------------------------------------------------------
 # User errors: one line, exit status 2
@@ -65,7 +69,7 @@ def read_safetensors(path) -> dict:
     n = int.from_bytes(raw[:8], "little")
     if n < 2 or 8 + n > len(raw):
         raise UserError(f"{path}: header length {n} does not fit in the file's {len(raw)} bytes "
-                         f"(truncated, or not a safetensors file)")
+                        f"(truncated, or not a safetensors file)")
     try:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -80,16 +84,16 @@ def read_safetensors(path) -> dict:
             dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {key!r} has a malformed entry {info!r} (dtype must be one of "
-                             f"{', '.join(_ST_DTYPES)}; data_offsets [begin, end])") from None
+                            f"{', '.join(_ST_DTYPES)}; data_offsets [begin, end])") from None
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise UserError(f"{path}: tensor {key!r} has a bad shape {shape!r}")
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size):
             raise UserError(f"{path}: tensor {key!r} has data_offsets [{begin}, {end}] outside the "
-                             f"{size} data bytes (truncated file?)")
+                            f"{size} data bytes (truncated file?)")
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if end - begin != math.prod(shape) * itemsize:
             raise UserError(f"{path}: tensor {key!r} of {info['dtype']} {shape} needs "
-                             f"{math.prod(shape) * itemsize} bytes, its data_offsets span {end - begin}")
+                            f"{math.prod(shape) * itemsize} bytes, its data_offsets span {end - begin}")
         spans.append((begin, end, key))
         chunk = data[begin:end]
         if (8 + n + begin) % itemsize:  # .view(dtype) needs an aligned start: copy a rare unaligned tensor
@@ -99,7 +103,7 @@ def read_safetensors(path) -> dict:
     for begin, end, key in sorted(spans):  # the data must be covered exactly once, in any order
         if begin != pos:
             raise UserError(f"{path}: tensor {key!r} starts at byte {begin}, expected {pos} "
-                             f"({'overlapping' if begin < pos else 'a gap between'} tensors)")
+                            f"({'overlapping' if begin < pos else 'a gap between'} tensors)")
         pos = end
     if pos != size:
         raise UserError(f"{path}: the tensors cover {pos} of the {size} data bytes (trailing garbage?)")
@@ -389,33 +393,138 @@ def check_vocab(tok, vocab_size, model, allow_padding=False):
 
 
 # -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021), the minimal version: frozen W, trainable A (r x d_in) and B (d_out x r)
+# LoRA (Hu et al. 2021), the baseline GIFT is compared with: W x + (alpha/r) B A x, frozen W, trainable A (r x d_in)
+# and B (d_out x r). One implementation for every script and bench.py; gift.py stays GIFT-only.
+
+
+def _master_dtype(dtype):
+    """float64 for a float64 model, else float32: A and B are fp32 master weights beside bf16 ones (as Theta)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus (alpha/r) B A. weight and bias are the original Parameter objects under the same
+    names, so the model's state_dict keeps its keys (plus .lora_A, .lora_B); the original module, emptied of
+    them, sits in an unregistered tuple and merge_lora puts it back (the same scheme as gift.GIFTLinear)."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device))  # fp32 master weights
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device))  # B = 0: step 0 = base
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))                              # as nn.Linear, as PEFT
+        self.weight, self.bias = base.weight, base.bias
+        del base.weight, base.bias
+        self.in_features, self.out_features, self.scale = base.in_features, base.out_features, alpha / rank
+        self.refs = (base,)
+        master = dict(device=w.device, dtype=_master_dtype(w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **master))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **master))  # B = 0: step 0 is the base model
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))                       # as nn.Linear, loralib and PEFT
 
     def forward(self, x):  # the scale multiplies the small (.., r) product, not the (.., d_out) one
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return self.base(x) + ((x @ a.T) * self.scale) @ b.T  # (..,d_in)@(d_in,r)@(r,d_out)
+        return F.linear(x, self.weight, self.bias) + ((x @ a.T) * self.scale) @ b.T  # (..,d_in)@(d_in,r)@(r,d_out)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.shape[0]}, " \
+               f"scale={self.scale:g}"
 
 
 def add_lora(model: nn.Module, targets, rank: int, alpha: float):
-    """Freezes model and wraps every nn.Linear whose name ends in a target; returns the LoRA layers."""
+    """Freezes model and wraps every nn.Linear whose qualified name is a target or ends in "." + a target;
+    returns the LoRA layers. A target that matches no nn.Linear is an error naming it."""
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = {t: [(n, m) for n, m in linear if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t, hits in found.items() if not hits]
+    if missing or not targets:
+        raise ValueError(f"LoRA targets {missing or targets} matched no nn.Linear. Linear layers: "
+                         f"{', '.join(n for n, _ in linear[:40]) or '(none)'}")
+    for name, _ in (item for hits in found.values() for item in hits):
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+            raise ValueError(f"target {name!r} is inside nn.MultiheadAttention, which reads its weight directly "
+                             f"instead of calling the layer, so LoRA cannot edit it")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            parent, _, leaf = name.rpartition(".")
-            layers.append(LoRALinear(module, rank, alpha))
-            setattr(model.get_submodule(parent), leaf, layers[-1])
-    if not layers:
-        raise ValueError(f"LoRA targets {targets} matched no nn.Linear")
+    for name, module in dict(item for hits in found.values() for item in hits).items():
+        parent, _, leaf = name.rpartition(".")
+        layers.append(LoRALinear(module, rank, alpha))
+        setattr(model.get_submodule(parent), leaf, layers[-1])
     return layers
+
+
+def lora_layers(model: nn.Module):
+    """[(qualified name, LoRALinear)] in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Writes W + (alpha/r) B A into every LoRA layer and puts the plain nn.Linear back: the state_dict has the
+    base model's keys again. The sum is computed in float32 (float64 for float64 weights) and cast once."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("this model has no LoRA layer to merge (add_lora was not called, or it was merged already)")
+    for name, layer in layers:
+        acc = _master_dtype(layer.weight.dtype)
+        delta = (layer.lora_B.to(acc) @ layer.lora_A.to(acc)) * layer.scale  # (d_out,r)@(r,d_in)
+        layer.weight.copy_(layer.weight.to(acc) + delta)
+        base = layer.refs[0]
+        base.register_parameter("weight", layer.weight)  # the layer's current tensors (.to() may have replaced them)
+        base.register_parameter("bias", layer.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, base)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# One adapter interface over GIFT and LoRA, for the scripts: a run config {"method", "targets", "rank", and
+# "share" (GIFT) or "lora_alpha" (LoRA)} builds the adapter; its state (plus extra modules, e.g. a new head) is saved,
+# loaded and merged the same way whatever the method.
+
+
+def add_adapter(model: nn.Module, config: dict):
+    """Freezes model and adds config's adapter; returns the number of trainable adapter parameters."""
+    if config.get("method", "gift") == "lora":
+        layers = add_lora(model, config["targets"], config["rank"], config["lora_alpha"])
+        return sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers)
+    if config.get("method", "gift") != "gift":
+        raise ValueError(f"unknown adapter method {config['method']!r}: gift or lora")
+    thetas = add_gift(model, config["targets"], config["rank"], config.get("share", "type"))
+    return sum(p.numel() for p in thetas.parameters())
+
+
+def adapter_state_dict(model: nn.Module, extra=()) -> dict:
+    """The adapter's tensors (GIFT's Thetas, or every LoRA layer's A and B) plus the named extra submodules."""
+    if hasattr(model, "gift"):
+        return gift_state_dict(model, extra)
+    if not lora_layers(model):
+        raise ValueError("this model has no adapter (add_adapter was not called)")
+    state = {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+    for name in extra:
+        state.update(model.get_submodule(name).state_dict(prefix=name + "."))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict):
+    """Loads what adapter_state_dict saved. Strict: every adapter tensor must be there, every key must exist in
+    the model and every shape must match; anything else is an error naming the key."""
+    if hasattr(model, "gift"):
+        return load_gift_state_dict(model, state)
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in own if k.endswith((".lora_A", ".lora_B")) and k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit this model: missing keys {missing[:6]}, unexpected keys "
+                         f"{unexpected[:6]} (were method, targets or rank different when it was saved?)")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"adapter key {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                             f"(a different rank or layer size?)")
+        own[k].copy_(v)
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """merge_gift or merge_lora: plain nn.Linear layers with the adapted weights, the base model's keys."""
+    return merge_gift(model) if hasattr(model, "gift") else merge_lora(model)

@@ -15,10 +15,15 @@ hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --generate "Is water wet?"
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2-lora --method lora  # the LoRA baseline
 
 --model takes a Meta folder (params.json, consolidated.NN.pth) or an HF folder (config.json,
-model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.model (or
-MODEL/original/tokenizer.model, or --tokenizer). --preset proj / qkvud selects the paper's other variants.
+model.safetensors or model.safetensors.index.json); the tokenizer is MODEL/tokenizer.json (an HF folder's,
+with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or MODEL/original/tokenizer.model, or
+--tokenizer. --preset proj / qkvud selects the paper's other variants.
+--method lora trains the baseline the paper compares with (q, k, v, up, down; r=32, alpha 64) through the same
+data, schedule, adapter file and evaluation. Precision: the weights in bf16 on GPUs and no autocast, as the
+official runs; Theta (or LoRA's A, B) keeps fp32 master weights unless --theta-dtype bf16 (the official runs).
 """
 import argparse
 import contextlib
@@ -38,11 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary
+from gift import parameter_summary
 from tokenizer import load_tokenizer, train_tiny_tokenizer
-from train_common import UserError, adapter_config, atomic_save, atomic_write, check_finite, check_new_output, \
-    check_ranges, check_vocab, cli, fingerprint, lock_out, log_json, print0, progress, read_json, read_safetensors, \
-    resume_checkpoint, setup_distributed, trim_log, write_safetensors
+from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, atomic_write, \
+    check_finite, check_new_output, check_ranges, check_vocab, cli, fingerprint, load_adapter_state_dict, lock_out, \
+    log_json, merge_adapter, print0, progress, read_json, read_safetensors, resume_checkpoint, setup_distributed, \
+    trim_log, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -210,7 +216,9 @@ class Transformer(nn.Module):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id=None):
     """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
-    Returns each prompt's generated ids (without the prompt), cut before the first eos_id."""
+    eos_id: one id or several (a tokenizer's stop_ids: instruct models end a turn with their own token).
+    Returns each prompt's generated ids (without the prompt), cut before the first of them."""
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
     device = model.tok_embeddings.weight.device
     tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
@@ -228,8 +236,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
         for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
             logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end])  # (B, end - pos, V)
             tokens[:, end] = logits[:, -1].argmax(-1)
-            if eos_id is not None:
-                done |= tokens[:, end] == eos_id
+            if stops:
+                done |= torch.isin(tokens[:, end], torch.tensor(stops, device=device))
             pos = end
             if done.all():
                 break
@@ -238,7 +246,7 @@ def generate(model, prompts, max_new_tokens, eos_id=None):
             layer.attention.cache = None
     out = []
     for row in tokens[:, P:end + 1].tolist() if max_new_tokens else [[]] * B:
-        out.append(row[:row.index(eos_id)] if eos_id in row else row)
+        out.append(row[:min((row.index(i) for i in stops if i in row), default=len(row))])
     return out
 
 
@@ -366,7 +374,7 @@ def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
             raise UserError(f"{where}: missing weight {key!r}")
         if state[key].shape != shape:
             raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
-                             f"implies {tuple(shape)}")
+                            f"implies {tuple(shape)}")
     for key in state:
         if key not in expected:
             raise UserError(f"{where}: unexpected weight {key!r}")
@@ -394,32 +402,50 @@ def save_meta(model: Transformer, out_dir):
 
 
 def find_tokenizer(model_path, tokenizer=None):
-    for p in [tokenizer] if tokenizer else [Path(model_path) / "tokenizer.model",
-                                             Path(model_path) / "original" / "tokenizer.model"]:
-        if Path(p).exists():
-            try:
-                return load_tokenizer(p)
-            except (ValueError, OSError) as e:  # the readers' errors for a malformed file
-                raise UserError(f"cannot read the tokenizer {p}: {e}") from None
-    if tokenizer:
-        raise UserError(f"--tokenizer {tokenizer}: no such file")
-    raise UserError(f"no tokenizer.model in {model_path} (or its original/): pass --tokenizer")
+    """The tokenizer file (or, for a folder, the one in it) named by --tokenizer, else the one in the model folder:
+    tokenizer.json (an HF folder's, which transformers uses; BOS, EOS, stop ids and whether BOS is added come from
+    the JSON files beside it), else tokenizer.model (Meta's folders), else original/tokenizer.model (Meta's copy in
+    an HF Llama 3 repo)."""
+    if tokenizer and not Path(tokenizer).is_dir():
+        found = [Path(tokenizer)]
+        if not found[0].is_file():
+            raise UserError(f"--tokenizer {tokenizer}: no such file or folder")
+    else:
+        d = Path(tokenizer or model_path)
+        found = [p for p in (d / "tokenizer.json", d / "tokenizer.model", d / "original" / "tokenizer.model")
+                 if p.is_file()]
+        if not found:
+            raise UserError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
+    try:
+        tok = load_tokenizer(found[0])
+    except (ValueError, OSError) as e:  # the readers' errors for a malformed file, which name it
+        raise UserError(f"cannot read the tokenizer {found[0]}: {e}") from None
+    if tok.eos_id is None:  # training ends every example with it
+        raise UserError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
+                        f"(or eos_token_id to a config.json) beside it")
+    return tok
 
 
 def read_adapter_config(path) -> dict:
-    """The run config train() writes into an adapter's metadata: {script, targets, rank, share, model}."""
-    return adapter_config(path, "train_llama.py", ["targets", "rank", "share"])
+    """The run config train() writes into an adapter's metadata: {method, targets, rank, share, alpha, model}
+    (files written before --method existed are GIFT)."""
+    return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
 
 
 def gift_model(args, dtype=None) -> Transformer:
-    """load_llama(args.model) with GIFT added, on the CPU: --adapter's Theta, or a new Theta (psi = 0, so the
-    model's outputs are still the base model's) for the preset / --targets / --rank."""
+    """load_llama(args.model) with the adapter (GIFT or LoRA) added, on the CPU: --adapter's weights, or new ones
+    (psi = 0 or B = 0, so the model's outputs are still the base model's) for --method, the preset, --targets,
+    --rank. --theta-dtype bf16 stores the adapter's weights in bf16 (the official runs), else fp32 master weights."""
     config = gift_config(args)  # first: a bad adapter is an error before the model is loaded
     model = load_llama(args.model, dtype=dtype)
-    torch.manual_seed(args.seed)  # the same phi initialisation on every rank and in every run
-    add_gift(model, config["targets"], config["rank"], config["share"])
+    torch.manual_seed(args.seed)  # the same phi (or A) initialisation on every rank and in every run
+    add_adapter(model, config)
     if args.adapter:
-        load_gift_state_dict(model, read_safetensors(args.adapter))
+        load_adapter_state_dict(model, read_safetensors(args.adapter))
+    if args.theta_dtype == "bf16":  # the adapter's parameters only; the frozen weights keep --dtype
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.grad_checkpointing = args.grad_checkpointing
     return model
 
@@ -437,7 +463,10 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
 ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
                 "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
 
-# Paper (v3) Table: GIFT_QV r=64, accuracy % in TASKS order, then the average.
+# Paper (v3) Table: accuracy % in TASKS order, then the average; GIFT_QV r=64, and LoRA (r=32 on q, k, v, up, down)
+PAPER_LORA = {"LLaMA-1 7B": [68.9, 80.7, 77.4, 78.1, 78.8, 77.8, 61.3, 74.8, 74.7],
+              "Llama-2 7B": [69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0, 77.6],
+              "Llama-3 8B": [70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0, 80.8]}
 PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
          "Llama-2 7B": [72.0, 84.4, 80.9, 94.0, 85.1, 86.9, 74.5, 82.7, 82.6],
          "Llama-3 8B": [74.7, 89.2, 81.7, 96.0, 88.2, 92.7, 82.7, 88.8, 86.7]}
@@ -466,22 +495,22 @@ def target_of(record, template):
 
 
 def tokenize_train(tok, path, template, max_len, cache_dir, rank):
-    """[(ids, n_prompt)]: BOS + prompt + target + EOS cut to max_len; the loss is on ids[n_prompt:].
-    Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in the text.
-    Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
+    """[(ids, n_prompt)]: BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is
+    on ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as
+    in the text. Cached by the file's and the tokenizer's identity: re-runs and --resume start at once."""
     path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                                 for p in (path, tok.path)]
-    key = hashlib.sha256(json.dumps([stats, template, max_len]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"tokens-{key}.pt"
     if rank == 0 and not cache.exists():
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
         for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
             prompt = prompt_of(r, template)
-            seq = tok.encode(prompt + target_of(r, template), bos=True, eos=False)[:max_len - 1] + [tok.eos_id]
+            seq = tok.encode(prompt + target_of(r, template), tok.add_bos, eos=False)[:max_len - 1] + [tok.eos_id]
             ids += seq
             offsets.append(len(ids))
-            n_prompt.append(len(tok.encode(prompt, bos=True, eos=False)))
+            n_prompt.append(len(tok.encode(prompt, tok.add_bos, eos=False)))
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"ids": torch.tensor(ids, dtype=torch.int32), "offsets": torch.tensor(offsets),
                      "n_prompt": torch.tensor(n_prompt, dtype=torch.int32)}, cache)
@@ -523,14 +552,20 @@ def collate(examples, device):
 PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
            "proj": (["attention.wo"], 128),              # GIFT_Proj
            "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
+LORA = (PRESETS["qkvud"][0], 32)  # the paper's LoRA baseline (LLM-Adapters): q, k, v, up, down, r=32, alpha 2r
 
 
 def gift_config(args):
-    """{targets, rank, share}: --adapter's, else the preset's with --targets and --rank over it."""
+    """The adapter's {method, targets, rank, share, alpha}: --adapter's, else --method's setting (GIFT: --preset;
+    LoRA: the paper's baseline) with --targets, --rank and --lora-alpha over it."""
     if args.adapter:
         return read_adapter_config(args.adapter)
-    targets, rank = PRESETS[args.preset]
-    return {"targets": args.targets or targets, "rank": args.rank or rank, "share": args.share}
+    targets, rank = PRESETS[args.preset] if args.method == "gift" else LORA
+    rank = args.rank or rank
+    config = {"method": args.method, "targets": args.targets or targets, "rank": rank}
+    if args.method == "gift":
+        return {**config, "share": args.share}
+    return {**config, "lora_alpha": float(args.lora_alpha or 2 * rank)}
 
 
 def fsdp_shard(model, device):
@@ -548,7 +583,7 @@ def fsdp_shard(model, device):
 # What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
 CHECKPOINT_KEYS = ("theta", "optimizer", "step")  # and "run", RUN_FIELDS and the inputs (run_settings)
 RUN_FIELDS = ("epochs", "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "template", "max_len", "preset",
-              "targets", "rank", "share")
+              "method", "targets", "rank", "share", "lora_alpha", "theta_dtype")
 
 
 def run_settings(args, dtype, tok):
@@ -568,7 +603,7 @@ def train(args, model, tok, rank, world, device):
     n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
     if args.batch_size % (args.micro_batch_size * world):
         raise UserError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} processes")
+                        f"{args.micro_batch_size} x {world} processes")
     accum = args.batch_size // (args.micro_batch_size * world)
     steps_per_epoch = len(data) // args.batch_size
     total = args.epochs * steps_per_epoch
@@ -581,7 +616,7 @@ def train(args, model, tok, rank, world, device):
     run = run_settings(args, model.tok_embeddings.weight.dtype, tok)
     ckpt = resume_checkpoint(ckpt_path, args.resume, run, CHECKPOINT_KEYS, device)
     if ckpt:
-        load_gift_state_dict(model, ckpt["theta"])
+        load_adapter_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     saved = step  # the step of the checkpoint on disk (0: none yet)
@@ -595,7 +630,7 @@ def train(args, model, tok, rank, world, device):
     def save(step):
         nonlocal saved
         if rank == 0:
-            atomic_save({"theta": gift_state_dict(model), "optimizer": opt.state_dict(), "step": step,
+            atomic_save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict(), "step": step,
                          "run": run}, ckpt_path)
         saved = step
 
@@ -657,16 +692,17 @@ def train(args, model, tok, rank, world, device):
                f"command with --resume (and a later --stop-after, or none)")
     if rank == 0:
         config = {"script": "train_llama.py", **gift_config(args), "model": str(args.model)}
-        write_safetensors(out / "adapter.safetensors", gift_state_dict(model), {"config": json.dumps(config)})
+        write_safetensors(out / "adapter.safetensors", adapter_state_dict(model), {"config": json.dumps(config)})
     return step
 
 
 def merge(args):
-    """--model + --adapter -> a Meta checkpoint in the new folder --merge whose weights are W (I + phi psi),
-    written into a temporary sibling folder that is renamed once complete."""
+    """--model + --adapter -> a Meta checkpoint in the new folder --merge whose weights are W (I + phi psi) (GIFT)
+    or W + (alpha/r) B A (LoRA), under the base model's keys; written into a temporary sibling folder that is
+    renamed once complete."""
     check_new_output(args.merge, "--merge", {"the --model folder": args.model})
-    model = gift_model(args)  # in the stored dtype; merge_gift computes each layer's merge in float32
-    atomic_write(args.merge, lambda tmp: save_meta(merge_gift(model), tmp))
+    model = gift_model(args)  # in the stored dtype; the merge of each layer is computed in float32
+    atomic_write(args.merge, lambda tmp: save_meta(merge_adapter(model), tmp))
     print(f"merged checkpoint written to {args.merge}")
 
 
@@ -705,12 +741,12 @@ def evaluate(args, model, tok, rank, world):
         records = read_records(Path(args.data) / "dataset" / task / "test.json", ["instruction", "answer"])
         records = records[:args.eval_limit or None]
         mine = list(range(part, len(records), parts))
-        prompts = {i: tok.encode(prompt_of(records[i], args.template), bos=True, eos=False) for i in mine}
+        prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
         correct, gens = 0, []
         for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
             idx = order[k:k + args.eval_batch_size]
-            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.eos_id)):
+            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
                 text = tok.decode(ids)
                 pred = extract(task, text, args.extract)
                 correct += pred == records[i]["answer"].strip()
@@ -727,22 +763,28 @@ def evaluate(args, model, tok, rank, world):
         print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}")  # after the bar has closed: a line of its own
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
-        write_results(args, acc, paper_model(model.args), rows)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        write_results(args, acc, paper_model(model.args), rows, trainable)
     return acc
 
 
-def write_results(args, acc, paper, rows):
+def write_results(args, acc, paper, rows, trainable):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ref = dict(zip(TASKS + ["avg"], PAPER[paper])) if paper else {}
-    head = "| task | accuracy % |" + (f" paper ({paper}, GIFT_QV r=64) |" if paper else "")
+    config = gift_config(args)
+    method = {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
+    ref = dict(zip(TASKS + ["avg"], (PAPER if method == "GIFT" else PAPER_LORA)[paper])) if paper else {}
+    setting = "GIFT_QV r=64" if method == "GIFT" else "LoRA r=32"
+    head = f"| task | {method} r={config['rank']}, {trainable:,} params: accuracy % |" + (
+        f" paper ({paper}, {setting}) |" if paper else "")
     lines = [head, "|---|---|" + ("---|" if paper else "")]
     for task, a in acc.items():
         lines.append(f"| {task} | {a:.1f} |" + (f" {ref[task]:.1f} |" if paper else ""))
     table = "\n".join(lines)
     print(table)
     (out / "eval.md").write_text(table + "\n")
-    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None,
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, "paper": ref or None, "adapter": config,
+                                               "trainable_params": trainable,
                                                "protocol": {"template": args.template, "extract": args.extract,
                                                             "max_new_tokens": args.max_new_tokens}}, indent=2))
     with open(out / "eval_generations.jsonl", "w") as f:
@@ -822,7 +864,7 @@ def demo(args):
                        "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
     variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
     model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
-    print(f"GIFT: {parameter_summary(model)}")
+    print(f"{args.method}: {parameter_summary(model)}")
     base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
     base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
     train(args, model, tok, 0, 1, device)
@@ -850,14 +892,23 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup "
                    "(under a minute on a CPU)")
     p.add_argument("--model", help="Meta or HF checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.model; None: the one in --model or --model/original")
+    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
+                   "--model (or --model/original)")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
     p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*; None: runs/llama (demo: a "
                    "new temporary folder)")
-    p.add_argument("--preset", default="qv", choices=PRESETS, help="qv: GIFT_QV, proj: GIFT_Proj, qkvud: GIFT_QKVUD")
-    p.add_argument("--targets", nargs="+", help="GIFT layers by module name suffix; None: the preset's")
-    p.add_argument("--rank", type=int, help="GIFT rank; None: the preset's")
-    p.add_argument("--share", default="type", choices=["type", "all"], help="one Theta per target, or one for all")
+    p.add_argument("--method", default="gift", choices=["gift", "lora"], help="the adapter trained")
+    p.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
+                   "qkvud: GIFT_QKVUD")
+    p.add_argument("--targets", nargs="+", help="adapted layers by module name suffix; None: the preset's (GIFT), "
+                   "wq wk wv w3 w2 (LoRA)")
+    p.add_argument("--rank", type=int, help="rank; None: the preset's (GIFT), 32 (LoRA)")
+    p.add_argument("--share", default="type", choices=["type", "all"], help="GIFT: one Theta per target, or one "
+                   "for all")
+    p.add_argument("--lora-alpha", type=float, help="LoRA: the update is (alpha/r) B A; None: 2 x rank")
+    p.add_argument("--theta-dtype", default="fp32", choices=["fp32", "bf16"], help="the adapter's weights (Theta, "
+                   "or LoRA's A and B) and their AdamW state: fp32 master weights (ours), or bf16 as the official "
+                   "runs, which kept Theta in bf16 beside the bf16 model without autocast")
     p.add_argument("--epochs", type=int, default=6, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
     p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
@@ -902,6 +953,8 @@ def parse_args(argv=None):
         raise UserError(f"--adapter {args.adapter}: no such file")
     if not (args.merge or args.generate or args.data):
         raise UserError("--data is required to train or evaluate")
+    if args.fsdp and args.method == "lora":
+        raise UserError("--fsdp supports GIFT only (it keeps Theta out of the shards); train LoRA with DDP")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise UserError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
     check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
@@ -961,15 +1014,17 @@ def main(argv=None):
             print0(f"--resume: no {ckpt_path} yet, starting a new run")
         train_data(args, tok, rank)
     model = gift_model(args, dtype)
-    check_vocab(tok, model.args.vocab_size, args.model)
+    # an HF folder may pad its embedding past its tokenizer.json (Qwen2: 151936 rows, 151665 ids); Meta's never do
+    check_vocab(tok, model.args.vocab_size, args.model, allow_padding=tok.path.endswith(".json"))
     if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
         fsdp_shard(model, device)
     else:
         model.to(device)
-    print0(f"{args.model}: {model.args}\nGIFT: {parameter_summary(model)}")
+    print0(f"{args.model}: {model.args}\nadapter {gift_config(args)}: {parameter_summary(model)}")
     result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
-        ids = generate(model.eval(), [tok.encode(args.generate, bos=True, eos=False)], args.max_new_tokens, tok.eos_id)
+        ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
+                       tok.stop_ids)
         print0(args.generate + tok.decode(ids[0]))
     else:
         if not args.eval_only:

@@ -3,23 +3,31 @@
 GIFT (arXiv 2312.00700) fine-tunes a frozen ViT by generating new attn.proj weights W (I + phi psi) with one
 Theta = (phi, psi) shared by all blocks (24,576 trainable numbers for ViT-B/16 at rank 16), plus a new head.
 This file holds the whole pipeline: a ~100-line ViT with timm's module names, loaders for Google's .npz,
-timm's .pth/.safetensors and HF's safetensors, the paper's data pipelines, DDP training with exact resume,
-an adapter file, merging, and the paper's cluster maps (C = W phi applied to attn.proj's output tokens).
+timm's .pth/.safetensors and HF's safetensors, the paper's data pipelines and training protocol, DDP training
+with exact resume, an adapter file (also the GIFT authors' released .pth.tar files), merging, the paper's
+cluster maps (C = W phi applied to attn.proj's output tokens), and LoRA (--method lora) as the baseline.
 
 Run:
     python train_vit.py --demo       # synthetic checkpoint + synthetic images: load, train, eval, draw (<1 min, CPU)
-    python train_vit.py --checkpoint ViT-B_16.npz --train CUB_200_2011/train.json \
+    python train_vit.py --checkpoint augreg_in21k.safetensors --train CUB_200_2011/train.json \
         --test CUB_200_2011/test.json --root CUB_200_2011/images --lr 1e-4 --weight-decay 1e-4 --out runs/cub \
         --visualize 8
-    python train_vit.py --checkpoint ViT-B_16.npz --preset vtab --train vtab-1k/dtd/train800val200.txt \
+    python train_vit.py --checkpoint augreg_in21k.safetensors --preset vtab --train vtab-1k/dtd/train800val200.txt \
         --test vtab-1k/dtd/test.txt --num-classes 47 --out runs/dtd
     torchrun --nproc_per_node=4 train_vit.py ...same flags...     # DDP; --batch-size stays the global batch
     python train_vit.py ...same flags... --resume                  # continue from runs/cub/checkpoint.pt, exactly
+    python train_vit.py ...same flags... --method lora             # the LoRA baseline (attn.proj, r=8)
+    python train_vit.py --adapter runs/cub/adapter.safetensors --test CUB_200_2011/test.json \
+        --root CUB_200_2011/images --visualize 8                   # evaluate an adapter, draw its cluster maps
     python train_vit.py --adapter runs/cub/adapter.safetensors --merge runs/cub/merged.safetensors  # timm names
+    python train_vit.py --adapter CUB_last.pth.tar --checkpoint augreg_in21k.safetensors --test ...  # the authors'
 
+The defaults are the paper's protocol (the authors' timm runs): AdamW, 100 epochs, batch 32, timm's cosine
+schedule stepped per epoch with 10 warm-up epochs from 1e-7 and a floor of 1e-6, drop_path 0.1, seed 42, fp32
+(no autocast), on vit_base_patch16_224.augreg_in21k. --precision bf16 and --schedule step trade that for speed.
 Numerics: LayerNorm eps 1e-6 and exact (erf) GELU, as timm and HF run these weights (Google's Flax code
 used the tanh approximation, which differs by at most 5e-4 per activation). Inputs are normalised with
-mean = std = 0.5, i.e. pixels in [-1, 1]. bf16 autocast on GPUs (Theta's master weights stay fp32), fp32 on CPU.
+mean = std = 0.5, i.e. pixels in [-1, 1]. Theta's (and LoRA's) master weights stay fp32 under bf16 autocast.
 The checkpoint is written atomically after every epoch (an interruption loses at most the epoch in progress);
 random numbers are reseeded per (epoch, rank), crops and flips per (seed, epoch, image), so a resumed run
 repeats an uninterrupted one bit for bit, whatever --workers. A mistake (a bad flag, file or split, a used --out)
@@ -31,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -42,11 +51,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gift import add_gift, cluster_head, gift_layers, gift_state_dict, load_gift_state_dict, merge_gift, \
-    parameter_summary
-from train_common import UserError, adapter_config, atomic_save, check_finite, check_new_output, check_ranges, cli, \
-    fingerprint, lock_out, log_json, print0, progress, read_safetensors, resume_checkpoint, setup_distributed, \
-    trim_log, utf8_text, write_safetensors
+from gift import cluster_head, gift_layers, parameter_summary
+from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, check_finite, \
+    check_new_output, check_ranges, cli, fingerprint, load_adapter_state_dict, lock_out, log_json, merge_adapter, \
+    print0, progress, read_safetensors, resume_checkpoint, setup_distributed, trim_log, utf8_text, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
@@ -180,7 +188,7 @@ def _read_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, numpy and pickle each raise their own errors for a broken file
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
-                         f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
+                        f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a plain state dict {{name: tensor}}")
     return state
@@ -293,7 +301,7 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
                 t = resize_pos_embed(t, config.image_size // config.patch_size)
             if t.shape != param.shape:
                 raise UserError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
-                                 f"for {config}")
+                                f"for {config}")
             param.copy_(t)
     # only a replaced head and the layer before one (Google's pre_logits, HF's pooler) may be left out: any
     # other tensor means that the config does not describe this checkpoint (a deeper one would be cut short)
@@ -306,6 +314,101 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
            f"{f'; new head for {num_classes} classes' if num_classes is not None else ''}"
            f"; unused: {', '.join(unused) if unused else 'none'}")
     return model
+
+
+# -----------------------------------------------------------------------------
+# Adapters: ours (adapter.safetensors, the run config in its metadata) and the GIFT authors' released files
+
+def read_authors_adapter(path):
+    """(state under our names, run config, the test top-1 stored in it) of a GIFT adapter released by the paper's
+    authors (github.com/savadikarc/gift, artifacts/<dataset>/gift/final/final/last.pth.tar, trained with timm on
+    vit_base_patch16_224.augreg_in21k).
+
+    The container is torch.save of {epoch, arch, state_dict, optimizer, version, args, metric}, args an
+    argparse.Namespace: torch.load(weights_only=True) is allowed that one class and nothing else, so a file
+    that needs any other code to unpickle is refused. Its tensors were saved on a GPU: map_location="cpu".
+    Their GIFT is ours: in_projections.<target> (r, d_in) is phi.weight, out_projections.<target> (d_in, r) is
+    psi.weight ('.' written ':' in target names), with their default 'simple_block' between them, which has an
+    identity activation and no parameters: their dW = out(in(W)) = (W phi) psi, our GIFT.delta."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and the weights-only unpickler each raise their own errors
+        lines = str(e).splitlines() or [""]
+        why = next((line.strip() for line in lines if "GLOBAL" in line), lines[0][:200])  # the code it names
+        raise UserError(f"{path}: cannot read it as a GIFT authors' checkpoint ({type(e).__name__}: {why}); such a "
+                        f"file loads with nothing but argparse.Namespace allowed (truncated file?)") from None
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path}: no 'state_dict' in it (found {found}); not a GIFT authors' checkpoint")
+    a = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
+    lora = [k for k in sd if "lora_" in k]
+    if lora or a.get("method", "gift") != "gift":
+        what = f"LoRA weights ({lora[0]}, {len(lora)} tensors)" if lora else f"a {a['method']!r} run"
+        raise UserError(f"{path}: holds {what}, not a GIFT adapter (method {a.get('method')!r} in its args)")
+    block = a.get("gift_block_block_type", a.get("hypernet_block_block_type", "simple_block"))
+    act = a.get("gift_block_act_layer", a.get("hypernet_block_act_layer", "identity"))
+    if (block, act) != ("simple_block", "identity"):
+        raise UserError(f"{path}: trained with the GIFT block {block!r} (activation {act!r}); this repository "
+                        f"implements the paper's GIFT, two linear maps with nothing between (simple_block, identity)")
+    state, pairs, rest = {}, {}, []
+    for k, v in sd.items():
+        m = re.fullmatch(r"(in|out)_projections\.(.+)\.weight", k)
+        if m:
+            pairs.setdefault(m[2], {})[m[1]] = v
+        elif k in ("backbone.head.weight", "backbone.head.bias"):
+            state[k.removeprefix("backbone.")] = v.float()
+        else:
+            rest.append(k)
+    if rest or not pairs or len(state) != 2:
+        raise UserError(f"{path}: expected in_projections.<target>.weight, out_projections.<target>.weight and "
+                        f"backbone.head.weight/bias; found {sorted(sd)[:8]}{' ...' if len(sd) > 8 else ''} "
+                        f"({len(sd)} tensors): not a GIFT adapter as the authors released them")
+    ranks = set()
+    for target, p in pairs.items():
+        phi, psi = p.get("in"), p.get("out")
+        if phi is None or psi is None or phi.dim() != 2 or psi.shape != phi.shape[::-1]:
+            shape = lambda t: "missing" if t is None else tuple(t.shape)  # noqa: E731
+            raise UserError(f"{path}: in_projections.{target}.weight is {shape(phi)} and out_projections.{target}"
+                            f".weight is {shape(psi)}: not the (r, d_in) and (d_in, r) factors of one Theta")
+        ranks.add(phi.shape[0])
+        key = "gift." + target.replace(":", "_").replace(".", "_")
+        state[key + ".phi.weight"], state[key + ".psi.weight"] = phi.float(), psi.float()
+    if len(ranks) > 1:
+        raise UserError(f"{path}: Thetas of different ranks {sorted(ranks)}; one rank per adapter is supported")
+    run = {"method": "gift", "targets": [t.replace(":", ".") for t in pairs], "rank": ranks.pop(), "share": "type",
+           "arch": ckpt.get("arch") or a.get("model"), "image_size": a.get("img_size"), "epoch": ckpt.get("epoch"),
+           "source": f"GIFT authors' release {os.path.basename(path)}"}
+    metric = ckpt.get("metric")
+    return state, run, float(metric) if isinstance(metric, (int, float)) else None
+
+
+def read_adapter(path):
+    """(state, run config, the test top-1 stored in it or None) of an adapter: an adapter.safetensors written by
+    train() (GIFT or LoRA, the run config in its metadata), or a GIFT authors' .pth.tar (a torch zip)."""
+    if not os.path.isfile(path):
+        raise UserError(f"adapter {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # a zip archive: torch.save's container, the authors' files
+            return read_authors_adapter(path)
+    run = {"method": "gift", **adapter_config(path, "train_vit.py", ["targets", "rank"])}
+    return read_safetensors(path), run, run.get("test_top1")
+
+
+def adapter_model(args):
+    """(ViT with --adapter loaded, run config, stored top-1): the base weights from --checkpoint, else the
+    checkpoint named in the adapter's run config; the adapter's head."""
+    state, run, stored = read_adapter(args.adapter)
+    checkpoint = args.checkpoint or run.get("checkpoint")
+    if not checkpoint:
+        raise UserError(f"{args.adapter} names no base checkpoint: give --checkpoint (it was trained on "
+                        f"{run.get('arch')})")
+    vit = ViTConfig(**run["vit"]) if "vit" in run else None
+    model = load_vit(checkpoint, vit, num_classes=state["head.weight"].shape[0], image_size=vit and vit.image_size)
+    add_adapter(model, run)
+    load_adapter_state_dict(model, state)
+    return model, run, stored
 
 
 # -----------------------------------------------------------------------------
@@ -438,9 +541,9 @@ class ImageDataset(torch.utils.data.Dataset):
 # Training
 
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
-# inputs (checkpoint, splits and classes, compared by content) or another compute precision.
-RESUME_FIELDS = ("preset", "image_size", "targets", "rank", "share", "epochs", "warmup", "batch_size", "lr",
-                 "weight_decay", "drop_path", "seed")
+# inputs (checkpoint, starting adapter, splits and classes: compared by content, so a moved input is the same).
+RESUME_FIELDS = ("preset", "image_size", "method", "targets", "rank", "share", "lora_alpha", "epochs", "warmup",
+                 "batch_size", "lr", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed", "precision")
 
 
 def split_id(samples):
@@ -450,11 +553,21 @@ def split_id(samples):
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
-def lr_factor(step, warmup, total):
-    """Linear warmup to the base rate over `warmup` steps, then a cosine to zero at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def cosine_lr(t, lr, total, warmup, warmup_lr, min_lr):
+    """timm's CosineLRScheduler as the paper's runs used it (one cycle, warmup_prefix=False) at time t, an epoch
+    (--schedule epoch: t_in_epochs) or a step (--schedule step): a linear warmup from warmup_lr over `warmup`,
+    then min_lr + (lr - min_lr)(1 + cos(pi t / total)) / 2 with t counted from 0, not from the warmup's end."""
+    if t < warmup:
+        return warmup_lr + t * (lr - warmup_lr) / warmup
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / total))
+
+
+def autocast_for(args, device):
+    """--precision bf16: bf16 autocast (master weights stay fp32). fp32, the paper's: no autocast; on GPUs with
+    TF32, matmuls run in it, as the authors' train.py set (torch.backends.cuda.matmul.allow_tf32 = True)."""
+    if device.type == "cuda" and args.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def train(args):
@@ -474,21 +587,34 @@ def train(args):
     if len({label for _, label in train_samples}) < 2:  # a 1-way head is 100% right whatever it learns
         raise UserError(f"--train {args.train}: every image has the same label; a classifier needs two classes or more")
 
+    init = None
+    if args.adapter:  # its method, targets and rank, and its weights as the starting point
+        init, run, _ = read_adapter(args.adapter)
+        for k in ("method", "targets", "rank", "share", "lora_alpha"):
+            setattr(args, k, run.get(k, getattr(args, k)))
+        if init["head.weight"].shape[0] != num_classes:  # another task: the adapter alone, a new head
+            init = {k: v for k, v in init.items() if not k.startswith("head.")}
+
     ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
     if rank == 0:
         lock_out(args.out)
-    run = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "num_classes": num_classes,
-           "checkpoint": fingerprint(args.checkpoint), "train": split_id(train_samples),
-           "test": split_id(test_samples), "autocast": "bfloat16" if device.type == "cuda" else None}
-    ckpt = resume_checkpoint(ckpt_path, args.resume, run, ["adapter", "optimizer", "scheduler", "epoch"], device)
+    settings = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "num_classes": num_classes,
+                "checkpoint": fingerprint(args.checkpoint), "adapter": args.adapter and fingerprint(args.adapter),
+                "train": split_id(train_samples), "test": split_id(test_samples)}
+    ckpt = resume_checkpoint(ckpt_path, args.resume, settings, ["adapter", "optimizer", "epoch"], device)
     if args.resume and ckpt is None:
         print0(f"--resume: no {ckpt_path} yet, starting a new run")
 
     model = load_vit(args.checkpoint, num_classes=num_classes, image_size=args.image_size, drop_path=args.drop_path)
-    add_gift(model, args.targets, args.rank, args.share)  # freezes the backbone
-    model.head.requires_grad_(True)                       # the new head trains with Theta
+    n_adapter = add_adapter(model, vars(args))  # freezes the backbone
+    if init is not None:
+        load_adapter_state_dict(model, init)
+        print0(f"starting from {args.adapter}" + ("" if "head.weight" in init else
+                                                  " (its head has another class count: a new head)"))
+    model.head.requires_grad_(True)  # the new head trains with the adapter
     model.to(device)
-    print0(f"GIFT on {args.targets}, rank {args.rank}, share={args.share}: {parameter_summary(model)}")
+    print0(f"{args.method} on {args.targets}, rank {args.rank}" + (f", share={args.share}" if args.method == "gift"
+           else f", alpha {args.lora_alpha:g}") + f": {n_adapter:,} adapter parameters; {parameter_summary(model)}")
 
     size = model.config.image_size
     modes = ("train", "test") if args.preset == "fgvc" else ("resize", "resize")
@@ -505,13 +631,12 @@ def train(args):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=args.lr)
     steps = len(train_loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup * steps, args.epochs * steps))
+    unit = 1 if args.schedule == "epoch" else steps  # schedule time per epoch: timm's t_in_epochs, or per step
 
     start = 0
     if ckpt:
-        load_gift_state_dict(model, ckpt["adapter"])
+        load_adapter_state_dict(model, ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"]
         print0(f"resumed from {ckpt_path}: {start} of {args.epochs} epochs done")
     if rank == 0:  # keep the log lines of the epochs the checkpoint holds (all of them, or none on a new run)
@@ -521,7 +646,7 @@ def train(args):
     # hook fires once per step, and the frozen backbone is not synchronised at all
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None)
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(args, device)
     for epoch in range(start, args.epochs):
         # reseed per (epoch, rank): drop_path is the same whether or not the run was resumed, so the checkpoint
         # needs no RNG state (and each rank still draws its own numbers); crops and flips: ImageDataset
@@ -534,34 +659,38 @@ def train(args):
         bar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t = epoch if args.schedule == "epoch" else epoch * steps + i
+            lr = cosine_lr(t, args.lr, args.epochs * unit, args.warmup * unit, args.warmup_lr, args.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
             with autocast():
                 loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # all ranks': DDP averaged the grads
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # no clipping: the norm, of DDP's averaged grads
             check_finite(f"epoch {epoch + 1}, step {i + 1}", kept, loss=loss, gradient_norm=norm)
             opt.step()
-            sched.step()
             loss_sum += torch.stack([loss.detach().float() * len(y), torch.tensor(float(len(y)), device=device)])
         if world > 1:
             dist.all_reduce(loss_sum)
         top1 = evaluate(model, test_loader, device, autocast)
         if rank == 0:
             record = {"epoch": epoch + 1, "train_loss": round((loss_sum[0] / loss_sum[1]).item(), 6),
-                      "test_top1": round(top1, 4), "lr": sched.get_last_lr()[0],
-                      "seconds": round(time.time() - t0, 2)}
+                      "test_top1": round(top1, 4), "lr": lr, "seconds": round(time.time() - t0, 2),
+                      "method": args.method, "adapter_params": n_adapter}
             with open(log_path, "a") as f:
                 log_json(f, record)
-            atomic_save({"adapter": gift_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "run": run, "args": vars(args)},
-                        ckpt_path)
+            atomic_save({"adapter": adapter_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
+                         "epoch": epoch + 1, "run": settings, "args": vars(args)}, ckpt_path)
             print(json.dumps(record), flush=True)  # the epoch's bar has closed: a line of its own
 
     if rank == 0:
         adapter = os.path.join(args.out, "adapter.safetensors")
-        config = {**vars(args), "script": "train_vit.py", "vit": asdict(model.config), "classes": classes}
-        write_safetensors(adapter, gift_state_dict(model, ["head"]), {"config": json.dumps(config)})
-        print(f"adapter (Theta + head + run config): {adapter}")
+        top1 = json.loads(open(log_path).readlines()[-1])["test_top1"] if args.epochs else None
+        config = {**vars(args), "script": "train_vit.py", "vit": asdict(model.config), "classes": classes,
+                  "test_top1": top1, "adapter_params": n_adapter}
+        write_safetensors(adapter, adapter_state_dict(model, ["head"]), {"config": json.dumps(config)})
+        print(f"adapter ({args.method} + head + run config): {adapter}")
         if args.visualize:
             maps = visualize(model, test_set, args.visualize, args.vis_layers, os.path.join(args.out, "cluster_maps"))
             print(f"cluster maps of {len(maps)} correctly classified test images: "
@@ -573,25 +702,45 @@ def train(args):
 
 
 def merge(args):
-    """Base checkpoint + --adapter -> the file --merge: a plain ViT state dict (timm names) with W (I + phi psi).
-    The base is --checkpoint, or the one the adapter's run config names."""
-    run = adapter_config(args.adapter, "train_vit.py", ["vit", "targets", "rank", "share", "checkpoint"])
-    base = args.checkpoint or run["checkpoint"]
-    if not os.path.isfile(base):
-        raise UserError(f"the base checkpoint {base} (named by {args.adapter}) does not exist: pass --checkpoint")
+    """--adapter + its base checkpoint -> --merge OUT: a plain ViT state dict (timm names), safetensors, whose
+    targeted weights are W (I + phi psi) (GIFT) or W + (alpha/r) B A (LoRA). OUT must be new."""
     if os.path.isdir(args.merge):
         raise UserError(f"--merge {args.merge} is a folder: give the file to write, e.g. "
                         f"{os.path.join(args.merge, 'merged.safetensors')}")
-    check_new_output(args.merge, "--merge", {"the base checkpoint": base, "the adapter": args.adapter})
-    vit = ViTConfig(**run["vit"])
-    model = load_vit(base, vit, num_classes=vit.num_classes, image_size=vit.image_size)
-    add_gift(model, run["targets"], run["rank"], run["share"])
-    load_gift_state_dict(model, read_safetensors(args.adapter))
-    merge_gift(model)
+    _, run, _ = read_adapter(args.adapter)  # small: read first, to check OUT against its base before loading
+    check_new_output(args.merge, "--merge", {"the base checkpoint": args.checkpoint or run.get("checkpoint"),
+                                             "the adapter": args.adapter})
+    model, run, _ = adapter_model(args)
     os.makedirs(os.path.dirname(args.merge) or ".", exist_ok=True)
-    write_safetensors(args.merge, model.state_dict(), {"config": json.dumps(run)})
+    write_safetensors(args.merge, merge_adapter(model).state_dict(), {"config": json.dumps(run)})
     print(f"merged model (timm names, loads with load_vit): {args.merge}")
     return args.merge
+
+
+def evaluate_adapter(args):
+    """--adapter evaluated on --test without training: top-1 beside the one stored in the adapter, and with
+    --visualize its cluster maps (GIFT)."""
+    rank, world, _, device = setup_distributed()
+    model, run, stored = adapter_model(args)
+    if args.visualize and run["method"] != "gift":
+        raise UserError(f"--visualize draws GIFT's cluster maps; {args.adapter} is a {run['method']} adapter")
+    model.to(device)
+    samples, classes = read_split(args.test, args.root, run.get("classes"))
+    if run.get("classes") is None and classes and len(classes) != model.config.num_classes:
+        raise UserError(f"{args.test} has {len(classes)} classes and the adapter's head {model.config.num_classes}: "
+                        f"its labels would not map to the head's as in training")
+    mode = "test" if run.get("preset", args.preset) == "fgvc" else "resize"  # the run's preprocessing
+    test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
+                                         batch_size=max(1, args.batch_size // world), num_workers=args.workers)
+    top1 = evaluate(model, loader, device, autocast_for(args, device))
+    print0(f"{args.adapter} ({run['method']}, rank {run['rank']}) on {args.test}: top-1 {top1:.2f}% of "
+           f"{len(test_set)} images; stored in the adapter: " + (f"{stored:.2f}%" if stored is not None else "none"))
+    if args.visualize and rank == 0:
+        maps = visualize(model, test_set, args.visualize, args.vis_layers, os.path.join(args.out, "cluster_maps"))
+        print(f"cluster maps of {len(maps)} correctly classified test images: "
+              f"{os.path.dirname(maps[0]) if maps else 'none'}")
+    return top1
 
 
 # -----------------------------------------------------------------------------
@@ -725,10 +874,10 @@ def demo(args):
     torch.set_num_threads(1)
     run = os.path.join(root, "run")
     train(parse_args(["--checkpoint", checkpoint, "--train", train_dir, "--test", test_dir, "--out", run,
-                      "--epochs", "5", "--warmup", "1", "--batch-size", "16", "--lr", "3e-3", "--workers", "2",
-                      "--visualize", "2"]))
-    merge(parse_args(["--adapter", os.path.join(run, "adapter.safetensors"),
-                      "--merge", os.path.join(run, "merged.safetensors")]))
+                      "--epochs", "5", "--warmup", "1", "--schedule", "step", "--batch-size", "16", "--lr", "3e-3",
+                      "--workers", "2", "--visualize", "2"]))
+    merge(parse_args(["--adapter", os.path.join(run, "adapter.safetensors"), "--merge",
+                      os.path.join(run, "merged.safetensors")]))
     print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Everything is in {root}:\n"
           f"  {checkpoint}, {train_dir}, {test_dir}: the synthetic checkpoint and images\n"
           f"  {run}: log.jsonl (one line per epoch), checkpoint.pt (resume), adapter.safetensors, "
@@ -743,10 +892,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--demo", action="store_true", help="synthetic checkpoint and data in a temp dir (or --out), "
                    "then the whole pipeline: under a minute on a CPU")
-    p.add_argument("--adapter", help="adapter.safetensors of a run, for --merge")
-    p.add_argument("--merge", metavar="OUT", help="write the base checkpoint (the adapter's, or --checkpoint) with "
-                   "--adapter merged to the new file OUT (.safetensors, timm names) and exit")
-    p.add_argument("--checkpoint", help="Google .npz, timm .pth / .safetensors, or HF ViT .safetensors")
+    p.add_argument("--adapter", metavar="FILE", help="an adapter.safetensors of train_vit.py (GIFT or LoRA) or a GIFT "
+                   "authors' .pth.tar: with --test alone, evaluated (and drawn by --visualize); with --merge, merged; "
+                   "with --train, the start of the run (its method, targets and rank)")
+    p.add_argument("--merge", metavar="OUT", help="write --adapter merged into its base weights (from the adapter's "
+                   "config, or --checkpoint) to OUT (.safetensors, timm names) and exit")
+    p.add_argument("--checkpoint", help="Google .npz, timm .pth / .safetensors, or HF ViT .safetensors; the paper's: "
+                   "vit_base_patch16_224.augreg_in21k (see README)")
     p.add_argument("--train", help="training split: class-folder directory, VPT .json, or `path label` .txt list")
     p.add_argument("--test", help="split evaluated after every epoch (same forms)")
     p.add_argument("--root", help="where .json / .txt relative paths start; None: the split file's folder")
@@ -755,29 +907,53 @@ def parse_args(argv=None):
                    "flip / Resize(256), CenterCrop(224); vtab: resize to 224, no augmentation")
     p.add_argument("--image-size", type=int,
                    help="None: the checkpoint's (another size resizes the position embeddings)")
-    p.add_argument("--targets", nargs="+", default=["attn.proj"], help="GIFT layers, by name suffix")
-    p.add_argument("--rank", type=int, default=16, help="GIFT rank r")
-    p.add_argument("--share", choices=["type", "all"], default="type", help="one Theta per target, or one for all")
+    p.add_argument("--method", choices=["gift", "lora"], default="gift", help="the adapter trained")
+    p.add_argument("--targets", nargs="+", default=["attn.proj"], help="adapted layers, by name suffix")
+    p.add_argument("--rank", type=int, help="rank r; None: the paper's, 16 for GIFT, 8 for LoRA")
+    p.add_argument("--share", choices=["type", "all"], default="type", help="GIFT: one Theta per target, or one "
+                   "for all")
+    p.add_argument("--lora-alpha", type=float, default=1.0, help="LoRA: the update is (alpha/r) B A; "
+                   "1 is loralib's default, which the authors' ViT LoRA runs used")
     p.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     p.add_argument("--warmup", type=int, default=10, help="warmup epochs")
+    p.add_argument("--warmup-lr", type=float, default=1e-7, help="learning rate the warmup starts from")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="the cosine's floor")
+    p.add_argument("--schedule", choices=["epoch", "step"], default="epoch", help="the learning rate changes once "
+                   "per epoch (timm's default, the paper's runs) or at every step")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32: no autocast, the paper's "
+                   "(TF32 matmuls on GPUs that have them, as the authors' script); bf16: autocast, faster")
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, timm's cosine schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay, on >= 2-D parameters only")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-decoding processes per GPU")
-    p.add_argument("--seed", type=int, default=0, help="the new head's and Theta's initialisation, the data order")
+    p.add_argument("--seed", type=int, default=42, help="the new head's and the adapter's initialisation, the data "
+                   "order")
     p.add_argument("--out", help="checkpoint, log.jsonl, adapter, cluster maps; None: runs/vit (demo: a temp dir)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     p.add_argument("--visualize", type=int, default=0, metavar="N",
                    help="cluster maps of N correctly classified test images")
     p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize; None: all")
     args = p.parse_args(argv)
-    if not (args.demo or args.merge or (args.checkpoint and args.train and args.test)):
-        raise UserError("give --checkpoint, --train and --test (or --demo, or --adapter FILE --merge OUT)")
+    # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
     if args.merge and not args.adapter:
-        raise UserError("--merge OUT needs --adapter (the adapter.safetensors of a run)")
-    check_ranges(args, {"epochs": 1, "batch_size": 1, "rank": 1, "warmup": 0, "workers": 0, "visualize": 0})
+        raise UserError("--merge OUT needs --adapter FILE")
+    if not (args.demo or args.merge or (args.adapter and args.test and not args.train)
+            or (args.checkpoint and args.train and args.test)):
+        raise UserError("give --checkpoint, --train and --test (or --adapter FILE with --test or --merge OUT, or "
+                        "--demo)")
+    if args.adapter:
+        if not os.path.isfile(args.adapter):
+            raise UserError(f"--adapter {args.adapter}: no such file")
+        with open(args.adapter, "rb") as f:
+            if f.read(4) == b"PK\x03\x04" and not args.checkpoint:
+                raise UserError(f"--adapter {args.adapter} is a torch file (the GIFT authors' format), which names no "
+                                f"base weights: give --checkpoint (vit_base_patch16_224.augreg_in21k for theirs)")
+    if args.visualize and args.method == "lora" and args.train:
+        raise UserError("--visualize draws GIFT's cluster maps; a LoRA run has none")
+    args.rank = args.rank or {"gift": 16, "lora": 8}[args.method]
+    check_ranges(args, {"epochs": 0, "batch_size": 1, "rank": 1, "warmup": 0, "workers": 0, "visualize": 0})
     if args.out is None and not args.demo:
         args.out = "runs/vit"
     return args
@@ -790,8 +966,10 @@ def main(argv=None):
         demo(args)
     elif args.merge:
         merge(args)
-    else:
+    elif args.train:
         train(args)
+    else:
+        evaluate_adapter(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,483 @@
+"""Tests for train_glue.py (CPU, pytest): the encoder against transformers, the loader, the GLUE readers,
+truncation and metrics against their references, and the pipeline on the demo's files (adapter, merge, resume).
+transformers and tokenizers are test-only oracles: the tests that need them skip where they are absent."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train_glue as tg
+from gift import add_gift, gift_state_dict, load_gift_state_dict
+from train_common import read_safetensors, write_safetensors
+
+TOL = 1e-4  # float32 logits of two implementations (different kernels and summation orders), values O(1)
+
+
+def _randomize(model, seed=0):
+    """Every parameter random, LayerNorms included, so that a misplaced tensor shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + name.endswith("LayerNorm.weight"))
+    return model
+
+
+def _batch(vocab, pad, lengths, seed=0):
+    """Right-padded ids (real tokens avoid the pad id), types (second half 1), mask (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = (torch.randint(vocab - 4, (n,), generator=g) + 3)
+        ids[i, :n][ids[i, :n] == pad] = pad + 2
+        mask[i, :n] = 1
+    types = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        types[i, n // 2:n] = 1
+    return ids, types, mask
+
+
+# ----------------------------------------------------------------------------------------------- the encoder
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_roberta_logits_match_transformers(tmp_path, num_labels):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=40, type_vocab_size=1,
+                                     pad_token_id=1, layer_norm_eps=1e-5, num_labels=num_labels)
+    torch.manual_seed(0)
+    ref = _randomize(transformers.RobertaForSequenceClassification(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = tg.load_model(tmp_path).eval()  # the file's own head (its config's id2label)
+    assert ours.config.num_labels == num_labels and ours.config.max_position_embeddings == 40
+    ids, types, mask = _batch(99, 1, [9, 17, 3, 12])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, torch.zeros_like(ids), mask)
+    assert got.shape == (4, num_labels) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+
+
+def test_roberta_masked_lm_file_loads_with_a_new_head(tmp_path):
+    """The Hub's roberta-base / roberta-large files are RobertaForMaskedLM: roberta.* (no pooler) and lm_head.*."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=40, type_vocab_size=1,
+                                     pad_token_id=1, layer_norm_eps=1e-5, num_labels=3)
+    torch.manual_seed(0)
+    mlm = _randomize(transformers.RobertaForMaskedLM(cfg)).eval()
+    mlm.save_pretrained(tmp_path)
+    assert any(k.startswith("lm_head.") for k in read_safetensors(tmp_path / "model.safetensors"))
+    ours = tg.load_model(tmp_path, num_labels=3).eval()
+    ref = transformers.RobertaForSequenceClassification(cfg).eval()
+    ref.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)  # the MLM model has no pooler
+    ref.classifier.load_state_dict(ours.classifier.state_dict())
+    ids, _, mask = _batch(99, 1, [6, 13])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours(ids, torch.zeros_like(ids), mask), expected, atol=TOL, rtol=0)
+
+
+def test_bert_logits_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=24, type_vocab_size=2, num_labels=2)
+    torch.manual_seed(0)
+    ref = _randomize(transformers.BertForSequenceClassification(cfg)).eval()
+    ref.save_pretrained(tmp_path / "cls")
+    ids, types, mask = _batch(97, 0, [5, 20, 11])
+    ours = tg.load_model(tmp_path / "cls").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, types, mask), ref(input_ids=ids, token_type_ids=types,
+                                                                attention_mask=mask).logits, atol=TOL, rtol=0)
+    # a bare BertModel file (keys without "bert.", BERT's old LayerNorm gamma / beta names): with an identity
+    # classifier our logits are its pooler output
+    bare = ref.bert
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in bare.state_dict().items()}
+    (tmp_path / "bare").mkdir()
+    write_safetensors(tmp_path / "bare" / "model.safetensors", state)
+    hf = json.loads((tmp_path / "cls" / "config.json").read_text())
+    hf.pop("id2label", None), hf.pop("label2id", None)
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(hf))
+    ours = tg.load_model(tmp_path / "bare", num_labels=32).eval()
+    with torch.no_grad():
+        ours.classifier.weight.copy_(torch.eye(32))
+        ours.classifier.bias.zero_()
+        torch.testing.assert_close(ours(ids, types, mask), bare(input_ids=ids, token_type_ids=types,
+                                                                attention_mask=mask).pooler_output, atol=TOL, rtol=0)
+
+
+def test_paper_parameter_counts():
+    """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (REFERENCE section 2)."""
+    for hidden, layers, heads, expected in ((768, 12, 12, 98_304), (1024, 24, 16, 131_072)):
+        cfg = tg.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=4 * hidden)
+        with torch.device("meta"):
+            model = tg.SequenceClassifier(cfg)
+            tg.add_method(model, {"method": "gift", "targets": ["query", "value"], "rank": 32, "share": "type"})
+        assert sum(p.numel() for p in model.gift.parameters()) == expected
+        assert tg.paper_size(cfg) == ("RoBERTa-Base" if hidden == 768 else "RoBERTa-Large")
+        assert len([n for n, p in model.named_parameters() if p.requires_grad]) == 4 + 4  # 2 Thetas, 2 head layers
+
+
+# ----------------------------------------------------------------------------------------------- the loader
+def _tiny_roberta_folder(path, **changes):
+    cfg = tg.EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=20)
+    torch.manual_seed(0)
+    state = {k: v for k, v in tg.SequenceClassifier(cfg).state_dict().items() if not k.startswith("classifier.")}
+    state["lm_head.bias"] = torch.zeros(50)
+    state.update(changes)
+    state = {k: v for k, v in state.items() if v is not None}
+    path.mkdir(parents=True, exist_ok=True)
+    hf = {k: v for k, v in vars(cfg).items() if k != "num_labels"}
+    (path / "config.json").write_text(json.dumps(hf))
+    write_safetensors(path / "model.safetensors", state)
+    return path
+
+
+def test_loader_is_strict(tmp_path):
+    model = tg.load_model(_tiny_roberta_folder(tmp_path / "ok"), num_labels=2)  # lm_head: reported, not used
+    assert model.classifier["out_proj"].weight.shape == (2, 16)
+    key = "roberta.encoder.layer.1.attention.self.value.weight"
+    with pytest.raises(ValueError, match="missing"):
+        tg.load_model(_tiny_roberta_folder(tmp_path / "a", **{key: None}), num_labels=2)
+    with pytest.raises(ValueError, match=r"shape \(16, 8\)"):
+        tg.load_model(_tiny_roberta_folder(tmp_path / "b", **{key: torch.zeros(16, 8)}), num_labels=2)
+    with pytest.raises(ValueError, match="no place for.*layer.2"):
+        tg.load_model(_tiny_roberta_folder(tmp_path / "c", **{"roberta.encoder.layer.2.output.dense.bias":
+                                                               torch.zeros(16)}), num_labels=2)
+    with pytest.raises(ValueError, match="classifier.*missing"):  # no head in a base file: give num_labels
+        tg.load_model(tmp_path / "ok")
+    bad = tmp_path / "gpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        tg.read_config(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        tg.read_config(bad)
+
+
+# ----------------------------------------------------------------------------------------------- GLUE files
+GLUE_SAMPLES = {  # the official layouts (the GLUE download's train.tsv / dev.tsv), two rows each
+    "cola": "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
+            "gj04\t0\t*\tThey drank the pub.\n",
+    "sst2": "sentence\tlabel\nhide new secretions from the parental units \t0\nthat loves its characters \t1\n",
+    "mrpc": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t702876\t702977\tAmrozi accused his brother .\t"
+            "Referring to him as only \" the witness \" .\n0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa "
+            "bought Dominick 's .\n",
+    "qnli": "index\tquestion\tsentence\tlabel\n0\tWhen did it start?\tIt started in 1990.\tentailment\n"
+            "1\tWho?\tNobody knows.\tnot_entailment\n",
+    "rte": "index\tsentence1\tsentence2\tlabel\n0\tNo weapons were found.\tWeapons were found.\tnot_entailment\n"
+           "1\tA cat sat.\tA cat sat down.\tentailment\n",
+    "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+            "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking "
+            "off.\t5.000\n1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man plays a flute.\tA man is "
+            "playing a flute.\t3.800\n",
+}
+GLUE_EXPECTED = {
+    "cola": [("Our friends won't buy this analysis, let alone the next one we propose.", None, 1),
+             ("They drank the pub.", None, 0)],
+    "sst2": [("hide new secretions from the parental units ", None, 0), ("that loves its characters ", None, 1)],
+    "mrpc": [("Amrozi accused his brother .", 'Referring to him as only " the witness " .', 1),
+             ("Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .", 0)],
+    "qnli": [("When did it start?", "It started in 1990.", 0), ("Who?", "Nobody knows.", 1)],
+    "rte": [("No weapons were found.", "Weapons were found.", 1), ("A cat sat.", "A cat sat down.", 0)],
+    "stsb": [("A plane is taking off.", "An air plane is taking off.", 5.0),
+             ("A man plays a flute.", "A man is playing a flute.", 3.8)],
+}
+
+
+@pytest.mark.parametrize("task", list(tg.TASKS))
+def test_read_tsv_official_layouts(tmp_path, task):
+    path = tmp_path / "train.tsv"
+    path.write_text(GLUE_SAMPLES[task], encoding="utf-8")
+    assert tg.read_tsv(path, tg.TASKS[task]) == GLUE_EXPECTED[task]
+
+
+def test_read_tsv_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match=r"dev.tsv:3: label 'maybe'"):
+        tg.read_tsv(path, tg.TASKS["rte"])
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\textra\tentailment\n")
+    with pytest.raises(ValueError, match=r"dev.tsv:2: 5 tab-separated fields, expected 4"):
+        tg.read_tsv(path, tg.TASKS["rte"])
+    with pytest.raises(ValueError, match=r"columns .* expected"):  # an RTE file given as QNLI
+        tg.read_tsv(path, tg.TASKS["qnli"])
+    path.write_text(GLUE_SAMPLES["stsb"].replace("3.800", "n/a"))
+    with pytest.raises(ValueError, match=r"dev.tsv:3: score 'n/a'"):
+        tg.read_tsv(path, tg.TASKS["stsb"])
+
+
+def test_truncation_matches_tokenizers_longest_first():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": 4 + i for i in range(40)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+
+    class Words:  # encode() as tokenizer.py's: plain ids, no specials
+        def encode(self, text, bos, eos):
+            return [vocab[w] for w in text.split()]
+
+    for max_len in (8, 9, 12):
+        tok.enable_truncation(max_len)
+        for la in range(0, 14):
+            for lb in range(0, 14):
+                a, b = " ".join(f"w{i}" for i in range(la)), " ".join(f"w{20 + i}" for i in range(lb))
+                ids, types = tg.encode_example(Words(), 0, 2, "roberta", a, b, max_len)
+                assert ids == tok.encode(a, b).ids, (max_len, la, lb)
+                assert types == [0] * len(ids)
+        ids, _ = tg.encode_example(Words(), 0, 2, "roberta", " ".join(f"w{i}" for i in range(20)), None, max_len)
+        assert ids == tok.encode(" ".join(f"w{i}" for i in range(20))).ids
+    ids, types = tg.encode_example(Words(), 101, 102, "bert", "w1 w2", "w3", 16)
+    assert ids == [101, 5, 6, 102, 7, 102] and types == [0, 0, 0, 0, 1, 1]
+
+
+def test_metrics_against_references():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.where(rng.random(200) < 0.7, y, 1 - y)
+    # Matthews' coefficient of two binary vectors is their Pearson correlation (the phi coefficient)
+    assert tg.score("mcc", p.tolist(), y.tolist()) == pytest.approx(100 * np.corrcoef(p, y)[0, 1], abs=1e-9)
+    assert tg.score("mcc", [1] * 10, [0, 1] * 5) == 0.0  # a constant prediction scores 0, as sklearn
+    assert tg.score("accuracy", p.tolist(), y.tolist()) == 100 * np.mean(p == y)
+    a, b = rng.standard_normal(50), rng.standard_normal(50)
+    assert tg.score("pearson", a.tolist(), (a + b).tolist()) == pytest.approx(100 * np.corrcoef(a, a + b)[0, 1],
+                                                                            abs=1e-9)
+
+
+def test_lr_schedule_is_hf_linear():
+    assert [tg.lr_factor(s, 2, 10) for s in range(11)] == [0, 0.5] + [k / 8 for k in range(8, -1, -1)]
+    assert tg.lr_factor(0, 0, 4) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+WORDPIECE_TEXTS = ["Hello, world! Isn't this a test?", "Crème brûlée à la carte: 3.50$ ^_^",
+                   "  many   spaces\tand\ttabs\n", "东京大学は日本の大学です。中文字符", "emoji 🙂👍🏽 and symbols ©®™ § ¶",
+                   "under_score hy-phen a/b (paren) [brak]", "control\x00char\x07s and \ufffd replacement\u200b zero",
+                   "line\u2028sep and nbsp\u00a0here", "x" * 120 + " long word", "",
+                   "antidisestablishmentarianism unbelievable ÉCOLE Ωmega İstanbul",
+                   "The quick brown fox jumps over the lazy dog. 12345 67.89"]
+
+
+@pytest.mark.parametrize("lowercase,strip_accents", [(True, None), (False, None), (False, True)])
+def test_wordpiece_matches_tokenizers(tmp_path, lowercase, strip_accents):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizer import load_tokenizer
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=strip_accents)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    tok.train_from_iterator(WORDPIECE_TEXTS * 3 + ["a brown dog jumps, the fox is quick."] * 5, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.n_words) == (2, 3, 0, tok.get_vocab_size())
+    for text in WORDPIECE_TEXTS + ["unseen wordz q", "Ünïcödé ñ"]:
+        assert ours.encode(text, bos=False, eos=False) == tok.encode(text, add_special_tokens=False).ids, text
+    assert ours.decode(ours.encode("the quick fox", bos=False, eos=False)) == "the quick fox"
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """The demo's random RoBERTa folder (HF format) and generated SST-2-style data."""
+    return tg.make_demo(tmp_path_factory.mktemp("glue_demo"))
+
+
+def _train(demo_files, out, *extra):
+    model_dir, data = demo_files
+    argv = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", *extra]
+    return tg.main(argv)
+
+
+@pytest.fixture(scope="module")
+def gift_run(demo_files, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("gift_run")
+    history = _train(demo_files, out)
+    return out, history
+
+
+def test_demo_tokenization_matches_tokenizers(demo_files):
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir, data = demo_files
+    tok, cls, sep = tg.load_text_tokenizer(model_dir, tg.read_config(model_dir))
+    ref = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rows = tg.read_tsv(data / "dev.tsv", tg.TASKS["sst2"])
+    for max_len in (512, 9):
+        ref.enable_truncation(max_len)
+        for (a, _, _), (b, _, _) in zip(rows[:40], rows[40:80]):
+            assert tg.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
+            assert tg.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
+
+
+def test_training_learns_and_writes_its_files(gift_run):
+    out, history = gift_run
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "best.safetensors", "checkpoint.pt",
+                                                      "log.jsonl", "results.json"]
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == history
+    result = json.loads((out / "results.json").read_text())
+    best = max(history, key=lambda h: h["dev_accuracy"])
+    assert (result["best"], result["best_epoch"]) == (best["dev_accuracy"], best["epoch"])
+    assert result["trainable_without_head"] == 2 * 2 * 32 * 64  # two Thetas, 2 r d_in each
+
+
+def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files):
+    out, history = gift_run
+    model_dir, data = demo_files
+    run, state = tg.read_adapter(out / "adapter.safetensors")
+    assert (run["method"], run["targets"], run["rank"], run["encoder"]["num_labels"]) == ("gift", ["query", "value"],
+                                                                                           32, 2)
+    model = tg.load_model(model_dir, num_labels=2)
+    add_gift(model, run["targets"], run["rank"], run["share"])
+    load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
+    assert set(state) == set(gift_state_dict(model, ["classifier"]))
+    assert tg.main(["--eval", str(out / "adapter.safetensors"), "--data", str(data)]) == history[-1]["dev_accuracy"]
+
+
+def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files):
+    out, _ = gift_run
+    _, data = demo_files
+    merged = tg.main(["--merge", str(out / "best.safetensors")])
+    _, unmerged = tg.model_with_adapter(out / "best.safetensors")
+    ours = tg.load_model(merged)
+    assert list(ours.state_dict()) == [k for k in unmerged.state_dict() if not k.startswith("gift.")]
+    ids, types, mask = _batch(ours.config.vocab_size, 1, [12, 5, 30])
+    with torch.no_grad():
+        expected = unmerged.eval()(ids, types * 0, mask)
+        torch.testing.assert_close(ours.eval()(ids, types * 0, mask), expected, atol=TOL, rtol=0)
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, expected, atol=TOL, rtol=0)
+    best = max(json.loads(line)["dev_accuracy"] for line in (out / "log.jsonl").read_text().splitlines())
+    assert tg.main(["--eval", str(merged), "--data", str(data)]) == pytest.approx(best, abs=1.0)  # 1 of 160
+
+
+def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
+    history = _train(demo_files, tmp_path, "--method", "lora", "--epochs", "1")
+    run, state = tg.read_adapter(tmp_path / "adapter.safetensors")
+    assert run["rank"] == 8 and len([k for k in state if "lora_" in k]) == 2 * 2 * 2  # A, B x q, v x 2 layers
+    merged = tg.main(["--merge", str(tmp_path / "adapter.safetensors")])
+    _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
+    ids, types, mask = _batch(unmerged.config.vocab_size, 1, [7, 19])
+    with torch.no_grad():
+        torch.testing.assert_close(tg.load_model(merged).eval()(ids, types * 0, mask),
+                                   unmerged.eval()(ids, types * 0, mask), atol=TOL, rtol=0)
+    assert history[0]["epoch"] == 1
+
+
+def test_resume_repeats_the_uninterrupted_run(demo_files, gift_run, tmp_path, monkeypatch, one_thread):
+    full, history = gift_run
+    real = tg.lr_factor
+
+    def interrupt(step, warmup, total):  # dies before step 17: checkpoints at 7 and 14 exist, epoch 1 is logged
+        if step == 17:
+            raise KeyboardInterrupt
+        return real(step, warmup, total)
+
+    monkeypatch.setattr(tg, "lr_factor", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(demo_files, tmp_path)
+    monkeypatch.setattr(tg, "lr_factor", real)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 14
+    with pytest.raises(SystemExit):  # an existing checkpoint needs --resume
+        _train(demo_files, tmp_path)
+    with pytest.raises(ValueError, match="other.*lr"):
+        _train(demo_files, tmp_path, "--resume", "--lr", "1e-3")
+    resumed = _train(demo_files, tmp_path, "--resume")
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(resumed) == drop(history)
+    a, b = read_safetensors(full / "adapter.safetensors"), read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same code path on the same machine: bit for bit
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_bert_pipeline(tmp_path, one_thread):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir, data = tmp_path / "bert", tmp_path / "RTE"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text(GLUE_SAMPLES["rte"] + "".join(
+            f"{i}\tThe {w} is here.\tA {w} is{' not' * (i % 2)} here.\t{'not_entailment' if i % 2 else 'entailment'}\n"
+            for i, w in enumerate(["cat", "dog", "car", "tree", "boat", "lamp"] * 4, 2)))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([(data / "train.tsv").read_text()], tokenizers.trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(cfg).save_pretrained(model_dir)  # with the MLM and NSP heads (cls.*)
+    tok.save(str(model_dir / "tokenizer.json"))
+    tg.main(["--model", str(model_dir), "--task", "rte", "--data", str(data), "--out", str(tmp_path / "run"),
+             "--epochs", "2", "--batch-size", "8"])
+    merged = tg.main(["--merge", str(tmp_path / "run" / "adapter.safetensors")])
+    _, unmerged = tg.model_with_adapter(tmp_path / "run" / "adapter.safetensors")
+    ids, types, mask = _batch(200, 0, [9, 14])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, token_type_ids=types, attention_mask=mask).logits,
+                                   unmerged.eval()(ids, types, mask), atol=TOL, rtol=0)
+
+
+def _user_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        tg.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_user_errors_are_one_line(capsys, tmp_path, demo_files):
+    model_dir, data = demo_files
+    assert "--model" in _user_error(capsys, ["--task", "rte"])
+    assert "no such file" in _user_error(capsys, ["--merge", str(tmp_path / "nothing.safetensors")])
+    assert "no config.json" in _user_error(capsys, ["--model", str(tmp_path), "--task", "sst2", "--data", str(data)])
+    assert "no train.tsv" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(tmp_path)])
+    write_safetensors(tmp_path / "vit.safetensors", {"x": torch.zeros(1)}, {"config": json.dumps({"vit": {}})})
+    assert "not train_glue.py's" in _user_error(capsys, ["--merge", str(tmp_path / "vit.safetensors")])
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert "--resume" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(data),
+                                              "--out", str(tmp_path)])
+
+
+def test_table_averages_six_tasks(tmp_path):
+    for i, (task, value) in enumerate(zip(tg.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0])):
+        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):
+            run = tmp_path / f"{task}-{seed}"
+            run.mkdir()
+            (run / "results.json").write_text(json.dumps({"task": task, "method": "gift", "backbone": "RoBERTa-Base",
+                                                          "model": "m", "best": value + delta}))
+    text = tg.table(sorted(tmp_path.iterdir()))
+    assert "| RoBERTa-Base | gift | 90.0 | 88.0 | 60.0 | 92.0 | 75.0 | 90.0 | 82.5 | 85.1 |" in text  # medians
+
+
+def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread, torchrun):
+    """Without dropout nothing is random after the seeded init: 2 processes x 16 examples = 1 process x 32."""
+    model_dir, data = demo_files
+    quiet = tmp_path / "model"
+    shutil.copytree(model_dir, quiet)
+    hf = json.loads((quiet / "config.json").read_text())
+    hf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (quiet / "config.json").write_text(json.dumps(hf))
+    args = ["--model", str(quiet), "--task", "sst2", "--data", str(data), "--epochs", "1", "--batch-size", "32",
+            "--lr", "3e-3"]
+    tg.main(args + ["--out", str(tmp_path / "one")])
+    torchrun("train_glue.py", *args, "--out", tmp_path / "two")
+    one, two = (read_safetensors(tmp_path / d / "adapter.safetensors") for d in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+    log1, log2 = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                  for d in ("one", "two"))
+    assert log2[0]["dev_accuracy"] == log1[0]["dev_accuracy"]          # both processes' dev shares counted
+    assert abs(log2[0]["train_loss"] - log1[0]["train_loss"]) < 1e-5  # both processes' losses summed
