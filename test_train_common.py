@@ -241,7 +241,8 @@ def test_fingerprint_is_content_not_location(tmp_path):
 def test_check_finite_names_the_step():
     check_finite("step 3", "nothing was saved", loss=torch.tensor(2.5), gradient_norm=1e30)
     for values, found in [({"loss": float("nan"), "gradient_norm": 1.0}, "loss nan"),
-                          ({"loss": torch.tensor(1.0), "gradient_norm": torch.tensor(float("inf"))}, "gradient norm inf"),
+                          ({"loss": torch.tensor(1.0), "gradient_norm": torch.tensor(float("inf"))},
+                           "gradient norm inf"),
                           ({"loss": torch.tensor(float("-inf"), requires_grad=True)}, "loss -inf")]:
         with pytest.raises(UserError, match=f"step 7: {found}; training stopped, c.pt .step 5. is kept"):
             check_finite("step 7", "c.pt (step 5) is kept", **values)

@@ -448,7 +448,8 @@ def test_vit_augmentation_does_not_depend_on_workers(_vit_demo):
 
 def _png_header(path, w, h):
     """A PNG whose header says w x h pixels (the data is cut off: the size alone must be refused)."""
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
                      chunk(b"IDAT", b""))
 

@@ -876,7 +876,8 @@ def demo(args):
           f"  base model, the paper's exact match:     {base['avg']:5.1f}%  (it answers 'so the pick is ...')\n"
           f"  base model, LLM-Adapters' first match:   {base_fm['avg']:5.1f}%  (it knows the answers)\n"
           f"  GIFT (wq, wv, rank 16), exact match:     {tuned['avg']:5.1f}%  (the format, learned by 2 Thetas)\n"
-          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA. Everything is in {root}:\n"
+          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA. "
+          f"Everything is in {root}:\n"
           f"  {model_dir}, {data}: the synthetic checkpoint, tokenizer and data set\n"
           f"  {out}: log.jsonl, checkpoint.pt (resume), adapter.safetensors, eval.md / eval.json / "
           f"eval_generations.jsonl, base/ and base_first_match/ (the base model's), merged/ (Meta checkpoint)")

@@ -543,7 +543,8 @@ class ImageDataset(torch.utils.data.Dataset):
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
 # inputs (checkpoint, starting adapter, splits and classes: compared by content, so a moved input is the same).
 RESUME_FIELDS = ("preset", "image_size", "method", "targets", "rank", "share", "lora_alpha", "epochs", "warmup",
-                 "batch_size", "lr", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed", "precision")
+                 "batch_size", "lr", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed",
+                 "precision")
 
 
 def split_id(samples):
