@@ -14,7 +14,8 @@ import torch
 
 import train_llama as tl
 from gift import add_gift, gift_state_dict
-from train_common import read_safetensors, read_safetensors_metadata, write_safetensors
+from tokenizer import train_tiny_tokenizer
+from train_common import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,9 +199,8 @@ def test_llama_hub_family_logits_match_transformers(tmp_path, capsys, model_type
     if model_type == "mistral":
         with pytest.raises(ValueError, match="sliding window of 48"):
             ours(_llama_tokens(shape=(1, 49)))
-        with pytest.raises(SystemExit) as e:
-            tl.parse_args(["--model", str(path), "--data", str(tmp_path), "--max-len", "49"])
-        assert e.value.code == 2 and "error: --max-len 49 > the sliding window" in capsys.readouterr().err
+        _llama_user_error(capsys, ["--model", str(path), "--data", str(tmp_path), "--max-len", "49"],
+                          "--max-len 49 > the sliding window")
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,17 @@ def _llama_adapter(out):
     return json.loads(read_safetensors_metadata(path)["config"]), read_safetensors(path)
 
 
-def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
+def _llama_user_error(capsys, argv, match):
+    """main(argv) as the command line runs it: exit status 2 and one line `error: ...` matching match."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tl.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkeypatch):
     model_dir, data = _llama_demo
     tl.main(_llama_train_args(model_dir, data, tmp_path / "a", "--micro-batch-size", "8", "--save-every", "4"))
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
@@ -290,8 +300,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
     tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--save-every", "4",
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
-    assert config_a == config_b == {"method": "gift", "targets": ["attention.wq", "attention.wv"], "rank": 8,
-                                    "share": "type", "model": str(model_dir)}
+    assert config_a == config_b == {"script": "train_llama.py", "method": "gift", "rank": 8, "share": "type",
+                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir)}
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -300,9 +310,25 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo):
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert len(log_a) == len(log_b) == 30
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
-    with pytest.raises(ValueError, match="written with"):  # a resumed run must have the same schedule
-        tl.main(_llama_train_args(model_dir, data, tmp_path / "b", "--micro-batch-size", "8", "--resume",
-                                  "--lr", "2e-2"))
+    forward, calls = tl.Transformer.forward, []
+
+    def interrupted_in_step_7(*a, **kw):  # 2 micro-batches per step; the checkpoint holds step 4
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return forward(*a, **kw)
+    monkeypatch.setattr(tl.Transformer, "forward", interrupted_in_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        tl.main(_llama_train_args(model_dir, data, tmp_path / "c", "--micro-batch-size", "8", "--save-every", "4"))
+    monkeypatch.undo()
+    assert len((tmp_path / "c" / "log.jsonl").read_text().splitlines()) == 6
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "c", "--micro-batch-size", "8", "--save-every", "4",
+                              "--resume"))
+    log_c = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_c] == list(range(1, 31))  # steps 5 and 6 once, not twice
+    assert [r["loss"] for r in log_c] == [r["loss"] for r in log_a]
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "b", "--resume", "--lr", "2e-2"),
+                      r"b.checkpoint.pt was written by a run with other settings or inputs \(lr 0.01 -> 0.02\)")
 
 
 def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
@@ -337,6 +363,7 @@ def test_llama_merged_export_equals_gift_model(tmp_path):
              str(tmp_path / "merged")])
     merged = tl.load_llama(tmp_path / "merged", max_seq_len=128)
     assert sorted(os.listdir(tmp_path / "merged")) == ["consolidated.00.pth", "params.json"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "base", "merged"]  # no temporary sibling left
     assert set(json.loads((tmp_path / "merged" / "params.json").read_text())) <= {
         "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
         "rope_theta", "use_scaled_rope", "rope_scaling"}
@@ -353,7 +380,8 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
                               "--method", "lora", "--rank", "4"))
     config, state = _llama_adapter(out)
     targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
-    assert config == {"method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0, "model": str(model_dir)}
+    assert config == {"script": "train_llama.py", "method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0,
+                      "model": str(model_dir)}
     assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
@@ -424,13 +452,14 @@ def test_llama_find_tokenizer(tmp_path, capsys):
     tok = tl.find_tokenizer(d)
     assert isinstance(tok, TiktokenTokenizer) and tok.path == str(d / "original" / "tokenizer.model")
     (d / "original" / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json or tokenizer.model in .*model \(or its original"):
+    with pytest.raises(UserError, match=r"no tokenizer.json or tokenizer.model in .*model \(or its original"):
         tl.find_tokenizer(d)
     (d / "tokenizer.json").write_text(json.dumps(spec))
     (d / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match=r"tokenizer.json: no end-of-text token declared: add eos_token"):
         tl.find_tokenizer(d)
-    with pytest.raises(SystemExit) as e:  # the folder has no checkpoint either: the tokenizer is looked at first
+    (d / "params.json").write_text("{}")  # a checkpoint folder, as far as the first look goes
+    with pytest.raises(SystemExit) as e:  # the tokenizer is looked at before the model is loaded
         tl.main(["--model", str(d), "--generate", "Hi"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {d / 'tokenizer.json'}: no end-of-text")
 
@@ -476,20 +505,19 @@ def test_llama_bad_hf_checkpoint_raises(tmp_path):
         _llama_error(path, f"config.json: {match}")
 
 
-def test_llama_bad_data_record_raises(tmp_path, capsys, _llama_demo):
+def test_llama_bad_data_record_raises(tmp_path, _llama_demo, capsys):
     model_dir, data = _llama_demo
     bad = tmp_path / "data"
     (bad / "dataset" / "boolq").mkdir(parents=True)
     records = json.loads((data / "commonsense_170k.json").read_text())
     del records[3]["answer"]
     (bad / "commonsense_170k.json").write_text(json.dumps(records))
-    with pytest.raises(ValueError, match=r"commonsense_170k.json: record 3 has no string field 'answer'"):
-        tl.main(_llama_train_args(model_dir, bad, tmp_path / "out"))
+    _llama_user_error(capsys, _llama_train_args(model_dir, bad, tmp_path / "out"),
+                      r"commonsense_170k.json: record 3 has no string field 'answer'")
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
-    with pytest.raises(SystemExit):  # found before the model is loaded
-        tl.main(["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"), "--eval-only",
-                 "--tasks", "boolq"])
-    assert re.search(r"error: .*boolq.test.json: record 1 has no string field 'instruction'", capsys.readouterr().err)
+    _llama_user_error(capsys, ["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"),
+                               "--eval-only", "--tasks", "boolq"],
+                      r"boolq.test.json: record 1 has no string field 'instruction'")
 
 
 def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_demo):
@@ -525,7 +553,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     assert ev["n"] == {"intents": 3, "pairs": 2, "yesno": 2}
     assert abs(ev["loss"]["intents"] - sum(nll) / len(nll)) < 1e-5
     assert ev["interval95"]["pairs"] == tl.wilson_interval(ev["accuracy"]["pairs"], 2)
-    for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "no such file")]:
+    for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "there is no")]:
         with pytest.raises(SystemExit):
             tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
         err = capsys.readouterr().err
@@ -577,7 +605,7 @@ def test_llama_grad_checkpointing_same_gradients():
         assert torch.allclose(a, b, atol=1e-12, rtol=0) and a.abs().max() > 0
 
 
-def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
+def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun, capsys):
     """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed with
     activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
     generations (every rank runs every batch in lockstep)."""
@@ -585,8 +613,8 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
     extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
     tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16",
                                           "--stop-after", "3", *extra) if a != "--no-eval"])
-    with pytest.raises(SystemExit):  # without torchrun there is nothing to shard over
-        tl.main(_llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"))
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"),  # nothing to shard over
+                      "--fsdp shards the model over processes")
     first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
                               "--stop-after", "2")
     resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
@@ -603,3 +631,184 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
     assert a["gift.attention_wq.psi.weight"].abs().max() > 0
     gens = (tmp_path / "two" / "eval_generations.jsonl").read_text().splitlines()
     assert len(gens) == 10 and gens == (tmp_path / "one" / "eval_generations.jsonl").read_text().splitlines()
+
+
+# -----------------------------------------------------------------------------
+# Faults: a run stops with one clear line, never in silent garbage, never over a user's files
+
+@pytest.fixture(scope="module")
+def _llama_stopped(_llama_demo, tmp_path_factory):
+    """A run of the demo setup stopped after step 2: its --out holds checkpoint.pt."""
+    model_dir, data = _llama_demo
+    out = tmp_path_factory.mktemp("stopped")
+    tl.main(_llama_train_args(model_dir, data, out, "--stop-after", "2"))
+    return out
+
+
+def _llama_copy_with(src, dst, change):
+    """A copy of the folder src with change(dst) applied."""
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+def _llama_edit_weight(path, key="layers.1.feed_forward.w2.weight", value=float("nan")):
+    state = torch.load(path / "consolidated.00.pth", weights_only=True)
+    state[key][3, 5] = value
+    torch.save(state, path / "consolidated.00.pth")
+
+
+@pytest.mark.parametrize("change,match", [
+    (["--clip", "0.5"], r"\(clip 1.0 -> 0.5\)"),
+    (["--dtype", "float32"], r"\(dtype 'torch.float64' -> 'torch.float32'\)"),
+    ("model", r"\(model '[0-9a-f]+' -> '[0-9a-f]+'\)"),
+    ("data", r"\(data '[0-9a-f]+' -> '[0-9a-f]+'\)")])
+def test_llama_resume_refuses_another_run(_llama_demo, _llama_stopped, tmp_path, capsys, change, match):
+    model_dir, data = _llama_demo
+    if change == "model":  # the same folder name and sizes, one weight changed
+        model_dir = _llama_copy_with(model_dir, tmp_path / "model", lambda p: _llama_edit_weight(p, value=0.5))
+    elif change == "data":
+        def edit(p):
+            records = json.loads((p / "commonsense_170k.json").read_text())
+            records[0]["answer"] = "false" if records[0]["answer"] == "true" else "true"
+            (p / "commonsense_170k.json").write_text(json.dumps(records))
+        data = _llama_copy_with(data, tmp_path / "data", edit)
+    extra = change if isinstance(change, list) else []
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, _llama_stopped, "--resume", *extra),
+                      r"checkpoint.pt was written by a run with other settings or inputs " + match)
+
+
+def test_llama_resume_accepts_moved_inputs(_llama_demo, _llama_stopped, tmp_path, capsys):
+    model_dir, data = _llama_demo
+    out = shutil.copytree(_llama_stopped, tmp_path / "out")
+    moved = shutil.copytree(model_dir, tmp_path / "elsewhere")
+    tl.main(_llama_train_args(moved, data, out, "--resume", "--stop-after", "3"))
+    assert "stopped at step 3 of 30 (--stop-after)" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("when,match", [
+    ("weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
+    ("step 6", r"step 6: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 4\) is kept")])
+def test_llama_nonfinite_loss_stops(_llama_demo, tmp_path, capsys, monkeypatch, when, match):
+    model_dir, data = _llama_demo
+    if when == "weight":  # one NaN in a base weight
+        model_dir = _llama_copy_with(model_dir, tmp_path / "model", _llama_edit_weight)
+    else:
+        forward, calls = tl.Transformer.forward, []
+
+        def nan_in_step_6(*a, **kw):
+            calls.append(1)
+            return forward(*a, **kw) * (float("nan") if len(calls) == 6 else 1.0)
+        monkeypatch.setattr(tl.Transformer, "forward", nan_in_step_6)
+    out = tmp_path / "out"
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--save-every", "4"),
+                      match)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # strict JSON
+    assert [r["step"] for r in log] == ([] if when == "weight" else [1, 2, 3, 4, 5])
+    assert not (out / "adapter.safetensors").exists()
+    if when != "weight":
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert ckpt["step"] == 4 and all(t.isfinite().all() for t in ckpt["theta"].values())
+
+
+def _llama_hf_folder(path, index=None, **config):
+    """A minimal HF folder: config.json (fields overridden or, when None, left out) and maybe an index."""
+    path.mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96, "num_hidden_layers": 2,
+           "vocab_size": 96, **config}
+    (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    if index:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    return path
+
+
+def _llama_setup(kind, model_dir, data, tmp_path):
+    """(model, data, extra arguments) of a command line with one mistake of the given kind."""
+    if kind == "no_train_file":
+        return model_dir, tmp_path, []
+    if kind in ("empty_task", "latin1_task"):
+        bad = shutil.copytree(data, tmp_path / "data")
+        (bad / "dataset" / "piqa" / "test.json").write_bytes(b"[]" if kind == "empty_task" else
+                                                             b'[{"instruction": "caf\xe9", "answer": "x"}]')
+        return model_dir, bad, []
+    if kind == "latin1_train":
+        bad = shutil.copytree(data, tmp_path / "data")
+        (bad / "commonsense_170k.json").write_bytes(b'[{"instruction": "caf\xe9", "answer": "x"}]')
+        return model_dir, bad, []
+    if kind.startswith("params"):
+        text = {"params_not_json": '{"dim": 64,', "params_no_field": '{"dim": 64, "n_heads": 4}'}[kind]
+        return _llama_copy_with(model_dir, tmp_path / "model", lambda p: (p / "params.json").write_text(text)), data, []
+    tokenizer = ["--tokenizer", str(model_dir / "tokenizer.model")]
+    if kind == "config_no_field":
+        return _llama_hf_folder(tmp_path / "hf", hidden_size=None), data, tokenizer
+    if kind == "index_outside":
+        index = {"model.embed_tokens.weight": "../../etc.safetensors"}
+        return _llama_hf_folder(tmp_path / "hf", index=index), data, tokenizer
+    if kind == "small_tokenizer":
+        records = json.loads((data / "commonsense_170k.json").read_text())
+        tok = train_tiny_tokenizer([r["instruction"] for r in records], 300, tmp_path / "small.model")
+        return model_dir, data, ["--tokenizer", str(tok)]
+    if kind == "vit_adapter":
+        write_safetensors(tmp_path / "adapter.safetensors", {"x": torch.zeros(1)},
+                          {"config": json.dumps({"script": "train_vit.py", "targets": ["attn.proj"], "rank": 16})})
+        return model_dir, data, ["--eval-only", "--adapter", str(tmp_path / "adapter.safetensors")]
+    if kind == "adapter_pt":
+        torch.save({}, tmp_path / "adapter.pt")
+        return model_dir, data, ["--eval-only", "--adapter", str(tmp_path / "adapter.pt")]
+    return model_dir, data, {"unknown_task": ["--eval-only", "--tasks", "boolq", "nope"],
+                             "eval_limit": ["--eval-limit", "0"]}[kind]
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("no_train_file", r"--data .*: no commonsense_170k.json in it \(the LLM-Adapters layout"),
+    ("unknown_task", r"--tasks nope: there is no .*nope.test.json \(the tasks in .*: ARC-Challenge, ARC-Easy, boolq"),
+    ("empty_task", r"piqa.test.json: no records; leave piqa out of --tasks"),
+    ("latin1_task", r"piqa.test.json: not UTF-8 text \(invalid continuation byte at byte 21\)"),
+    ("latin1_train", r"commonsense_170k.json: not UTF-8 text"),
+    ("params_not_json", r"params.json: not valid JSON \(Expecting"),
+    ("params_no_field", r"params.json: no field 'n_layers'"),
+    ("config_no_field", r"config.json: no field 'hidden_size'"),
+    ("index_outside", r"model.safetensors.index.json: names '../../etc.safetensors', outside the model folder"),
+    ("small_tokenizer", r"the tokenizer .*small.model \(\d+ ids\) does not fit the model .* \(\d+ embedding rows\)"),
+    ("vit_adapter", r"adapter.safetensors is an adapter of train_vit.py, not of train_llama.py"),
+    ("adapter_pt", r"adapter.pt: not an adapter.safetensors"),
+    ("eval_limit", r"--eval-limit 0: must be at least 1")])
+def test_llama_user_errors_are_one_line(_llama_demo, tmp_path, capsys, kind, match):
+    model_dir, data, extra = _llama_setup(kind, *_llama_demo, tmp_path)
+    argv = _llama_train_args(model_dir, data, tmp_path / "out", *extra)
+    _llama_user_error(capsys, [a for a in argv if a != "--no-eval" or "task" not in kind], match)
+
+
+def test_llama_used_out_and_merge_targets_are_refused(_llama_demo, _llama_stopped, tmp_path, capsys):
+    model_dir, data = _llama_demo
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, _llama_stopped), "checkpoint.pt exists: add --resume")
+    adapter = str(_llama_stopped / "adapter.safetensors")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for target, match in [(model_dir, "is the --model folder: writing there would destroy it"),
+                          (_llama_stopped, r"holds a checkpoint \(.lock, adapter.safetensors, cache, checkpoint.pt, "
+                                           r"...\): writing there would replace them")]:
+        _llama_user_error(capsys, ["--model", str(model_dir), "--adapter", adapter, "--merge", str(target)], match)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    (tmp_path / "mine.txt").write_text("")
+    _llama_user_error(capsys, ["--demo", "--out", str(tmp_path)], r"--out .* holds files \(mine.txt\)")
+
+
+def test_llama_missing_rope_theta_is_said(_llama_demo, tmp_path, capsys):
+    def drop(p):
+        params = json.loads((p / "params.json").read_text())
+        del params["rope_theta"], params["norm_eps"]
+        (p / "params.json").write_text(json.dumps(params))
+    model = tl.load_llama(_llama_copy_with(_llama_demo[0], tmp_path / "model", drop))
+    assert model.args.rope_theta == 10000.0
+    assert "params.json does not say: assuming norm_eps 1e-05, rope_theta 10000.0" in capsys.readouterr().out
+
+
+def test_llama_command_line_error_is_one_line_before_loading(_llama_demo, tmp_path):
+    model_dir, data = _llama_demo
+    proc = subprocess.run([sys.executable, str(Path(tl.__file__)), "--model", str(model_dir), "--data", str(data),
+                           "--out", str(tmp_path / "out"), "--eval-only", "--tasks", "bolq"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # nothing loaded, nothing printed before
+    assert re.fullmatch(r"error: --tasks bolq: there is no .*bolq.test.json \(the tasks in .*\)\n", proc.stderr)
+    assert not (tmp_path / "out").exists()

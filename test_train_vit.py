@@ -3,6 +3,10 @@ readers, training (resume, torchrun), merging and the cluster maps. Tiny models,
 import argparse
 import json
 import os
+import re
+import shutil
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 
 import train_vit
 from gift import add_gift
-from train_common import read_safetensors, write_safetensors
+from train_common import UserError, read_safetensors, write_safetensors
 from train_vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,9 +223,10 @@ def test_vit_cluster_map_png_written(_vit_demo):
         assert 0.02 < cold < 1  # thresholded at 0.5 after min-max: a part is zero, never all of it
 
 
-def test_vit_merge_equals_unmerged(_vit_demo):
+def test_vit_merge_equals_unmerged(_vit_demo, tmp_path):
     adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
-    out = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(_vit_demo["root"] / "m.st")]))
+    out = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(tmp_path / "m" / "m.st")]))
+    assert os.listdir(tmp_path / "m") == ["m.st"]  # written into a temporary sibling, then renamed
     merged = load_vit(out, ViTConfig(image_size=64, patch_size=8, dim=64, depth=4, heads=4, mlp_dim=128)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -250,9 +255,9 @@ def test_vit_resume_equals_uninterrupted(_vit_demo, tmp_path, monkeypatch):
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert [r["epoch"] for r in logs[1]] == [1, 2, 3]
     assert [(r["train_loss"], r["test_top1"]) for r in logs[0]] == [(r["train_loss"], r["test_top1"]) for r in logs[1]]
-    with pytest.raises(FileExistsError, match="checkpoint.pt exists: add --resume"):
+    with pytest.raises(UserError, match="checkpoint.pt exists: add --resume"):
         train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b")]))
-    with pytest.raises(ValueError, match=r"other settings for \['lr'\]"):
+    with pytest.raises(UserError, match=r"other settings or inputs \(lr 0.003 -> 0.001\)"):
         train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b"), "--resume", "--lr", "1e-3"]))
 
 
@@ -278,6 +283,13 @@ def test_vit_bad_checkpoints_raise(tmp_path):
         load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_dim=48))
     with pytest.raises(ValueError, match="backbone weight 'blocks.2.norm1.weight' is missing"):
         load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=3, heads=4, mlp_dim=64))
+    with pytest.raises(UserError, match=r"g.npz: 12 tensors have no place in a ViT of .*depth=1.* \(blocks.1.attn.proj"
+                                        r".bias, .*\): this config does not describe the checkpoint"):
+        load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, heads=4, mlp_dim=64))  # never cut short
+    write_safetensors(str(tmp_path / "fc_norm.safetensors"), {**timm, "fc_norm.weight": torch.ones(32)})
+    with pytest.raises(UserError, match=r"1 tensors have no place .*\(fc_norm.weight\)"):
+        load_vit(str(tmp_path / "fc_norm.safetensors"), _vit_cfg)
+    assert load_vit(good, num_classes=3).head.weight.shape == (3, 32)  # a replaced head and pre_logits: reported
     del w["Transformer/encoderblock_1/LayerNorm_2/scale"]
     with pytest.raises(ValueError, match="'Transformer/encoderblock_1/LayerNorm_2/scale' is missing"):
         load_vit(_vit_save_npz(tmp_path / "m.npz", w))
@@ -310,7 +322,7 @@ def test_vit_bad_splits_raise(tmp_path):
     with pytest.raises(ValueError, match=r"word.txt:1: label 'cat' is not an integer"):
         read_split(str(tmp_path / "word.txt"))
     (tmp_path / "missing.txt").write_text("img/a b.png 1\nimg/gone.png 0\n")
-    with pytest.raises(FileNotFoundError, match=r"missing.txt:2: image .*gone.png does not exist"):
+    with pytest.raises(UserError, match=r"missing.txt:2: image .*gone.png does not exist"):
         read_split(str(tmp_path / "missing.txt"))
     Image.new("RGB", (20, 30)).save(tmp_path / "img" / "c.png")
     (tmp_path / "train.json").write_text(json.dumps({"img/a b.png": 12, "img/c.png": 3}))  # VPT: ids mapped 0..C-1
@@ -373,6 +385,145 @@ def test_vit_drop_path_stays_on_with_frozen_backbone():
             assert torch.equal(model.eval()(x), model(x))
 
 
+# -----------------------------------------------------------------------------
+# Faults: a run stops with one clear line, never in silent garbage, never over a user's files
+
+def _vit_user_error(capsys, argv, match):
+    """train_vit.main(argv) as the command line runs it: exit status 2 and one line `error: ...` matching match."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+def test_vit_nonfinite_loss_stops_and_keeps_the_last_checkpoint(_vit_demo, tmp_path, monkeypatch, capsys):
+    ce, calls = F.cross_entropy, []
+
+    def nan_at_epoch_2_step_2(logits, y):  # 96 images in batches of 16: 6 steps per epoch
+        calls.append(1)
+        return ce(logits, y) * (float("nan") if len(calls) == 8 else 1.0)
+    monkeypatch.setattr(F, "cross_entropy", nan_at_epoch_2_step_2)
+    out = tmp_path / "run"
+    _vit_user_error(capsys, _vit_demo["args"] + ["--out", str(out)],
+                    r"epoch 2, step 2: loss nan, gradient norm nan; training stopped, the checkpoint of epoch 1 "
+                    r"\(.*checkpoint.pt\) is kept")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(t.isfinite().all() for t in ckpt["adapter"].values())
+    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1]  # strict JSON, epoch 1 only
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_vit_resume_compares_inputs_by_content(_vit_demo, tmp_path, capsys):
+    shutil.copytree(_vit_demo["root"] / "run", tmp_path / "run")
+    moved = shutil.copy(_vit_demo["ckpt"], str(tmp_path / "moved.npz"))  # the same checkpoint elsewhere: the same run
+    args = _vit_demo["args"] + ["--out", str(tmp_path / "run"), "--resume"]
+    train_vit.train(train_vit.parse_args(args + ["--checkpoint", moved]))
+    assert "resumed from" in capsys.readouterr().out
+    w = dict(np.load(moved))
+    w["embedding/bias"][0] += 1  # other weights under the same name
+    np.savez(moved, **w)
+    _vit_user_error(capsys, args + ["--checkpoint", moved], r"written by a run with other settings or inputs "
+                    r"\(checkpoint '[0-9a-f]+' -> '[0-9a-f]+'\)")
+    shutil.copytree(_vit_demo["train"], tmp_path / "train")
+    os.remove(tmp_path / "train" / "red" / "000.png")
+    _vit_user_error(capsys, args + ["--train", str(tmp_path / "train")], r"\(train '[0-9a-f]+' -> '[0-9a-f]+'\)")
+    _vit_user_error(capsys, _vit_demo["args"] + ["--out", str(tmp_path / "run")], "checkpoint.pt exists: add --resume")
+    train_vit.main(_vit_demo["args"] + ["--out", str(tmp_path / "new"), "--resume", "--epochs", "1"])
+    assert f"--resume: no {tmp_path / 'new' / 'checkpoint.pt'} yet, starting a new run" in capsys.readouterr().out
+
+
+def test_vit_augmentation_does_not_depend_on_workers(_vit_demo):
+    samples, _ = read_split(_vit_demo["train"])
+    data = train_vit.ImageDataset([(p, y) for p, y, _ in samples[:12]], 32, "train", seed=0)
+
+    def batches(workers, epoch):
+        data.epoch = epoch
+        return [x for x, _ in torch.utils.data.DataLoader(data, batch_size=4, num_workers=workers)]
+    one = batches(0, 3)
+    assert all(torch.equal(a, b) for a, b in zip(one, batches(2, 3)))  # crops and flips: from (seed, epoch, index)
+    assert not all(torch.equal(a, b) for a, b in zip(one, batches(0, 4)))
+
+
+def _png_header(path, w, h):
+    """A PNG whose header says w x h pixels (the data is cut off: the size alone must be refused)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
+                     chunk(b"IDAT", b""))
+
+
+@pytest.mark.parametrize("name,make,match", [
+    ("strip.png", lambda p: __import__("PIL.Image").Image.new("RGB", (1, 20000)).save(p),
+     r"image .*strip.png: 1 x 20000 pixels is over the limit of 67108864 pixels and an aspect ratio of 20:1"),
+    ("huge.png", lambda p: _png_header(p, 9000, 9000), r"image .*huge.png: 9000 x 9000 pixels is over the limit"),
+    ("cut.png", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), r"cannot decode image .*cut.png"),
+    ("text.jpg", lambda p: p.write_text("not an image"), r"cannot decode image .*text.jpg")])
+def test_vit_image_costs_are_capped(tmp_path, name, make, match):
+    make(tmp_path / name)
+    with pytest.raises(UserError, match=match):
+        train_vit.load_image(str(tmp_path / name), 32, "train", np.random.default_rng(0))
+
+
+def test_vit_image_error_in_a_worker_is_one_line(_vit_demo, tmp_path, capsys):
+    from PIL import Image
+    shutil.copytree(_vit_demo["train"], tmp_path / "train")
+    Image.new("RGB", (1, 20000)).save(tmp_path / "train" / "red" / "strip.png")  # 157 bytes, 256 x 5M once resized
+    _vit_user_error(capsys, _vit_demo["args"] + ["--train", str(tmp_path / "train"), "--workers", "2", "--out",
+                                                 str(tmp_path / "run")],  # raised in a worker, unwrapped by @cli
+                    r"^error: image .*strip.png: 1 x 20000 pixels is over the limit .*\n$")
+
+
+@pytest.mark.parametrize("layout,match", [
+    ("flat", r"flat: no images in class folders \(its images lie directly in it\); a split is a folder with one"),
+    ("empty_class", r"empty_class: the class folder\(s\) ant hold no images"),
+    ("one_class", r"--train .*one_class: every image has the same label; a classifier needs two classes or more"),
+    ("latin1.txt", r"latin1.txt: not UTF-8 text \(invalid continuation byte at byte 18\); save it as UTF-8"),
+    ("empty.txt", r"empty.txt: no images; a split is a folder")])
+def test_vit_bad_training_splits(_vit_demo, tmp_path, capsys, layout, match):
+    src = Path(_vit_demo["train"])
+    spec = tmp_path / layout
+    if layout == "flat":
+        spec.mkdir()
+        for f in sorted((src / "red").iterdir())[:3]:
+            shutil.copy(f, spec)
+    elif layout in ("empty_class", "one_class"):
+        shutil.copytree(src / "red", spec / "red")
+        if layout == "empty_class":
+            shutil.copytree(src / "blue", spec / "blue")
+            (spec / "ant").mkdir()
+    else:
+        spec.write_bytes(b"" if layout == "empty.txt" else b"red/0.png 0\nrouge/\xe9t\xe9.png 1\n")
+    _vit_user_error(capsys, _vit_demo["args"] + ["--train", str(spec), "--test", str(spec), "--root", str(src),
+                                                 "--out", str(tmp_path / "run")] + (["--num-classes", "4"] if
+                                                                                    "one" in layout else []), match)
+
+
+@pytest.mark.parametrize("out,match", [
+    ("base", "is the base checkpoint: writing there would destroy it"),
+    ("adapter", "is the adapter: writing there would destroy it"),
+    ("folder", r"is a folder: give the file to write, e.g. .*merged.safetensors"),
+    ("taken", r"taken.safetensors exists: choose a new path"),
+    ("llama_adapter", "is an adapter of train_llama.py, not of train_vit.py"),
+    ("adapter.pt", r"adapter.pt: no 'state_dict' in it \(found \[\]\); not a GIFT authors' checkpoint")])
+def test_vit_merge_refuses(_vit_demo, tmp_path, capsys, out, match):
+    adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
+    (tmp_path / "taken.safetensors").write_bytes(b"keep me")
+    write_safetensors(tmp_path / "llama.safetensors", {"x": torch.zeros(1)},
+                      {"config": json.dumps({"script": "train_llama.py", "targets": ["attention.wq"]})})
+    torch.save({}, tmp_path / "adapter.pt")
+    given = {"llama_adapter": str(tmp_path / "llama.safetensors"), "adapter.pt": str(tmp_path / "adapter.pt")}
+    path = {"base": _vit_demo["ckpt"], "adapter": adapter, "folder": str(tmp_path),
+            "taken": str(tmp_path / "taken.safetensors")}.get(out, str(tmp_path / "new.safetensors"))
+    base = ["--checkpoint", _vit_demo["ckpt"]] if out == "adapter.pt" else []  # a torch file names no base
+    _vit_user_error(capsys, ["--adapter", given.get(out, adapter), "--merge", path, *base], match)
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me" and not (tmp_path / "new.safetensors").exists()
+
+
+def test_vit_demo_refuses_a_used_out(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    _vit_user_error(capsys, ["--demo", "--out", str(tmp_path)], r"--out .* holds files \(notes.txt\)")
 def test_vit_lr_schedule_is_timms():
     # timm's CosineLRScheduler(t_initial=100, warmup_t=10, warmup_lr_init=1e-7, lr_min=1e-6), per epoch, by hand
     lr = [train_vit.cosine_lr(t, 1e-4, 100, 10, 1e-7, 1e-6) for t in range(100)]
@@ -502,6 +653,5 @@ def test_vit_authors_adapter_bad_files_refused(tmp_path):
     for path, match in cases:
         with pytest.raises(ValueError, match=match):
             train_vit.read_adapter(path)
-    with pytest.raises(SystemExit) as e:  # names no base weights: a user mistake, refused before any loading
+    with pytest.raises(UserError, match="names no base weights"):  # a user mistake, refused before any loading
         train_vit.parse_args(["--adapter", cases[0][0], "--test", "t"])
-    assert e.value.code == 2

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -46,8 +45,10 @@ from torch.utils.checkpoint import checkpoint
 
 from gift import parameter_summary
 from tokenizer import load_tokenizer, train_tiny_tokenizer
-from train_common import adapter_state_dict, add_adapter, atomic_save, load_adapter_state_dict, merge_adapter, \
-    print0, progress, read_safetensors, read_safetensors_metadata, setup_distributed, write_safetensors
+from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, atomic_write, \
+    check_finite, check_new_output, check_ranges, check_vocab, cli, fingerprint, load_adapter_state_dict, lock_out, \
+    log_json, merge_adapter, print0, progress, read_json, read_safetensors, resume_checkpoint, setup_distributed, \
+    trim_log, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -276,24 +277,31 @@ HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.we
 
 
 def _read_meta(path: Path):
-    params = json.loads((path / "params.json").read_text())
+    params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
-        raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")
+        raise UserError(f"{path}: params.json but no consolidated.NN.pth")
     shards = []
     for f in files:
         try:  # mmap: a 7B file is paged in when used, not copied into RAM first
             shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise ValueError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}")
+            raise UserError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}")
         shard.pop("rope.freqs", None)  # Llama 1/2 store the RoPE table; we compute it
         if shards and shard.keys() != shards[0].keys():
             odd = sorted(shard.keys() ^ shards[0].keys())[0]
-            raise ValueError(f"{f}: key {odd!r} is in only one of {files[0].name} and {f.name}")
+            raise UserError(f"{f}: key {odd!r} is in only one of {files[0].name} and {f.name}")
         shards.append(shard)
+    given = params.get("model", params)
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in given]
+    if missing:
+        raise UserError(f"{path / 'params.json'}: no field {', '.join(map(repr, missing))}")
     args = ModelArgs.from_params(params)
+    assumed = [f"{k} {getattr(args, k)}" for k in ("norm_eps", "rope_theta") if k not in given]
+    if assumed:  # Llama 1/2's files have no rope_theta: 10000 is theirs, but a file of another model may mean else
+        print0(f"{path / 'params.json'} does not say: assuming {', '.join(assumed)}")
     if "tok_embeddings.weight" not in shards[0]:
-        raise ValueError(f"{files[0]}: missing key 'tok_embeddings.weight'")
+        raise UserError(f"{files[0]}: missing key 'tok_embeddings.weight'")
     state = {}
     for key in shards[0]:
         parts, name = [s[key] for s in shards], key.split(".")[-2]
@@ -304,7 +312,7 @@ def _read_meta(path: Path):
         elif name in SHARD_DIM:
             state[key] = torch.cat(parts, SHARD_DIM[name])
         else:
-            raise ValueError(f"{files[0]}: unexpected key {key!r}")
+            raise UserError(f"{files[0]}: unexpected key {key!r}")
     if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
     return args, state, f"{path} ({', '.join(f.name for f in files)})"
@@ -320,18 +328,18 @@ def sliding_window(cfg: dict):
 
 
 def _read_hf(path: Path):
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")  # a missing field is an error naming the file
     what, kind = f"{path}/config.json", cfg.get("model_type")
     if kind not in HF_MODEL_TYPES:
-        raise ValueError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
+        raise UserError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
     if kind == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise ValueError(f"{what}: attention_bias/mlp_bias (biases on o_proj or the MLP) are not supported")
+        raise UserError(f"{what}: attention_bias/mlp_bias (biases on o_proj or the MLP) are not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+        raise UserError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # Hub files / transformers >= 5
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
+        raise UserError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
     dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
     hd = cfg.get("head_dim") or dim // n_heads  # set apart from dim / heads in e.g. Mistral-Nemo
     base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
@@ -348,15 +356,18 @@ def _read_hf(path: Path):
     assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = sorted(set(weight_map.values()))
+        outside = [name for name in files if name != os.path.basename(name) or name in ("", ".", "..")]
+        if outside:  # the index may only name files of the model folder
+            raise UserError(f"{index}: names {outside[0]!r}, outside the model folder; refusing it")
     else:
         files, weight_map = ["model.safetensors"], None
     state, where = {}, f"{path} ({', '.join(files)})"
     for name in files:
         for key, t in read_safetensors(path / name).items():
             if weight_map is not None and weight_map.get(key) != name:
-                raise ValueError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
+                raise UserError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
             new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES
                    else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
@@ -365,7 +376,7 @@ def _read_hf(path: Path):
                 t = t.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
             state[new] = t
     if weight_map is not None and len(state) != len(weight_map):
-        raise ValueError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
+        raise UserError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
     return args, state, where
 
 
@@ -379,7 +390,7 @@ def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
     elif (path / "config.json").exists():
         args, state, where = _read_hf(path)
     else:
-        raise FileNotFoundError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
+        raise UserError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
     if max_seq_len:
         args.max_seq_len = max_seq_len
     with torch.device("meta"):  # no memory, no random init: every weight comes from the file
@@ -388,13 +399,13 @@ def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
     expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     for key, shape in expected.items():
         if key not in state:
-            raise ValueError(f"{where}: missing weight {key!r}")
+            raise UserError(f"{where}: missing weight {key!r}")
         if state[key].shape != shape:
-            raise ValueError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
-                             f"implies {tuple(shape)}")
+            raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
+                            f"implies {tuple(shape)}")
     for key in state:
         if key not in expected:
-            raise ValueError(f"{where}: unexpected weight {key!r}")
+            raise UserError(f"{where}: unexpected weight {key!r}")
     model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=False, assign=True)
     if tied:  # embeddings tied (e.g. Llama 3.2 1B on HF): the output layer is the embedding matrix
         model.output.weight = model.tok_embeddings.weight
@@ -428,27 +439,28 @@ def find_tokenizer(model_path, tokenizer=None):
     an HF Llama 3 repo)."""
     if tokenizer and not Path(tokenizer).is_dir():
         found = [Path(tokenizer)]
+        if not found[0].is_file():
+            raise UserError(f"--tokenizer {tokenizer}: no such file or folder")
     else:
         d = Path(tokenizer or model_path)
         found = [p for p in (d / "tokenizer.json", d / "tokenizer.model", d / "original" / "tokenizer.model")
                  if p.is_file()]
         if not found:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
-    tok = load_tokenizer(found[0])
+            raise UserError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
+    try:
+        tok = load_tokenizer(found[0])
+    except (ValueError, OSError) as e:  # the readers' errors for a malformed file, which name it
+        raise UserError(f"cannot read the tokenizer {found[0]}: {e}") from None
     if tok.eos_id is None:  # training ends every example with it
-        raise ValueError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
-                         f"(or eos_token_id to a config.json) beside it")
+        raise UserError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
+                        f"(or eos_token_id to a config.json) beside it")
     return tok
 
 
 def read_adapter_config(path) -> dict:
     """The run config train() writes into an adapter's metadata: {method, targets, rank, share, alpha, model}
     (files written before --method existed are GIFT)."""
-    config = read_safetensors_metadata(path).get("config")
-    if config is None:
-        raise ValueError(f"{path}: no adapter config in its metadata; is it an adapter.safetensors written by "
-                         f"train_llama.py?")
-    return {"method": "gift", **json.loads(config)}
+    return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
 
 
 def gift_model(args, dtype=None) -> Transformer:
@@ -496,16 +508,13 @@ PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
 
 def read_records(path, required):
     """A JSON list of dicts, each with the required string fields; errors name the file and the index."""
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    records = read_json(path)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for i, r in enumerate(records):
         for field in required:
             if not isinstance(r, dict) or not isinstance(r.get(field), str):
-                raise ValueError(f"{path}: record {i} has no string field {field!r}: {str(r)[:200]}")
+                raise UserError(f"{path}: record {i} has no string field {field!r}: {str(r)[:200]}")
     return records
 
 
@@ -614,39 +623,46 @@ def fsdp_shard(model, device):
     model.gift.to(device)  # FSDP moves only what it manages
 
 
+# What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
+CHECKPOINT_KEYS = ("theta", "optimizer", "step")  # and "run", RUN_FIELDS and the inputs (run_settings)
+RUN_FIELDS = ("epochs", "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "template", "max_len", "preset",
+              "method", "targets", "rank", "share", "lora_alpha", "theta_dtype")
+
+
+def run_settings(args, dtype, tok):
+    """RUN_FIELDS, the weights' dtype, and the model, tokenizer and training data by content (a moved or copied
+    input is the same input): what a resumed run must share with the checkpoint's."""
+    return {**{k: getattr(args, k) for k in RUN_FIELDS}, "dtype": str(dtype), "model": fingerprint(args.model),
+            "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json")}
+
+
 def train(args, model, tok, rank, world, device):
     """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save-every steps) and
     adapter.safetensors (Theta, and the run config in its metadata) to --out."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
-                          out / "cache", rank)
+    data = train_data(args, tok, rank)
     lengths = [len(ids) for ids, _ in data]
     n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
     if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x {world} processes")
     accum = args.batch_size // (args.micro_batch_size * world)
     steps_per_epoch = len(data) // args.batch_size
     total = args.epochs * steps_per_epoch
     if total == 0:
-        raise ValueError(f"{len(data)} training examples make no batch of {args.batch_size}")
+        raise UserError(f"{len(data)} training examples make no batch of {args.batch_size}")
     warmup = math.ceil(args.warmup * total)  # as HF: warmup_ratio -> ceil(ratio * steps)
     thetas = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(thetas, lr=args.lr, weight_decay=args.weight_decay)
     step, ckpt_path = 0, out / "checkpoint.pt"
-    schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup", "weight_decay", "seed",
-                                              "template", "max_len", "preset", "targets", "rank", "share", "method",
-                                              "lora_alpha", "theta_dtype")}
-    if ckpt_path.exists() and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or another --out")
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["schedule"] != schedule:
-            raise ValueError(f"{ckpt_path} was written with {ckpt['schedule']}; this run has {schedule}")
+    run = run_settings(args, model.tok_embeddings.weight.dtype, tok)
+    ckpt = resume_checkpoint(ckpt_path, args.resume, run, CHECKPOINT_KEYS, device)
+    if ckpt:
         load_adapter_state_dict(model, ckpt["theta"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
+    saved = step  # the step of the checkpoint on disk (0: none yet)
     # model stays the module itself (saving, evaluation); the training forward goes through ddp, which averages
     # each rank's gradients with the others' after the last micro-batch (with --fsdp, main() has sharded model)
     ddp = model
@@ -655,13 +671,17 @@ def train(args, model, tok, rank, world, device):
                                                   broadcast_buffers=False)
 
     def save(step):
+        nonlocal saved
         if rank == 0:
             atomic_save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict(), "step": step,
-                         "schedule": schedule}, ckpt_path)
+                         "run": run}, ckpt_path)
+        saved = step
 
     model.train()
     bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
-    log = open(out / "log.jsonl", "a" if step else "w") if rank == 0 else None
+    if rank == 0:  # the log keeps the steps the checkpoint holds: a resumed run logs each step once
+        trim_log(out / "log.jsonl", "step", step)
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
     batches, epoch = None, -1
     while step < total and step < (args.stop_after or total):
         if step // steps_per_epoch != epoch:
@@ -689,13 +709,14 @@ def train(args, model, tok, rank, world, device):
             for p in thetas:
                 dist.all_reduce(p.grad)
                 p.grad /= world
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(thetas, args.clip)
+        norm = torch.nn.utils.clip_grad_norm_(thetas, args.clip or math.inf)  # the norm before clipping
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        check_finite(f"step {step + 1}", f"{ckpt_path} (step {saved}) is kept" if saved else "nothing was saved",
+                     loss=loss_sum, gradient_norm=norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if world > 1:
-            dist.all_reduce(loss_sum)
         tokens = sum(lengths[i] - 1 for i in batch)
         seconds = time.time() - t0
         stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
@@ -703,25 +724,29 @@ def train(args, model, tok, rank, world, device):
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
         bar.update()
         if log:
-            log.write(json.dumps(stats) + "\n")
-            log.flush()
+            log_json(log, stats)
         if step % args.save_every == 0:
             save(step)
     bar.close()
     if log:
         log.close()
     save(step)
+    if step < total:
+        print0(f"stopped at step {step} of {total} (--stop-after): {ckpt_path} holds it; to continue, run the same "
+               f"command with --resume (and a later --stop-after, or none)")
     if rank == 0:
-        write_safetensors(out / "adapter.safetensors", adapter_state_dict(model),
-                          {"config": json.dumps({**gift_config(args), "model": str(args.model)})})
+        config = {"script": "train_llama.py", **gift_config(args), "model": str(args.model)}
+        write_safetensors(out / "adapter.safetensors", adapter_state_dict(model), {"config": json.dumps(config)})
     return step
 
 
 def merge(args):
-    """--model + --adapter -> a Meta checkpoint in --merge whose weights are W (I + phi psi) (GIFT) or
-    W + (alpha/r) B A (LoRA), under the base model's keys."""
+    """--model + --adapter -> a Meta checkpoint in the new folder --merge whose weights are W (I + phi psi) (GIFT)
+    or W + (alpha/r) B A (LoRA), under the base model's keys; written into a temporary sibling folder that is
+    renamed once complete."""
+    check_new_output(args.merge, "--merge", {"the --model folder": args.model})
     model = gift_model(args)  # in the stored dtype; the merge of each layer is computed in float32
-    save_meta(merge_adapter(model), args.merge)
+    atomic_write(args.merge, lambda tmp: save_meta(merge_adapter(model), tmp))
     print(f"merged checkpoint written to {args.merge}")
 
 
@@ -907,33 +932,40 @@ def write_demo(root: Path, pretrain_steps=200):
     return model_dir, data
 
 
-def demo():
-    """The pipeline's own functions on a small synthetic setup: the base model evaluated (GIFT at step 0 is the
-    base model), trained, evaluated again, its adapter merged into a Meta checkpoint."""
+def demo(args):
+    """The pipeline's own functions on a small synthetic setup, written to --out (or a new temporary folder) and
+    kept: the base model evaluated (GIFT at step 0 is the base model), trained, evaluated again, its adapter
+    merged into a Meta checkpoint."""
     t0 = time.time()
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation (3-8x slower on a busy CPU)
-    with tempfile.TemporaryDirectory() as tmp:
-        print("demo: writing a small LLaMA (Meta format), a 320-token BPE tokenizer and a SYNTHETIC "
-              f"commonsense-style data set (LLM-Adapters layout) to {tmp}")
-        model_dir, data = write_demo(Path(tmp))
-        out = Path(tmp) / "run"
-        args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
-                           "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
-        variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
-        model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
-        print(f"{args.method}: {parameter_summary(model)}")
-        base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
-        base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
-        train(args, model, tok, 0, 1, device)
-        tuned = evaluate(args, model, tok, 0, 1)
-        merge(variant(adapter=str(out / "adapter.safetensors"), merge=str(out / "merged")))
-        merged = load_llama(out / "merged")
-        print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
+    if args.out:
+        check_new_output(args.out, "--out")
+    root = Path(args.out or tempfile.mkdtemp(prefix="gift_llama_demo_"))
+    print("demo: writing a small LLaMA (Meta format), a 320-token BPE tokenizer and a SYNTHETIC "
+          f"commonsense-style data set (LLM-Adapters layout) to {root}")
+    model_dir, data = write_demo(root)
+    out = root / "run"
+    args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
+                       "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
+    variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
+    model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
+    print(f"{args.method}: {parameter_summary(model)}")
+    base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
+    base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
+    train(args, model, tok, 0, 1, device)
+    tuned = evaluate(args, model, tok, 0, 1)
+    merge(variant(adapter=str(out / "adapter.safetensors"), merge=str(out / "merged")))
+    merged = load_llama(out / "merged")
+    print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
     print(f"\nSYNTHETIC data, average accuracy over the 8 test sets:\n"
           f"  base model, the paper's exact match:     {base['avg']:5.1f}%  (it answers 'so the pick is ...')\n"
           f"  base model, LLM-Adapters' first match:   {base_fm['avg']:5.1f}%  (it knows the answers)\n"
           f"  GIFT (wq, wv, rank 16), exact match:     {tuned['avg']:5.1f}%  (the format, learned by 2 Thetas)\n"
-          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA")
+          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA. "
+          f"Everything is in {root}:\n"
+          f"  {model_dir}, {data}: the synthetic checkpoint, tokenizer and data set\n"
+          f"  {out}: log.jsonl, checkpoint.pt (resume), adapter.safetensors, eval.md / eval.json / "
+          f"eval_generations.jsonl, base/ and base_first_match/ (the base model's), merged/ (Meta checkpoint)")
 
 
 # -----------------------------------------------------------------------------
@@ -949,7 +981,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
                    "--model (or --model/original)")
     p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
-    p.add_argument("--out", default="runs/llama", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*")
+    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*; None: runs/llama (demo: a "
+                   "new temporary folder)")
     p.add_argument("--method", default="gift", choices=["gift", "lora"], help="the adapter trained")
     p.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
                    "qkvud: GIFT_QKVUD")
@@ -992,57 +1025,93 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
     p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
-    p.add_argument("--merge", metavar="DIR", help="write --model + --adapter merged as a Meta checkpoint to DIR")
+    p.add_argument("--merge", metavar="OUT", help="write --model + --adapter merged as a Meta checkpoint to the new "
+                   "folder OUT")
     args = p.parse_args(argv)
-
-    def fail(message):  # a user mistake: one line, exit status 2, before anything is loaded
-        p.exit(2, f"error: {message}\n")
-
+    # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
     if args.demo:
         return args
+    args.out = args.out or "runs/llama"
     if not args.model:
-        fail("--model is required (or --demo)")
+        raise UserError("--model is required (or --demo)")
     if args.merge and not args.adapter:
-        fail("--merge needs --adapter (the adapter.safetensors of a run)")
+        raise UserError("--merge needs --adapter (the adapter.safetensors of a run)")
     if args.adapter and not os.path.isfile(args.adapter):
-        fail(f"--adapter {args.adapter}: no such file")
+        raise UserError(f"--adapter {args.adapter}: no such file")
     if not (args.merge or args.generate or args.data):
-        fail("--data is required to train or evaluate")
+        raise UserError("--data is required to train or evaluate")
     if args.fsdp and args.method == "lora":
-        fail("--fsdp supports GIFT only (it keeps Theta out of the shards); train LoRA with DDP")
+        raise UserError("--fsdp supports GIFT only (it keeps Theta out of the shards); train LoRA with DDP")
     config = Path(args.model) / "config.json"
-    window = sliding_window(json.loads(config.read_text())) if config.is_file() else None
+    window = sliding_window(read_json(config)) if config.is_file() else None
     if window and args.max_len > window and not (args.eval_only or args.generate):
-        fail(f"--max-len {args.max_len} > the sliding window of {args.model} ({window} tokens): sliding-window "
-             f"attention is not implemented; pass --max-len {window} or less")
-    if args.data and not (args.merge or args.generate or args.no_eval):  # before hours of training, not after
-        for task in args.tasks:
-            try:
-                read_test_set(args.data, task, args.template)
-            except (FileNotFoundError, ValueError) as e:
-                fail(str(e))
+        raise UserError(f"--max-len {args.max_len} > the sliding window of {args.model} ({window} tokens): "
+                        f"sliding-window attention is not implemented; pass --max-len {window} or less")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        fail("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+        raise UserError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+    check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
+                        "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
+                        "clip": 0})
     return args
 
 
+def check_inputs(args):
+    """The files the command line names, checked before anything is loaded: each mistake is one line."""
+    model = Path(args.model)
+    if not ((model / "params.json").is_file() or (model / "config.json").is_file()):
+        raise UserError(f"--model {model}: no params.json (Meta) or config.json (HF) in it; give a checkpoint folder")
+    if args.adapter:
+        read_adapter_config(args.adapter)
+    if args.merge or args.generate:
+        return
+    if not args.eval_only and not (Path(args.data) / "commonsense_170k.json").is_file():
+        raise UserError(f"--data {args.data}: no commonsense_170k.json in it (the LLM-Adapters layout: "
+                        f"DATA/commonsense_170k.json and DATA/dataset/<task>/test.json)")
+    for task in [] if args.no_eval else args.tasks:
+        path = Path(args.data) / "dataset" / task / "test.json"
+        if not path.is_file():
+            found = sorted(p.parent.name for p in (Path(args.data) / "dataset").glob("*/test.json"))
+            raise UserError(f"--tasks {task}: there is no {path} (the tasks in {args.data}: "
+                            f"{', '.join(found) or 'none'})")
+        try:  # a malformed record or an answer form the evaluation cannot read: before hours of training
+            records, _ = read_test_set(args.data, task, args.template)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if not records:  # 0% of nothing would pull the average down
+            raise UserError(f"{path}: no records; leave {task} out of --tasks")
+
+
+def train_data(args, tok, rank):
+    """tokenize_train of --data's training file, cached in --out."""
+    return tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
+                          Path(args.out) / "cache", rank)
+
+
+@cli
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
-        return demo()
+        return demo(args)
     rank, world, _, device = setup_distributed()
+    check_inputs(args)
     if args.merge:  # on the CPU
         if rank == 0:
             merge(args)
         return None
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float64": torch.float64}[args.dtype]
-    try:  # before the model: a missing or unreadable tokenizer is the user's to fix
-        tok = find_tokenizer(args.model, args.tokenizer)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)  # as parse_args reports a user mistake
-        raise SystemExit(2) from None
+    tok = find_tokenizer(args.model, args.tokenizer)
+    if rank == 0 and not args.generate:  # training and evaluation write to --out
+        lock_out(args.out)
+    if not (args.generate or args.eval_only):  # a used --out, a changed setting, a malformed record: before loading
+        ckpt_path = Path(args.out) / "checkpoint.pt"
+        if not resume_checkpoint(ckpt_path, args.resume, run_settings(args, dtype, tok), CHECKPOINT_KEYS) \
+                and args.resume:
+            print0(f"--resume: no {ckpt_path} yet, starting a new run")
+        train_data(args, tok, rank)
     model = gift_model(args, dtype)
+    # an HF folder may pad its embedding past its tokenizer.json (Qwen2: 151936 rows, 151665 ids); Meta's never do
+    check_vocab(tok, model.args.vocab_size, args.model, allow_padding=tok.path.endswith(".json"))
     if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
         fsdp_shard(model, device)
     else:

@@ -29,10 +29,13 @@ Numerics: LayerNorm eps 1e-6 and exact (erf) GELU, as timm and HF run these weig
 used the tanh approximation, which differs by at most 5e-4 per activation). Inputs are normalised with
 mean = std = 0.5, i.e. pixels in [-1, 1]. Theta's (and LoRA's) master weights stay fp32 under bf16 autocast.
 The checkpoint is written atomically after every epoch (an interruption loses at most the epoch in progress);
-random numbers are reseeded per (epoch, rank), so a resumed run repeats an uninterrupted one bit for bit.
+random numbers are reseeded per (epoch, rank), crops and flips per (seed, epoch, image), so a resumed run
+repeats an uninterrupted one bit for bit, whatever --workers. A mistake (a bad flag, file or split, a used --out)
+is one line `error: ...` and exit status 2; a non-finite loss stops the run, keeping the last checkpoint.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -49,8 +52,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gift import cluster_head, gift_layers, parameter_summary
-from train_common import adapter_state_dict, add_adapter, atomic_save, load_adapter_state_dict, merge_adapter, \
-    print0, progress, read_safetensors, read_safetensors_metadata, setup_distributed, write_safetensors
+from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, check_finite, \
+    check_new_output, check_ranges, cli, fingerprint, load_adapter_state_dict, lock_out, log_json, merge_adapter, \
+    print0, progress, read_safetensors, resume_checkpoint, setup_distributed, trim_log, utf8_text, write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
@@ -173,7 +177,7 @@ def resize_pos_embed(pos, grid: int):
 def _read_checkpoint(path):
     """{key: tensor} from a file, whatever its container: safetensors, npz (a zip of .npy), torch zip/pickle."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
         if f.read(9)[8:] == b"{":  # safetensors: 8-byte length, then the JSON header
             return read_safetensors(path)
@@ -183,10 +187,10 @@ def _read_checkpoint(path):
                 return {k: torch.from_numpy(z[k]) for k in z.files}
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, numpy and pickle each raise their own errors for a broken file
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
-                         f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
+                        f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a plain state dict {{name: tensor}}")
+        raise UserError(f"{path} is not a plain state dict {{name: tensor}}")
     return state
 
 
@@ -194,7 +198,7 @@ def _taker(w, path):
     """take(key) pops w[key]; a missing key is an error naming the file and the key."""
     def take(key):
         if key not in w:
-            raise ValueError(f"{path}: backbone weight {key!r} is missing")
+            raise UserError(f"{path}: backbone weight {key!r} is missing")
         return w.pop(key)
     return take
 
@@ -261,7 +265,8 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
     Google's kernels, else from the standard sizes). num_classes=None keeps the checkpoint's head (an error
     if it has none or it is all zeros, like the ImageNet-21k files); a number attaches a new head.
     image_size resizes the position embeddings; drop_path sets stochastic depth for training. A missing or
-    misshapen backbone weight is an error; unused keys (pre_logits, a replaced head) are reported."""
+    misshapen backbone weight is an error, and so is an unused one; only the keys of a replaced head (and
+    pre_logits / pooler) may be left out, and they are reported."""
     w = _read_checkpoint(path)
     if any(k.endswith("embedding/kernel") for k in w):
         sd, heads, unused = _google_to_timm(w, path)
@@ -270,17 +275,17 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
     elif "patch_embed.proj.weight" in w:
         sd, heads, unused = dict(w), 0, {}
     else:
-        raise ValueError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
+        raise UserError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
     if config is None:
         dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
         heads = heads or {s[0]: s[2] for s in SIZES.values()}.get(dim)
         if not heads or "blocks.0.mlp.fc1.weight" not in sd:
-            raise ValueError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
+            raise UserError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
         config = ViTConfig(image_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch, patch_size=patch, dim=dim,
                            depth=_depth(sd, "blocks."), heads=heads, mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0])
     head = sd.get("head.weight")
     if num_classes is None and (head is None or not head.any()):
-        raise ValueError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
+        raise UserError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
     config = replace(config, num_classes=num_classes or head.shape[0], image_size=image_size or config.image_size,
                      drop_path=drop_path)
     model = ViT(config)
@@ -290,15 +295,21 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
             if key.startswith("head.") and num_classes is not None:
                 continue
             if key not in sd:
-                raise ValueError(f"{path}: backbone weight {key!r} is missing")
+                raise UserError(f"{path}: backbone weight {key!r} is missing")
             t = sd.pop(key)
             if key == "pos_embed" and t.shape != param.shape and t.shape[1] - 1 == math.isqrt(t.shape[1] - 1) ** 2:
                 t = resize_pos_embed(t, config.image_size // config.patch_size)
             if t.shape != param.shape:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
-                                 f"for {config}")
+                raise UserError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
+                                f"for {config}")
             param.copy_(t)
+    # only a replaced head and the layer before one (Google's pre_logits, HF's pooler) may be left out: any
+    # other tensor means that the config does not describe this checkpoint (a deeper one would be cut short)
     unused = sorted(unused) + sorted(sd)
+    backbone = [k for k in unused if not (k.startswith(("head.", "pre_logits")) or "pooler" in k)]
+    if backbone:
+        raise UserError(f"{path}: {len(backbone)} tensors have no place in a ViT of {config} ({', '.join(backbone[:3])}"
+                        f"{', ...' if len(backbone) > 3 else ''}): this config does not describe the checkpoint")
     print0(f"loaded {path}: {len(own) - 2 * (num_classes is not None)} tensors"
            f"{f'; new head for {num_classes} classes' if num_classes is not None else ''}"
            f"; unused: {', '.join(unused) if unused else 'none'}")
@@ -325,22 +336,22 @@ def read_authors_adapter(path):
     except Exception as e:  # zip, pickle and the weights-only unpickler each raise their own errors
         lines = str(e).splitlines() or [""]
         why = next((line.strip() for line in lines if "GLOBAL" in line), lines[0][:200])  # the code it names
-        raise ValueError(f"{path}: cannot read it as a GIFT authors' checkpoint ({type(e).__name__}: {why}); such a "
-                         f"file loads with nothing but argparse.Namespace allowed (truncated file?)") from None
+        raise UserError(f"{path}: cannot read it as a GIFT authors' checkpoint ({type(e).__name__}: {why}); such a "
+                        f"file loads with nothing but argparse.Namespace allowed (truncated file?)") from None
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: no 'state_dict' in it (found {found}); not a GIFT authors' checkpoint")
+        raise UserError(f"{path}: no 'state_dict' in it (found {found}); not a GIFT authors' checkpoint")
     a = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
     lora = [k for k in sd if "lora_" in k]
     if lora or a.get("method", "gift") != "gift":
         what = f"LoRA weights ({lora[0]}, {len(lora)} tensors)" if lora else f"a {a['method']!r} run"
-        raise ValueError(f"{path}: holds {what}, not a GIFT adapter (method {a.get('method')!r} in its args)")
+        raise UserError(f"{path}: holds {what}, not a GIFT adapter (method {a.get('method')!r} in its args)")
     block = a.get("gift_block_block_type", a.get("hypernet_block_block_type", "simple_block"))
     act = a.get("gift_block_act_layer", a.get("hypernet_block_act_layer", "identity"))
     if (block, act) != ("simple_block", "identity"):
-        raise ValueError(f"{path}: trained with the GIFT block {block!r} (activation {act!r}); this repository "
-                         f"implements the paper's GIFT, two linear maps with nothing between (simple_block, identity)")
+        raise UserError(f"{path}: trained with the GIFT block {block!r} (activation {act!r}); this repository "
+                        f"implements the paper's GIFT, two linear maps with nothing between (simple_block, identity)")
     state, pairs, rest = {}, {}, []
     for k, v in sd.items():
         m = re.fullmatch(r"(in|out)_projections\.(.+)\.weight", k)
@@ -351,21 +362,21 @@ def read_authors_adapter(path):
         else:
             rest.append(k)
     if rest or not pairs or len(state) != 2:
-        raise ValueError(f"{path}: expected in_projections.<target>.weight, out_projections.<target>.weight and "
-                         f"backbone.head.weight/bias; found {sorted(sd)[:8]}{' ...' if len(sd) > 8 else ''} "
-                         f"({len(sd)} tensors): not a GIFT adapter as the authors released them")
+        raise UserError(f"{path}: expected in_projections.<target>.weight, out_projections.<target>.weight and "
+                        f"backbone.head.weight/bias; found {sorted(sd)[:8]}{' ...' if len(sd) > 8 else ''} "
+                        f"({len(sd)} tensors): not a GIFT adapter as the authors released them")
     ranks = set()
     for target, p in pairs.items():
         phi, psi = p.get("in"), p.get("out")
         if phi is None or psi is None or phi.dim() != 2 or psi.shape != phi.shape[::-1]:
             shape = lambda t: "missing" if t is None else tuple(t.shape)  # noqa: E731
-            raise ValueError(f"{path}: in_projections.{target}.weight is {shape(phi)} and out_projections.{target}"
-                             f".weight is {shape(psi)}: not the (r, d_in) and (d_in, r) factors of one Theta")
+            raise UserError(f"{path}: in_projections.{target}.weight is {shape(phi)} and out_projections.{target}"
+                            f".weight is {shape(psi)}: not the (r, d_in) and (d_in, r) factors of one Theta")
         ranks.add(phi.shape[0])
         key = "gift." + target.replace(":", "_").replace(".", "_")
         state[key + ".phi.weight"], state[key + ".psi.weight"] = phi.float(), psi.float()
     if len(ranks) > 1:
-        raise ValueError(f"{path}: Thetas of different ranks {sorted(ranks)}; one rank per adapter is supported")
+        raise UserError(f"{path}: Thetas of different ranks {sorted(ranks)}; one rank per adapter is supported")
     run = {"method": "gift", "targets": [t.replace(":", ".") for t in pairs], "rank": ranks.pop(), "share": "type",
            "arch": ckpt.get("arch") or a.get("model"), "image_size": a.get("img_size"), "epoch": ckpt.get("epoch"),
            "source": f"GIFT authors' release {os.path.basename(path)}"}
@@ -377,15 +388,11 @@ def read_adapter(path):
     """(state, run config, the test top-1 stored in it or None) of an adapter: an adapter.safetensors written by
     train() (GIFT or LoRA, the run config in its metadata), or a GIFT authors' .pth.tar (a torch zip)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter {path} does not exist")
+        raise UserError(f"adapter {path} does not exist")
     with open(path, "rb") as f:
         if f.read(4) == b"PK\x03\x04":  # a zip archive: torch.save's container, the authors' files
             return read_authors_adapter(path)
-    meta = read_safetensors_metadata(path)
-    if "config" not in meta:
-        raise ValueError(f"{path}: no run config in its metadata; give an adapter.safetensors written by "
-                         f"train_vit.py or a GIFT authors' .pth.tar")
-    run = {"method": "gift", **json.loads(meta["config"])}
+    run = {"method": "gift", **adapter_config(path, "train_vit.py", ["targets", "rank"])}
     return read_safetensors(path), run, run.get("test_top1")
 
 
@@ -395,8 +402,8 @@ def adapter_model(args):
     state, run, stored = read_adapter(args.adapter)
     checkpoint = args.checkpoint or run.get("checkpoint")
     if not checkpoint:
-        raise ValueError(f"{args.adapter} names no base checkpoint: give --checkpoint (it was trained on "
-                         f"{run.get('arch')})")
+        raise UserError(f"{args.adapter} names no base checkpoint: give --checkpoint (it was trained on "
+                        f"{run.get('arch')})")
     vit = ViTConfig(**run["vit"]) if "vit" in run else None
     model = load_vit(checkpoint, vit, num_classes=state["head.weight"].shape[0], image_size=vit and vit.image_size)
     add_adapter(model, run)
@@ -420,46 +427,53 @@ def read_split(spec, root=None, classes=None):
     classes: the training split's, so that the test split maps to the same labels."""
     if os.path.isdir(spec):
         names = sorted(d for d in os.listdir(spec) if os.path.isdir(os.path.join(spec, d)))
-        classes = classes or names
         samples = [(os.path.join(dirpath, f), name, os.path.join(dirpath, f)) for name in names
                    for dirpath, _, files in sorted(os.walk(os.path.join(spec, name)))
                    for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        empty = sorted(set(names) - {label for _, label, _ in samples})
+        if empty and classes is None:  # the training split: a folder without images would be a class never seen
+            raise UserError(f"{spec}: the class folder(s) {', '.join(empty[:5])} hold no images "
+                            f"({' '.join(IMAGE_EXTENSIONS)}): remove them, or add images")
+        classes = classes or names
     elif not os.path.isfile(spec):
-        raise FileNotFoundError(f"split {spec} does not exist (give a class-folder directory, .json or .txt)")
+        raise UserError(f"split {spec} does not exist (give a class-folder directory, .json or .txt)")
     else:
         root, samples = root or os.path.dirname(spec), []
-        with open(spec) as f:
+        with open(spec, encoding="utf-8") as f, utf8_text(spec):
             if spec.endswith(".json"):
                 try:
                     items = [(f"{spec}: entry {k!r}", k, v) for k, v in json.load(f).items()]
                 except (json.JSONDecodeError, AttributeError) as e:
-                    raise ValueError(f"{spec}: not a JSON object {{relative_path: label}} ({e})") from None
+                    raise UserError(f"{spec}: not a JSON object {{relative_path: label}} ({e})") from None
             else:
                 items = []
                 for i, line in enumerate(f, 1):
                     parts = line.strip().rsplit(maxsplit=1)
                     if len(parts) == 1:
-                        raise ValueError(f"{spec}:{i}: expected `relative/path label`, got {line.strip()!r}")
+                        raise UserError(f"{spec}:{i}: expected `relative/path label`, got {line.strip()!r}")
                     if parts:
                         items.append((f"{spec}:{i}", parts[0], parts[1]))
         for where, rel, label in items:
             try:
                 label = int(label)
             except (TypeError, ValueError):
-                raise ValueError(f"{where}: label {label!r} is not an integer") from None
+                raise UserError(f"{where}: label {label!r} is not an integer") from None
             if not os.path.isfile(os.path.join(root, rel)):
-                raise FileNotFoundError(f"{where}: image {os.path.join(root, rel)} does not exist")
+                raise UserError(f"{where}: image {os.path.join(root, rel)} does not exist")
             samples.append((os.path.join(root, rel), label, where))
         if spec.endswith(".json"):
             classes = classes or sorted({label for _, label, _ in samples})
     if not samples:
-        raise ValueError(f"{spec}: no samples")
+        flat = os.path.isdir(spec) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(spec))
+        raise UserError(f"{spec}: no images{' in class folders (its images lie directly in it)' if flat else ''}; "
+                        f"a split is a folder with one sub-folder of images per class, a VPT .json "
+                        f"{{relative_path: label}} or a .txt of `relative/path label` lines")
     if classes is None:
         return samples, None
     index = {c: i for i, c in enumerate(classes)}
     for _, label, where in samples:
         if label not in index:
-            raise ValueError(f"{where}: class {label!r} is not among the training split's classes")
+            raise UserError(f"{where}: class {label!r} is not among the training split's classes")
     return [(path, index[label], where) for path, label, where in samples], classes
 
 
@@ -467,21 +481,31 @@ def check_labels(samples, num_classes):
     """[(path, label)] of read_split's samples; a label outside [0, num_classes) is an error naming its record."""
     for _, label, where in samples:
         if not 0 <= label < num_classes:
-            raise ValueError(f"{where}: label {label} outside [0, {num_classes})")
+            raise UserError(f"{where}: label {label} outside [0, {num_classes})")
     return [(path, label) for path, label, _ in samples]
 
 
-def load_image(path, size: int, mode: str):
+# What one image may cost before resizing: Resize(256) of a 1 x 20000 strip (138 bytes as a PNG) would make it
+# 256 x 5 million pixels. Pillow's own guard counts pixels only, and only refuses past 179 million.
+MAX_PIXELS, MAX_ASPECT = 1 << 26, 20
+
+
+def load_image(path, size: int, mode: str, rng=None):
     """The paper's preprocessing, in Pillow, to a (3, size, size) tensor in [-1, 1] (mean = std = 0.5).
-    mode "train": Resize(256) RandomCrop(224) HFlip; "test": Resize(256) CenterCrop(224) (FGVC, 256/224 of
-    size in general); "resize": straight to size x size (VTAB-1k). Randomness from torch, which DataLoader
-    seeds per worker and per epoch."""
+    mode "train": Resize(256) RandomCrop(224) HFlip, the crop and flip drawn from rng (a numpy Generator);
+    "test": Resize(256) CenterCrop(224) (FGVC, 256/224 of size in general); "resize": straight to size x size
+    (VTAB-1k). An image over MAX_PIXELS or MAX_ASPECT is refused before it is decoded."""
     from PIL import Image  # imported here, in the DataLoader workers: importing this module stays cheap
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+            if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
+                raise UserError(f"image {path}: {w} x {h} pixels is over the limit of {MAX_PIXELS} pixels and an "
+                                f"aspect ratio of {MAX_ASPECT}:1 (what decoding and resizing it may cost); shrink "
+                                f"or crop it, or leave it out of the split")
             im = im.convert("RGB")
-    except OSError as e:
-        raise OSError(f"cannot decode image {path}: {e}") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot decode image {path}: {e}") from None
     if mode == "resize":
         im = im.resize((size, size), Image.BILINEAR)
     else:
@@ -489,34 +513,45 @@ def load_image(path, size: int, mode: str):
         w, h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's Resize(int)
         im = im.resize((w, h), Image.BILINEAR)
         if mode == "train":
-            top, left = torch.randint(h - size + 1, ()).item(), torch.randint(w - size + 1, ()).item()
+            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
         else:
             top, left = round((h - size) / 2), round((w - size) / 2)
         im = im.crop((left, top, left + size, top + size))
-        if mode == "train" and torch.rand(()) < 0.5:
+        if mode == "train" and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (3, size, size)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, size, mode):
-        self.samples, self.size, self.mode = samples, size, mode
+    def __init__(self, samples, size, mode, seed=0):
+        self.samples, self.size, self.mode, self.seed, self.epoch = samples, size, mode, seed, 0
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return load_image(path, self.size, self.mode), label
+        # the crop and flip of sample i depend on (seed, epoch, i) alone, not on which worker or process decodes
+        # it: a run resumed with another --workers (its default is the machine's CPU count) repeats them exactly
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return load_image(path, self.size, self.mode, rng), label
 
 
 # -----------------------------------------------------------------------------
 # Training
 
-# Settings that fix the training trajectory: --resume refuses a checkpoint written with others.
-RESUME_FIELDS = ("checkpoint", "train", "test", "root", "num_classes", "preset", "image_size", "adapter", "method",
-                 "targets", "rank", "share", "lora_alpha", "epochs", "warmup", "batch_size", "lr", "warmup_lr",
-                 "min_lr", "schedule", "weight_decay", "drop_path", "seed", "precision")
+# Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
+# inputs (checkpoint, starting adapter, splits and classes: compared by content, so a moved input is the same).
+RESUME_FIELDS = ("preset", "image_size", "method", "targets", "rank", "share", "lora_alpha", "epochs", "warmup",
+                 "batch_size", "lr", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed",
+                 "precision")
+
+
+def split_id(samples):
+    """A short hash of a split as the run sees it: its images' paths relative to their common folder, labels."""
+    base = os.path.commonpath([path for path, _ in samples])
+    listing = [(os.path.relpath(path, base), label) for path, label in samples]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def cosine_lr(t, lr, total, warmup, warmup_lr, min_lr):
@@ -539,24 +574,39 @@ def autocast_for(args, device):
 def train(args):
     rank, world, local_rank, device = setup_distributed()
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     torch.manual_seed(args.seed)  # the same new head and Theta on every rank
     form = lambda spec: "folders" if os.path.isdir(spec) else os.path.splitext(spec)[1]  # noqa: E731
     if form(args.train) != form(args.test):
-        raise ValueError(f"--train {args.train} and --test {args.test} must have the same form (labels map alike)")
+        raise UserError(f"--train {args.train} and --test {args.test} must have the same form (labels map alike)")
     train_samples, classes = read_split(args.train, args.root)
     test_samples, _ = read_split(args.test, args.root, classes)
     num_classes = args.num_classes or (len(classes) if classes else 1 + max(s[1] for s in train_samples))
     train_samples, test_samples = check_labels(train_samples, num_classes), check_labels(test_samples, num_classes)
+    if len({label for _, label in train_samples}) < 2:  # a 1-way head is 100% right whatever it learns
+        raise UserError(f"--train {args.train}: every image has the same label; a classifier needs two classes or more")
 
-    model = load_vit(args.checkpoint, num_classes=num_classes, image_size=args.image_size, drop_path=args.drop_path)
     init = None
     if args.adapter:  # its method, targets and rank, and its weights as the starting point
         init, run, _ = read_adapter(args.adapter)
         for k in ("method", "targets", "rank", "share", "lora_alpha"):
             setattr(args, k, run.get(k, getattr(args, k)))
-        if init["head.weight"].shape != model.head.weight.shape:  # another task: the adapter alone, a new head
+        if init["head.weight"].shape[0] != num_classes:  # another task: the adapter alone, a new head
             init = {k: v for k, v in init.items() if not k.startswith("head.")}
+
+    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        lock_out(args.out)
+    settings = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "num_classes": num_classes,
+                "checkpoint": fingerprint(args.checkpoint), "adapter": args.adapter and fingerprint(args.adapter),
+                "train": split_id(train_samples), "test": split_id(test_samples)}
+    ckpt = resume_checkpoint(ckpt_path, args.resume, settings, ["adapter", "optimizer", "epoch"], device)
+    if args.resume and ckpt is None:
+        print0(f"--resume: no {ckpt_path} yet, starting a new run")
+
+    model = load_vit(args.checkpoint, num_classes=num_classes, image_size=args.image_size, drop_path=args.drop_path)
     n_adapter = add_adapter(model, vars(args))  # freezes the backbone
     if init is not None:
         load_adapter_state_dict(model, init)
@@ -569,7 +619,7 @@ def train(args):
 
     size = model.config.image_size
     modes = ("train", "test") if args.preset == "fgvc" else ("resize", "resize")
-    train_set = ImageDataset(train_samples, size, modes[0])
+    train_set = ImageDataset(train_samples, size, modes[0], args.seed)
     test_set = ImageDataset(test_samples, size, modes[1])
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     kw = dict(batch_size=args.batch_size // world, num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -584,24 +634,14 @@ def train(args):
     steps = len(train_loader)
     unit = 1 if args.schedule == "epoch" else steps  # schedule time per epoch: timm's t_in_epochs, or per step
 
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
     start = 0
-    if os.path.exists(ckpt_path) and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = [f for f in RESUME_FIELDS if ckpt["args"].get(f) != getattr(args, f)]
-        if changed:
-            raise ValueError(f"{ckpt_path} was written with other settings for {changed}; use them, or another --out")
+    if ckpt:
         load_adapter_state_dict(model, ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
         print0(f"resumed from {ckpt_path}: {start} of {args.epochs} epochs done")
     if rank == 0:  # keep the log lines of the epochs the checkpoint holds (all of them, or none on a new run)
-        lines = open(log_path).readlines() if start and os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line for line in lines if json.loads(line)["epoch"] <= start)
+        trim_log(log_path, "epoch", start)
 
     # plain DDP suits a Theta shared by every block: autograd sums its gradient over the blocks before DDP's
     # hook fires once per step, and the frozen backbone is not synchronised at all
@@ -609,11 +649,13 @@ def train(args):
         model, device_ids=[local_rank] if device.type == "cuda" else None)
     autocast = autocast_for(args, device)
     for epoch in range(start, args.epochs):
-        # reseed per (epoch, rank): drop_path, crops and flips are the same whether or not the run was resumed,
-        # so the checkpoint needs no RNG state (and each rank still draws its own numbers)
+        # reseed per (epoch, rank): drop_path is the same whether or not the run was resumed, so the checkpoint
+        # needs no RNG state (and each rank still draws its own numbers); crops and flips: ImageDataset
         torch.manual_seed(args.seed + 1000 * epoch + rank)
         sampler.set_epoch(epoch)
+        train_set.epoch = epoch
         model.train()
+        kept = f"the checkpoint of epoch {epoch} ({ckpt_path}) is kept" if epoch else "nothing was saved"
         t0, loss_sum = time.time(), torch.zeros(2, device=device)  # sum of losses, samples
         bar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
         for i, (x, y) in enumerate(bar):
@@ -626,6 +668,8 @@ def train(args):
                 loss = F.cross_entropy(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # no clipping: the norm, of DDP's averaged grads
+            check_finite(f"epoch {epoch + 1}, step {i + 1}", kept, loss=loss, gradient_norm=norm)
             opt.step()
             loss_sum += torch.stack([loss.detach().float() * len(y), torch.tensor(float(len(y)), device=device)])
         if world > 1:
@@ -636,16 +680,16 @@ def train(args):
                       "test_top1": round(top1, 4), "lr": lr, "seconds": round(time.time() - t0, 2),
                       "method": args.method, "adapter_params": n_adapter}
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                log_json(f, record)
             atomic_save({"adapter": adapter_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
-                         "epoch": epoch + 1, "args": vars(args)}, ckpt_path)
+                         "epoch": epoch + 1, "run": settings, "args": vars(args)}, ckpt_path)
             print(json.dumps(record), flush=True)  # the epoch's bar has closed: a line of its own
 
     if rank == 0:
         adapter = os.path.join(args.out, "adapter.safetensors")
         top1 = json.loads(open(log_path).readlines()[-1])["test_top1"] if args.epochs else None
-        config = {**vars(args), "vit": asdict(model.config), "classes": classes, "test_top1": top1,
-                  "adapter_params": n_adapter}
+        config = {**vars(args), "script": "train_vit.py", "vit": asdict(model.config), "classes": classes,
+                  "test_top1": top1, "adapter_params": n_adapter}
         write_safetensors(adapter, adapter_state_dict(model, ["head"]), {"config": json.dumps(config)})
         print(f"adapter ({args.method} + head + run config): {adapter}")
         if args.visualize:
@@ -660,8 +704,15 @@ def train(args):
 
 def merge(args):
     """--adapter + its base checkpoint -> --merge OUT: a plain ViT state dict (timm names), safetensors, whose
-    targeted weights are W (I + phi psi) (GIFT) or W + (alpha/r) B A (LoRA)."""
+    targeted weights are W (I + phi psi) (GIFT) or W + (alpha/r) B A (LoRA). OUT must be new."""
+    if os.path.isdir(args.merge):
+        raise UserError(f"--merge {args.merge} is a folder: give the file to write, e.g. "
+                        f"{os.path.join(args.merge, 'merged.safetensors')}")
+    _, run, _ = read_adapter(args.adapter)  # small: read first, to check OUT against its base before loading
+    check_new_output(args.merge, "--merge", {"the base checkpoint": args.checkpoint or run.get("checkpoint"),
+                                             "the adapter": args.adapter})
     model, run, _ = adapter_model(args)
+    os.makedirs(os.path.dirname(args.merge) or ".", exist_ok=True)
     write_safetensors(args.merge, merge_adapter(model).state_dict(), {"config": json.dumps(run)})
     print(f"merged model (timm names, loads with load_vit): {args.merge}")
     return args.merge
@@ -673,12 +724,12 @@ def evaluate_adapter(args):
     rank, world, _, device = setup_distributed()
     model, run, stored = adapter_model(args)
     if args.visualize and run["method"] != "gift":
-        raise ValueError(f"--visualize draws GIFT's cluster maps; {args.adapter} is a {run['method']} adapter")
+        raise UserError(f"--visualize draws GIFT's cluster maps; {args.adapter} is a {run['method']} adapter")
     model.to(device)
     samples, classes = read_split(args.test, args.root, run.get("classes"))
     if run.get("classes") is None and classes and len(classes) != model.config.num_classes:
-        raise ValueError(f"{args.test} has {len(classes)} classes and the adapter's head {model.config.num_classes}: "
-                         f"its labels would not map to the head's as in training")
+        raise UserError(f"{args.test} has {len(classes)} classes and the adapter's head {model.config.num_classes}: "
+                        f"its labels would not map to the head's as in training")
     mode = "test" if run.get("preset", args.preset) == "fgvc" else "resize"  # the run's preprocessing
     test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
@@ -812,6 +863,8 @@ def make_demo(root):
 
 def demo(args):
     t0 = time.time()
+    if args.out:
+        check_new_output(args.out, "--out")
     root = args.out or tempfile.mkdtemp(prefix="gift_vit_demo_")
     print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight ViT written in "
           "Google's .npz format,\ngenerated 80 px pictures of 4 coloured-square classes). Accuracies say nothing "
@@ -826,8 +879,10 @@ def demo(args):
                       "--workers", "2", "--visualize", "2"]))
     merge(parse_args(["--adapter", os.path.join(run, "adapter.safetensors"), "--merge",
                       os.path.join(run, "merged.safetensors")]))
-    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Outputs in {run}: log.jsonl (one line per "
-          f"epoch), checkpoint.pt (resume), adapter.safetensors, merged.safetensors, cluster_maps/*.png")
+    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Everything is in {root}:\n"
+          f"  {checkpoint}, {train_dir}, {test_dir}: the synthetic checkpoint and images\n"
+          f"  {run}: log.jsonl (one line per epoch), checkpoint.pt (resume), adapter.safetensors, "
+          f"merged.safetensors, cluster_maps/*.png")
 
 
 # -----------------------------------------------------------------------------
@@ -882,30 +937,30 @@ def parse_args(argv=None):
                    help="cluster maps of N correctly classified test images")
     p.add_argument("--vis-layers", type=int, nargs="+", help="block indices drawn by --visualize; None: all")
     args = p.parse_args(argv)
-
-    def fail(message):  # a user mistake: one line, exit status 2, before anything is loaded
-        p.exit(2, f"error: {message}\n")
-
+    # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
     if args.merge and not args.adapter:
-        fail("--merge OUT needs --adapter FILE")
+        raise UserError("--merge OUT needs --adapter FILE")
     if not (args.demo or args.merge or (args.adapter and args.test and not args.train)
             or (args.checkpoint and args.train and args.test)):
-        fail("give --checkpoint, --train and --test (or --adapter FILE with --test or --merge OUT, or --demo)")
+        raise UserError("give --checkpoint, --train and --test (or --adapter FILE with --test or --merge OUT, or "
+                        "--demo)")
     if args.adapter:
         if not os.path.isfile(args.adapter):
-            fail(f"--adapter {args.adapter}: no such file")
+            raise UserError(f"--adapter {args.adapter}: no such file")
         with open(args.adapter, "rb") as f:
             if f.read(4) == b"PK\x03\x04" and not args.checkpoint:
-                fail(f"--adapter {args.adapter} is a torch file (the GIFT authors' format), which names no base "
-                     f"weights: give --checkpoint (vit_base_patch16_224.augreg_in21k for theirs)")
+                raise UserError(f"--adapter {args.adapter} is a torch file (the GIFT authors' format), which names no "
+                                f"base weights: give --checkpoint (vit_base_patch16_224.augreg_in21k for theirs)")
     if args.visualize and args.method == "lora" and args.train:
-        fail("--visualize draws GIFT's cluster maps; a LoRA run has none")
+        raise UserError("--visualize draws GIFT's cluster maps; a LoRA run has none")
     args.rank = args.rank or {"gift": 16, "lora": 8}[args.method]
+    check_ranges(args, {"epochs": 0, "batch_size": 1, "rank": 1, "warmup": 0, "workers": 0, "visualize": 0})
     if args.out is None and not args.demo:
         args.out = "runs/vit"
     return args
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
