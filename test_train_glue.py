@@ -2,6 +2,7 @@
 truncation and metrics against their references, and the pipeline on the demo's files (adapter, merge, resume).
 transformers and tokenizers are test-only oracles: the tests that need them skip where they are absent."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -440,6 +441,162 @@ def _user_error(capsys, argv):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     return err
+
+
+def _copy_with(src, dst, change):
+    """A copy of the folder src with change(dst) applied."""
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+def _edit_config(**fields):  # None: the field removed
+    def change(folder):
+        hf = json.loads((folder / "config.json").read_text())
+        hf.update(fields)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    return change
+
+
+def _nan_weight(folder):  # one NaN in a base weight
+    state = read_safetensors(folder / "model.safetensors")
+    state["roberta.encoder.layer.1.output.dense.weight"] = state["roberta.encoder.layer.1.output.dense.weight"].clone()
+    state["roberta.encoder.layer.1.output.dense.weight"][3, 5] = float("nan")
+    write_safetensors(folder / "model.safetensors", state)
+
+
+def _fault(kind, demo_files, tmp_path, request, monkeypatch):
+    """The command line of one mistake, on its own copies of what it changes."""
+    model_dir, data = demo_files
+    out = tmp_path / "out"
+    train = lambda *extra, model=model_dir, data=data: _train_args((model, data), out, *extra)  # noqa: E731
+    adapter = lambda: str(request.getfixturevalue("gift_run")[0] / "adapter.safetensors")  # noqa: E731
+
+    def used_out():  # a finished run's --out
+        return shutil.copytree(request.getfixturevalue("gift_run")[0], out)
+
+    def other_adapter(script):
+        write_safetensors(tmp_path / "adapter.safetensors", {"x": torch.zeros(1)},
+                          {"config": json.dumps({"script": script, "targets": ["q"], "rank": 1})})
+        return ["--adapter", str(tmp_path / "adapter.safetensors"), "--data", str(data), "--eval-only"]
+
+    def bad_tsv(text):
+        return train(data=_copy_with(data, tmp_path / "data", lambda p: (p / "train.tsv").write_bytes(text)))
+
+    if kind == "nan_at_step_25":  # a diverging run: the loss of step 25 (epoch 2) is NaN
+        loss_fn, calls = tg.loss_fn, []
+
+        def nan_at_25(*a):
+            calls.append(1)
+            return loss_fn(*a) * (float("nan") if len(calls) == 25 else 1.0)
+        monkeypatch.setattr(tg, "loss_fn", nan_at_25)
+    return {
+        "no_flags": lambda: ["--task", "rte"],
+        "merge_without_adapter": lambda: ["--merge", str(tmp_path / "merged")],
+        "adapter_without_mode": lambda: ["--adapter", adapter(), "--data", str(data)],
+        "adapter_missing": lambda: ["--adapter", str(tmp_path / "no.safetensors"), "--data", str(data), "--eval-only"],
+        "adapter_of_vit": lambda: other_adapter("train_vit.py"),
+        "adapter_of_llama": lambda: other_adapter("train_llama.py"),
+        "adapter_pt": lambda: (torch.save({}, tmp_path / "adapter.pt"),
+                               ["--adapter", str(tmp_path / "adapter.pt"), "--merge", str(tmp_path / "m")])[1],
+        "rank_0": lambda: train("--rank", "0"),
+        "max_len_too_long": lambda: train("--max-len", "100"),
+        "model_folder_empty": lambda: train(model=tmp_path),
+        "no_train_tsv": lambda: train(data=tmp_path),
+        "config_not_json": lambda: train(model=_copy_with(model_dir, tmp_path / "m", lambda p: (
+            p / "config.json").write_text('{"model_type": "roberta",'))),
+        "config_no_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=None))),
+        "config_bad_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size="64"))),
+        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(vocab_size=100))),
+        "tsv_not_utf8": lambda: bad_tsv(b"sentence\tlabel\ncaf\xe9\t1\n"),
+        "tsv_bad_label": lambda: bad_tsv(b"sentence\tlabel\ngood\t1\nbad\tmaybe\n"),
+        "out_used": lambda: (used_out(), train())[1],
+        "out_locked": lambda: train(),  # the lock is taken by the test
+        "resume_truncated": lambda: (out.mkdir(), (out / "checkpoint.pt").write_bytes(b"PK\x03\x04"),
+                                     train("--resume"))[2],
+        "resume_other_seed": lambda: (used_out(), train("--resume", "--seed", "7"))[1],
+        "resume_other_data": lambda: (used_out(), train("--resume", data=_copy_with(data, tmp_path / "data", lambda p: (
+            p / "dev.tsv").write_text((p / "dev.tsv").read_text().replace("\t1\n", "\t0\n", 1)))))[1],
+        "resume_other_model": lambda: (used_out(), train("--resume", model=_copy_with(
+            model_dir, tmp_path / "m", _edit_config(layer_norm_eps=1e-6))))[1],
+        "merge_over_model": lambda: ["--adapter", adapter(), "--merge", str(model_dir)],
+        "merge_over_run": lambda: ["--adapter", adapter(), "--merge", str(used_out())],
+        "merge_over_adapter": lambda: ["--adapter", adapter(), "--merge", adapter()],
+        "eval_base_model": lambda: ["--model", str(model_dir), "--data", str(data), "--eval-only"],
+        "eval_other_task": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--task", "rte"],
+        "nan_in_weight": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _nan_weight)),
+        "nan_at_step_25": lambda: train(),
+    }[kind]()
+
+
+# The faults of issue 10 tried on train_glue.py, and the one line the user sees (exit status 2). All but the
+# last two are found before the model's weights are loaded.
+FAULTS = [
+    ("no_flags", r"give --model, --task and --data \(or --demo"),
+    ("merge_without_adapter", r"--merge OUT needs --adapter FILE"),
+    ("adapter_without_mode", r"--adapter FILE goes with --eval-only \(score it\) or --merge OUT"),
+    ("adapter_missing", r"--adapter .*no.safetensors: no such file"),
+    ("adapter_of_vit", r"adapter.safetensors is an adapter of train_vit.py, not of train_glue.py"),
+    ("adapter_of_llama", r"adapter.safetensors is an adapter of train_llama.py, not of train_glue.py"),
+    ("adapter_pt", r"adapter.pt: not an adapter.safetensors"),
+    ("rank_0", r"--rank 0: must be at least 1"),
+    ("max_len_too_long", r"--max-len 100: .* takes at most 64 tokens"),
+    ("model_folder_empty", r"no config.json or tokenizer.json or model.safetensors \(an HF model folder"),
+    ("no_train_tsv", r"--data .*: no train.tsv \(give a task's folder of the GLUE download"),
+    ("config_not_json", r"m.config.json: not valid JSON \(Expecting"),
+    ("config_no_field", r"m.config.json: no field 'hidden_size'"),
+    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64', a positive number is expected"),
+    ("tokenizer_too_large", r"the tokenizer .*tokenizer.json \(\d+ ids\) does not fit the model .*m \(100 "),
+    ("tsv_not_utf8", r"train.tsv: not UTF-8 text \(invalid continuation byte at byte 18\)"),
+    ("tsv_bad_label", r"train.tsv:3: label 'maybe' is not one of \('0', '1'\)"),
+    ("out_used", r"out.checkpoint.pt exists: add --resume to continue that run, or choose another --out"),
+    ("out_locked", r"out is in use by pid 12345 on elsewhere: wait for that run to end"),
+    ("resume_truncated", r"checkpoint.pt: cannot read it \(.*\); truncated\?"),
+    ("resume_other_seed", r"checkpoint.pt was written by a run with other settings or inputs \(seed 42 -> 7\)"),
+    ("resume_other_data", r"other settings or inputs \(dev '[0-9a-f]+' -> '[0-9a-f]+'\)"),
+    ("resume_other_model", r"other settings or inputs \(model '[0-9a-f]+' -> '[0-9a-f]+'\)"),
+    ("merge_over_model", r"--merge .*model is the --model folder: writing there would destroy it"),
+    ("merge_over_run", r"--merge .*out holds a checkpoint \(.lock, adapter.safetensors, best.safetensors"),
+    ("merge_over_adapter", r"--merge .*adapter.safetensors is the adapter: writing there would destroy it"),
+    ("eval_base_model", r"config.json: no GLUE task \(finetuning_task None\), not a merged model: score a base"),
+    ("eval_other_task", r"--task rte: .*adapter.safetensors was trained on sst2"),
+    ("nan_in_weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
+    ("nan_at_step_25", r"step 25: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 21\) is kept"),
+]
+
+
+@pytest.mark.parametrize("kind,match", FAULTS, ids=[k for k, _ in FAULTS])
+def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, monkeypatch, capsys, one_thread):
+    argv = _fault(kind, demo_files, tmp_path, request, monkeypatch)
+    lock = None
+    if kind == "out_locked":  # another run holds --out (a lock of another open file, as another process's)
+        import fcntl
+        (tmp_path / "out").mkdir()
+        lock = open(tmp_path / "out" / ".lock", "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 12345 on elsewhere\n")
+        lock.flush()
+    model_files = {p.name: p.read_bytes() for p in demo_files[0].iterdir()}
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            tg.main(argv)
+    finally:
+        if lock:
+            lock.close()
+    printed = capsys.readouterr()
+    assert e.value.code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
+    assert re.search(match, printed.err), printed.err
+    assert ("loaded " in printed.out) == kind.startswith("nan"), printed.out  # the others: before loading weights
+    assert {p.name: p.read_bytes() for p in demo_files[0].iterdir()} == model_files  # never touched
+    out = tmp_path / "out"
+    if kind.startswith("nan"):  # the log stays strict JSON with the finished epochs; no Theta after the NaN saved
+        assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == \
+            ([] if kind == "nan_in_weight" else [1])
+        assert not (out / "adapter.safetensors").exists()
+        if kind == "nan_at_step_25":
+            ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+            assert ckpt["step"] == 21 and all(t.isfinite().all() for t in ckpt["adapter"].values())
 
 
 def test_table_averages_six_tasks(tmp_path):
