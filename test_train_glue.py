@@ -458,10 +458,10 @@ def _edit_config(**fields):  # None: the field removed
     return change
 
 
-def _nan_weight(folder):  # one NaN in a base weight
+def _nan_weight(folder, key="roberta.encoder.layer.1.output.dense.weight"):  # one NaN in a base weight
     state = read_safetensors(folder / "model.safetensors")
-    state["roberta.encoder.layer.1.output.dense.weight"] = state["roberta.encoder.layer.1.output.dense.weight"].clone()
-    state["roberta.encoder.layer.1.output.dense.weight"][3, 5] = float("nan")
+    state[key] = state[key].clone()
+    state[key][3, 5] = float("nan")
     write_safetensors(folder / "model.safetensors", state)
 
 

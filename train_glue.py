@@ -267,7 +267,7 @@ def load_model(folder, num_labels=None) -> SequenceClassifier:
             t = w.pop(key)
             if t.shape != param.shape:
                 raise UserError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
-                                 f"from config.json")
+                                f"from config.json")
             param.copy_(t)
     unknown = sorted(k for k in w if not k.startswith(ignorable))
     if unknown:
