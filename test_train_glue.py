@@ -2,6 +2,7 @@
 truncation and metrics against their references, and the pipeline on the demo's files (adapter, merge, resume).
 transformers and tokenizers are test-only oracles: the tests that need them skip where they are absent."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -290,11 +291,14 @@ def demo_files(tmp_path_factory):
     return tg.make_demo(tmp_path_factory.mktemp("glue_demo"))
 
 
-def _train(demo_files, out, *extra):
+def _train_args(demo_files, out, *extra):
     model_dir, data = demo_files
-    argv = ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--out", str(out), "--epochs", "3",
-            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", *extra]
-    return tg.main(argv)
+    return ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", *map(str, extra)]
+
+
+def _train(demo_files, out, *extra):
+    return tg.main(_train_args(demo_files, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -321,8 +325,8 @@ def test_training_learns_and_writes_its_files(gift_run):
     out, history = gift_run
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "best.safetensors", "checkpoint.pt",
-                                                      "log.jsonl", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter.safetensors", "best.safetensors",
+                                                      "checkpoint.pt", "log.jsonl", "results.json"]
     assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == history
     result = json.loads((out / "results.json").read_text())
     best = max(history, key=lambda h: h["dev_accuracy"])
@@ -340,13 +344,15 @@ def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files):
     add_gift(model, run["targets"], run["rank"], run["share"])
     load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
     assert set(state) == set(gift_state_dict(model, ["classifier"]))
-    assert tg.main(["--eval", str(out / "adapter.safetensors"), "--data", str(data)]) == history[-1]["dev_accuracy"]
+    assert tg.main(["--adapter", str(out / "adapter.safetensors"), "--data", str(data), "--eval-only"]) == \
+        history[-1]["dev_accuracy"]
 
 
-def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files):
+def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files, tmp_path):
     out, _ = gift_run
     _, data = demo_files
-    merged = tg.main(["--merge", str(out / "best.safetensors")])
+    merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary sibling left
     _, unmerged = tg.model_with_adapter(out / "best.safetensors")
     ours = tg.load_model(merged)
     assert list(ours.state_dict()) == [k for k in unmerged.state_dict() if not k.startswith("gift.")]
@@ -358,14 +364,14 @@ def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_f
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, expected, atol=TOL, rtol=0)
     best = max(json.loads(line)["dev_accuracy"] for line in (out / "log.jsonl").read_text().splitlines())
-    assert tg.main(["--eval", str(merged), "--data", str(data)]) == pytest.approx(best, abs=1.0)  # 1 of 160
+    assert tg.main(["--model", str(merged), "--data", str(data), "--eval-only"]) == pytest.approx(best, abs=1.0)
 
 
 def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
     history = _train(demo_files, tmp_path, "--method", "lora", "--epochs", "1")
     run, state = tg.read_adapter(tmp_path / "adapter.safetensors")
     assert run["rank"] == 8 and len([k for k in state if "lora_" in k]) == 2 * 2 * 2  # A, B x q, v x 2 layers
-    merged = tg.main(["--merge", str(tmp_path / "adapter.safetensors")])
+    merged = tg.main(["--adapter", str(tmp_path / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
     ids, types, mask = _batch(unmerged.config.vocab_size, 1, [7, 19])
     with torch.no_grad():
@@ -374,7 +380,7 @@ def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
     assert history[0]["epoch"] == 1
 
 
-def test_resume_repeats_the_uninterrupted_run(demo_files, gift_run, tmp_path, monkeypatch, one_thread):
+def test_resume_repeats_the_uninterrupted_run(demo_files, gift_run, tmp_path, monkeypatch, capsys, one_thread):
     full, history = gift_run
     real = tg.lr_factor
 
@@ -388,10 +394,9 @@ def test_resume_repeats_the_uninterrupted_run(demo_files, gift_run, tmp_path, mo
         _train(demo_files, tmp_path)
     monkeypatch.setattr(tg, "lr_factor", real)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 14
-    with pytest.raises(SystemExit):  # an existing checkpoint needs --resume
-        _train(demo_files, tmp_path)
-    with pytest.raises(ValueError, match="other.*lr"):
-        _train(demo_files, tmp_path, "--resume", "--lr", "1e-3")
+    assert "checkpoint.pt exists: add --resume" in _user_error(capsys, _train_args(demo_files, tmp_path))
+    assert "other settings or inputs (head_lr 0.003 -> 0.001; lr 0.003 -> 0.001)" in _user_error(
+        capsys, _train_args(demo_files, tmp_path, "--resume", "--lr", "1e-3"))
     resumed = _train(demo_files, tmp_path, "--resume")
     drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
     assert drop(resumed) == drop(history)
@@ -421,7 +426,7 @@ def test_bert_pipeline(tmp_path, one_thread):
     tok.save(str(model_dir / "tokenizer.json"))
     tg.main(["--model", str(model_dir), "--task", "rte", "--data", str(data), "--out", str(tmp_path / "run"),
              "--epochs", "2", "--batch-size", "8"])
-    merged = tg.main(["--merge", str(tmp_path / "run" / "adapter.safetensors")])
+    merged = tg.main(["--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(tmp_path / "run" / "adapter.safetensors")
     ids, types, mask = _batch(200, 0, [9, 14])
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
@@ -438,17 +443,160 @@ def _user_error(capsys, argv):
     return err
 
 
-def test_user_errors_are_one_line(capsys, tmp_path, demo_files):
+def _copy_with(src, dst, change):
+    """A copy of the folder src with change(dst) applied."""
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+def _edit_config(**fields):  # None: the field removed
+    def change(folder):
+        hf = json.loads((folder / "config.json").read_text())
+        hf.update(fields)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    return change
+
+
+def _nan_weight(folder, key="roberta.encoder.layer.1.output.dense.weight"):  # one NaN in a base weight
+    state = read_safetensors(folder / "model.safetensors")
+    state[key] = state[key].clone()
+    state[key][3, 5] = float("nan")
+    write_safetensors(folder / "model.safetensors", state)
+
+
+def _fault(kind, demo_files, tmp_path, request, monkeypatch):
+    """The command line of one mistake, on its own copies of what it changes."""
     model_dir, data = demo_files
-    assert "--model" in _user_error(capsys, ["--task", "rte"])
-    assert "no such file" in _user_error(capsys, ["--merge", str(tmp_path / "nothing.safetensors")])
-    assert "no config.json" in _user_error(capsys, ["--model", str(tmp_path), "--task", "sst2", "--data", str(data)])
-    assert "no train.tsv" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(tmp_path)])
-    write_safetensors(tmp_path / "vit.safetensors", {"x": torch.zeros(1)}, {"config": json.dumps({"vit": {}})})
-    assert "not train_glue.py's" in _user_error(capsys, ["--merge", str(tmp_path / "vit.safetensors")])
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert "--resume" in _user_error(capsys, ["--model", str(model_dir), "--task", "sst2", "--data", str(data),
-                                              "--out", str(tmp_path)])
+    out = tmp_path / "out"
+    train = lambda *extra, model=model_dir, data=data: _train_args((model, data), out, *extra)  # noqa: E731
+    adapter = lambda: str(request.getfixturevalue("gift_run")[0] / "adapter.safetensors")  # noqa: E731
+
+    def used_out():  # a finished run's --out
+        return shutil.copytree(request.getfixturevalue("gift_run")[0], out)
+
+    def other_adapter(script):
+        write_safetensors(tmp_path / "adapter.safetensors", {"x": torch.zeros(1)},
+                          {"config": json.dumps({"script": script, "targets": ["q"], "rank": 1})})
+        return ["--adapter", str(tmp_path / "adapter.safetensors"), "--data", str(data), "--eval-only"]
+
+    def bad_tsv(text):
+        return train(data=_copy_with(data, tmp_path / "data", lambda p: (p / "train.tsv").write_bytes(text)))
+
+    if kind == "nan_at_step_25":  # a diverging run: the loss of step 25 (epoch 2) is NaN
+        loss_fn, calls = tg.loss_fn, []
+
+        def nan_at_25(*a):
+            calls.append(1)
+            return loss_fn(*a) * (float("nan") if len(calls) == 25 else 1.0)
+        monkeypatch.setattr(tg, "loss_fn", nan_at_25)
+    return {
+        "no_flags": lambda: ["--task", "rte"],
+        "merge_without_adapter": lambda: ["--merge", str(tmp_path / "merged")],
+        "adapter_without_mode": lambda: ["--adapter", adapter(), "--data", str(data)],
+        "adapter_missing": lambda: ["--adapter", str(tmp_path / "no.safetensors"), "--data", str(data), "--eval-only"],
+        "adapter_of_vit": lambda: other_adapter("train_vit.py"),
+        "adapter_of_llama": lambda: other_adapter("train_llama.py"),
+        "adapter_pt": lambda: (torch.save({}, tmp_path / "adapter.pt"),
+                               ["--adapter", str(tmp_path / "adapter.pt"), "--merge", str(tmp_path / "m")])[1],
+        "rank_0": lambda: train("--rank", "0"),
+        "max_len_too_long": lambda: train("--max-len", "100"),
+        "model_folder_empty": lambda: train(model=tmp_path),
+        "no_train_tsv": lambda: train(data=tmp_path),
+        "config_not_json": lambda: train(model=_copy_with(model_dir, tmp_path / "m", lambda p: (
+            p / "config.json").write_text('{"model_type": "roberta",'))),
+        "config_no_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=None))),
+        "config_bad_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size="64"))),
+        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(vocab_size=100))),
+        "tsv_not_utf8": lambda: bad_tsv(b"sentence\tlabel\ncaf\xe9\t1\n"),
+        "tsv_bad_label": lambda: bad_tsv(b"sentence\tlabel\ngood\t1\nbad\tmaybe\n"),
+        "out_used": lambda: (used_out(), train())[1],
+        "out_locked": lambda: train(),  # the lock is taken by the test
+        "resume_truncated": lambda: (out.mkdir(), (out / "checkpoint.pt").write_bytes(b"PK\x03\x04"),
+                                     train("--resume"))[2],
+        "resume_other_seed": lambda: (used_out(), train("--resume", "--seed", "7"))[1],
+        "resume_other_data": lambda: (used_out(), train("--resume", data=_copy_with(data, tmp_path / "data", lambda p: (
+            p / "dev.tsv").write_text((p / "dev.tsv").read_text().replace("\t1\n", "\t0\n", 1)))))[1],
+        "resume_other_model": lambda: (used_out(), train("--resume", model=_copy_with(
+            model_dir, tmp_path / "m", _edit_config(layer_norm_eps=1e-6))))[1],
+        "merge_over_model": lambda: ["--adapter", adapter(), "--merge", str(model_dir)],
+        "merge_over_run": lambda: ["--adapter", adapter(), "--merge", str(used_out())],
+        "merge_over_adapter": lambda: ["--adapter", adapter(), "--merge", adapter()],
+        "eval_base_model": lambda: ["--model", str(model_dir), "--data", str(data), "--eval-only"],
+        "eval_other_task": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--task", "rte"],
+        "nan_in_weight": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _nan_weight)),
+        "nan_at_step_25": lambda: train(),
+    }[kind]()
+
+
+# The faults of issue 10 tried on train_glue.py, and the one line the user sees (exit status 2). All but the
+# last two are found before the model's weights are loaded.
+FAULTS = [
+    ("no_flags", r"give --model, --task and --data \(or --demo"),
+    ("merge_without_adapter", r"--merge OUT needs --adapter FILE"),
+    ("adapter_without_mode", r"--adapter FILE goes with --eval-only \(score it\) or --merge OUT"),
+    ("adapter_missing", r"--adapter .*no.safetensors: no such file"),
+    ("adapter_of_vit", r"adapter.safetensors is an adapter of train_vit.py, not of train_glue.py"),
+    ("adapter_of_llama", r"adapter.safetensors is an adapter of train_llama.py, not of train_glue.py"),
+    ("adapter_pt", r"adapter.pt: not an adapter.safetensors"),
+    ("rank_0", r"--rank 0: must be at least 1"),
+    ("max_len_too_long", r"--max-len 100: .* takes at most 64 tokens"),
+    ("model_folder_empty", r"no config.json or tokenizer.json or model.safetensors \(an HF model folder"),
+    ("no_train_tsv", r"--data .*: no train.tsv \(give a task's folder of the GLUE download"),
+    ("config_not_json", r"m.config.json: not valid JSON \(Expecting"),
+    ("config_no_field", r"m.config.json: no field 'hidden_size'"),
+    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64', a positive number is expected"),
+    ("tokenizer_too_large", r"the tokenizer .*tokenizer.json \(\d+ ids\) does not fit the model .*m \(100 "),
+    ("tsv_not_utf8", r"train.tsv: not UTF-8 text \(invalid continuation byte at byte 18\)"),
+    ("tsv_bad_label", r"train.tsv:3: label 'maybe' is not one of \('0', '1'\)"),
+    ("out_used", r"out.checkpoint.pt exists: add --resume to continue that run, or choose another --out"),
+    ("out_locked", r"out is in use by pid 12345 on elsewhere: wait for that run to end"),
+    ("resume_truncated", r"checkpoint.pt: cannot read it \(.*\); truncated\?"),
+    ("resume_other_seed", r"checkpoint.pt was written by a run with other settings or inputs \(seed 42 -> 7\)"),
+    ("resume_other_data", r"other settings or inputs \(dev '[0-9a-f]+' -> '[0-9a-f]+'\)"),
+    ("resume_other_model", r"other settings or inputs \(model '[0-9a-f]+' -> '[0-9a-f]+'\)"),
+    ("merge_over_model", r"--merge .*model is the --model folder: writing there would destroy it"),
+    ("merge_over_run", r"--merge .*out holds a checkpoint \(.lock, adapter.safetensors, best.safetensors"),
+    ("merge_over_adapter", r"--merge .*adapter.safetensors is the adapter: writing there would destroy it"),
+    ("eval_base_model", r"config.json: no GLUE task \(finetuning_task None\), not a merged model: score a base"),
+    ("eval_other_task", r"--task rte: .*adapter.safetensors was trained on sst2"),
+    ("nan_in_weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
+    ("nan_at_step_25", r"step 25: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 21\) is kept"),
+]
+
+
+@pytest.mark.parametrize("kind,match", FAULTS, ids=[k for k, _ in FAULTS])
+def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, monkeypatch, capsys, one_thread):
+    argv = _fault(kind, demo_files, tmp_path, request, monkeypatch)
+    lock = None
+    if kind == "out_locked":  # another run holds --out (a lock of another open file, as another process's)
+        import fcntl
+        (tmp_path / "out").mkdir()
+        lock = open(tmp_path / "out" / ".lock", "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 12345 on elsewhere\n")
+        lock.flush()
+    model_files = {p.name: p.read_bytes() for p in demo_files[0].iterdir()}
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            tg.main(argv)
+    finally:
+        if lock:
+            lock.close()
+    printed = capsys.readouterr()
+    assert e.value.code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
+    assert re.search(match, printed.err), printed.err
+    assert ("loaded " in printed.out) == kind.startswith("nan"), printed.out  # the others: before loading weights
+    assert {p.name: p.read_bytes() for p in demo_files[0].iterdir()} == model_files  # never touched
+    out = tmp_path / "out"
+    if kind.startswith("nan"):  # the log stays strict JSON with the finished epochs; no Theta after the NaN saved
+        assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == \
+            ([] if kind == "nan_in_weight" else [1])
+        assert not (out / "adapter.safetensors").exists()
+        if kind == "nan_at_step_25":
+            ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+            assert ckpt["step"] == 21 and all(t.isfinite().all() for t in ckpt["adapter"].values())
 
 
 def test_table_averages_six_tasks(tmp_path):

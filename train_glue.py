@@ -13,8 +13,9 @@ folders, the GLUE TSV readers, DDP training with exact resume, adapters, merging
     torchrun --nproc_per_node=4 train_glue.py ...same flags...     # DDP; --batch-size stays the global batch
     python train_glue.py ...same flags... --resume                  # continue from runs/rte/checkpoint.pt, exactly
     python train_glue.py --method lora --model roberta-base ...      # the LoRA baseline (r=8, alpha 16, q and v)
-    python train_glue.py --eval runs/rte/adapter.safetensors --data glue_data/RTE     # score an adapter
-    python train_glue.py --merge runs/rte/adapter.safetensors      # runs/rte/merged/: an HF folder, plain weights
+    python train_glue.py --adapter runs/rte/adapter.safetensors --data glue_data/RTE --eval-only  # score an adapter
+    python train_glue.py --adapter runs/rte/best.safetensors --merge runs/rte-merged  # a new HF folder, plain weights
+    python train_glue.py --model runs/rte-merged --data glue_data/RTE --eval-only     # score a merged folder
     python train_glue.py --table runs/*                             # the six-task table beside the paper's
 
 --model: an HF folder of RobertaForMaskedLM / RobertaModel / BertModel / BertForPreTraining weights (config.json,
@@ -22,13 +23,16 @@ model.safetensors or pytorch_model.bin, tokenizer.json), e.g. FacebookAI/roberta
 downloaded. --data: a task folder of the standard GLUE download (train.tsv, dev.tsv). The paper's learning
 rate and weight decay were chosen per task from a grid (lr 1e-4 ... 1e-3, wd 0 ... 0.01, the head with the
 same values) and the runs repeated with seeds 42-46; see --help for the defaults used here.
+
+An --adapter names its base model (--model overrides it). A mistake (a bad flag or file, a used --out, a changed
+setting or input on --resume, an --adapter of another script) is one line `error: ...` and exit status 2,
+before any model is loaded; a non-finite loss stops the run, naming the step and keeping the last checkpoint.
 """
 import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -39,10 +43,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gift import add_gift, merge_gift, parameter_summary
+from gift import parameter_summary
 from tokenizer import load_tokenizer
-from train_common import (add_lora, atomic_save, merge_lora, print0, progress, read_safetensors,
-                          read_safetensors_metadata, setup_distributed, write_safetensors)
+from train_common import UserError, adapter_config, add_adapter, atomic_save, atomic_write, check_finite, \
+    check_new_output, check_ranges, check_vocab, cli, fingerprint, lock_out, log_json, merge_adapter, print0, \
+    progress, read_json, read_safetensors, resume_checkpoint, setup_distributed, trim_log, utf8_text, \
+    write_safetensors
 
 # -----------------------------------------------------------------------------
 # The model: BERT / RoBERTa with HF's module names, so that HF state dicts load key for key
@@ -190,22 +196,23 @@ OTHER_HEADS = {"roberta": ("lm_head.", "roberta.pooler."), "bert": ("cls.",)}
 
 def read_config(folder) -> EncoderConfig:
     path = Path(folder) / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read an HF config ({e})") from None
+    hf = read_json(path)  # a missing field is an error naming the file and the field
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: not an HF config (a JSON object is expected)")
     kind = hf.get("model_type")
     if kind not in ("roberta", "bert"):
-        raise ValueError(f"{path}: model_type {kind!r}; this script runs 'roberta' and 'bert' encoders")
+        raise UserError(f"{path}: model_type {kind!r}; this script runs 'roberta' and 'bert' encoders")
     if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
-        raise ValueError(f"{path}: only absolute position embeddings and encoders (is_decoder false) are supported")
+        raise UserError(f"{path}: only absolute position embeddings and encoders (is_decoder false) are supported")
     if hf.get("hidden_act", "gelu") not in GELU:
-        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not one of {sorted(GELU)}")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
-    missing = [k for k in required if k not in hf]
-    if missing:
-        raise ValueError(f"{path}: missing {missing}")
+        raise UserError(f"{path}: hidden_act {hf['hidden_act']!r} is not one of {sorted(GELU)}")
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
+        if not isinstance(hf[k], (int, float)) or isinstance(hf[k], bool) or hf[k] <= 0:
+            raise UserError(f"{path}: field {k!r} is {hf[k]!r}, a positive number is expected")
+    if hf["hidden_size"] % hf["num_attention_heads"]:
+        raise UserError(f"{path}: hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads "
+                        f"{hf['num_attention_heads']}")
     known = {f.name for f in fields(EncoderConfig)} - {"num_labels"}
     c = EncoderConfig(**{k: v for k, v in hf.items() if k in known and v is not None})
     c.pad_token_id = hf.get("pad_token_id") if hf.get("pad_token_id") is not None else (1 if kind == "roberta" else 0)
@@ -220,9 +227,13 @@ def read_weights(folder) -> dict:
     if (folder / "model.safetensors").is_file():
         w = read_safetensors(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").is_file():
-        w = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            w = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # a broken zip, pickle or storage each raise their own error
+            raise UserError(f"{folder / 'pytorch_model.bin'}: cannot read it ({type(e).__name__}); truncated?") \
+                from None
     else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files: not supported)")
+        raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files: not supported)")
     kind = read_config(folder).model_type
     out = {}
     for key, t in w.items():
@@ -251,15 +262,16 @@ def load_model(folder, num_labels=None) -> SequenceClassifier:
             if key.startswith("classifier.") and num_labels is not None:
                 continue
             if key not in w:
-                raise ValueError(f"{path}: weight {key!r} is missing")
+                raise UserError(f"{path}: weight {key!r} is missing" + (" (a base model has no classifier: score "
+                                "it with --adapter)" if key.startswith("classifier.") else ""))
             t = w.pop(key)
             if t.shape != param.shape:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
-                                 f"from config.json")
+                raise UserError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {tuple(param.shape)} "
+                                f"from config.json")
             param.copy_(t)
     unknown = sorted(k for k in w if not k.startswith(ignorable))
     if unknown:
-        raise ValueError(f"{path}: tensors this {config.model_type} model has no place for: {unknown[:8]}")
+        raise UserError(f"{path}: tensors this {config.model_type} model has no place for: {unknown[:8]}")
     ignored = sorted({prefix for k in w for prefix in ignorable if k.startswith(prefix)})
     print0(f"loaded {path}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
            f"{f'; new head for {num_labels} outputs' if num_labels else ''}; not used: {', '.join(ignored) or 'none'}")
@@ -270,13 +282,16 @@ def load_text_tokenizer(folder, config: EncoderConfig):
     """(tokenizer, cls id, sep id) from folder/tokenizer.json. The ids of <s> </s> (RoBERTa) or [CLS] [SEP]
     (BERT) come from the file's added_tokens; the tokenizer must fit the embedding."""
     path = Path(folder) / "tokenizer.json"
-    tok = load_tokenizer(path)
+    try:
+        tok = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the tokenizer {path}: {e}") from None
+    # an HF model may pad its embedding past its tokenizer: fewer ids than rows are fine, more are not
+    check_vocab(tok, config.vocab_size, folder, allow_padding=True)
     names = ("<s>", "</s>") if config.model_type == "roberta" else ("[CLS]", "[SEP]")
-    added = {t["content"]: t["id"] for t in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in read_json(path).get("added_tokens", [])}
     if not all(n in added for n in names):
-        raise ValueError(f"{path}: no added tokens {names} (is it a {config.model_type} tokenizer?)")
-    if tok.n_words > config.vocab_size:
-        raise ValueError(f"{path}: {tok.n_words} tokens do not fit the model's {config.vocab_size} embeddings")
+        raise UserError(f"{path}: no added tokens {names} (is it a {config.model_type} tokenizer?)")
     return tok, added[names[0]], added[names[1]]
 
 
@@ -316,35 +331,33 @@ def task_file(data, split):
 def read_tsv(path, task: Task):
     """[(sentence A, sentence B or None, label id or score)]. Fields are split on tabs with no quoting, as the
     GLUE files are written (a quote is an ordinary character); every row must have the header's field count."""
-    try:
+    with utf8_text(path):
         lines = Path(path).read_text(encoding="utf-8-sig").split("\n")  # utf-8-sig: MRPC starts with a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a GLUE TSV file ({e})") from None
     lines = [line.rstrip("\r") for line in lines]
     if lines and lines[-1] == "":
         lines.pop()
     names, first = (task.columns, 0) if task.columns else (lines[0].split("\t") if lines else [], 1)
     want = [c for c in (*task.text, task.label) if c is not None]
     if any(c not in names for c in want):
-        raise ValueError(f"{path}: columns {want} expected in the header, found {names} (is it {task.folder}?)")
+        raise UserError(f"{path}: columns {want} expected in the header, found {names} (is it {task.folder}?)")
     a, b, y = (names.index(c) if c is not None else None for c in (*task.text, task.label))
     rows = []
     for i, line in enumerate(lines[first:], first + 1):
         f = line.split("\t")
         if len(f) != len(names):
-            raise ValueError(f"{path}:{i}: {len(f)} tab-separated fields, expected {len(names)} ({names})")
+            raise UserError(f"{path}:{i}: {len(f)} tab-separated fields, expected {len(names)} ({names})")
         if task.labels is None:
             try:
                 label = float(f[y])
             except ValueError:
-                raise ValueError(f"{path}:{i}: score {f[y]!r} is not a number") from None
+                raise UserError(f"{path}:{i}: score {f[y]!r} is not a number") from None
         elif f[y] in task.labels:
             label = task.labels.index(f[y])
         else:
-            raise ValueError(f"{path}:{i}: label {f[y]!r} is not one of {task.labels}")
+            raise UserError(f"{path}:{i}: label {f[y]!r} is not one of {task.labels}")
         rows.append((f[a], f[b] if b is not None else None, label))
     if not rows:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return rows
 
 
@@ -411,10 +424,7 @@ def score(metric, preds, labels):
 
 def add_method(model, run):
     """GIFT or LoRA on run's targets (the backbone frozen), the head trainable. Returns the model."""
-    if run["method"] == "gift":
-        add_gift(model, run["targets"], run["rank"], run["share"])
-    else:
-        add_lora(model, run["targets"], run["rank"], run["lora_alpha"])
+    add_adapter(model, run)
     model.classifier.requires_grad_(True)
     return model
 
@@ -431,10 +441,10 @@ def load_adapter(model, state, where):
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"{where} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise UserError(f"{where} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise UserError(f"{where}: {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
         own[k].copy_(v)
 
 
@@ -455,17 +465,17 @@ def paper_size(c: EncoderConfig):
 # -----------------------------------------------------------------------------
 # Training and evaluation
 
-# Settings that fix the training trajectory: --resume refuses a checkpoint written with others.
-RESUME_FIELDS = ("model", "task", "data", "method", "targets", "rank", "share", "lora_alpha", "epochs", "batch_size",
-                 "lr", "head_lr", "wd", "head_wd", "warmup", "max_len", "seed", "precision")
+# What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
+CHECKPOINT_KEYS = ("adapter", "optimizer", "step", "history", "loss_sum")  # and "run": run_settings
+RUN_FIELDS = ("task", "method", "targets", "rank", "share", "lora_alpha", "epochs", "batch_size", "lr", "head_lr",
+              "wd", "head_wd", "warmup", "max_len", "seed", "precision")
 
 
-def file_sizes(args):
-    """{file: size} of the run's inputs: --resume refuses a checkpoint whose data or weights changed size."""
-    model = Path(args.model)
-    files = [task_file(args.data, "train"), task_file(args.data, "dev"), model / "tokenizer.json",
-             *(p for p in (model / "model.safetensors", model / "pytorch_model.bin") if p.exists())]
-    return {p.name: p.stat().st_size for p in files}
+def run_settings(args):
+    """RUN_FIELDS, and the model folder and the task's train.tsv and dev.tsv by content (a moved or copied input is
+    the same input): what a resumed run must share with the checkpoint's."""
+    return {**{f: getattr(args, f) for f in RUN_FIELDS}, "model": fingerprint(args.model),
+            "train": fingerprint(task_file(args.data, "train")), "dev": fingerprint(task_file(args.data, "dev"))}
 
 
 def lr_factor(step, warmup, total):
@@ -501,9 +511,10 @@ def evaluate(model, examples, metric, pad, batch_size, device, autocast):
     return score(metric, [p for _, p in out], [examples[i][2] for i, _ in out])
 
 
-def train(args, model, train_set, dev_set, rank, world, device):
-    """Trains the adapter and head in place; writes OUT/log.jsonl (one line per epoch), checkpoint.pt (every
-    epoch and --save-every steps), best.safetensors (the best dev epoch's adapter) and adapter.safetensors."""
+def train(args, model, train_set, dev_set, rank, world, device, ckpt, run):
+    """Trains the adapter and head in place, from ckpt (a checkpoint, or None); writes OUT/log.jsonl (one line per
+    epoch), checkpoint.pt (every epoch and --save-every steps, with run: run_settings), best.safetensors (the best
+    dev epoch's adapter) and adapter.safetensors."""
     task, out = TASKS[args.task], Path(args.out)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)  # the last, partial batch is kept (as the paper)
     total = args.epochs * steps_per_epoch
@@ -515,33 +526,27 @@ def train(args, model, train_set, dev_set, rank, world, device):
     opt = torch.optim.AdamW([{"params": [p], "lr": lr, "base_lr": lr, "weight_decay": wd if p.ndim >= 2 else 0.0}
                              for p, (lr, wd) in groups])
     ckpt_path = out / "checkpoint.pt"
-    run = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "sizes": file_sizes(args)}  # settings and file identity
     step, history, loss_sum = 0, [], [0.0, 0]
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = [f for f in run if ckpt["run"].get(f) != run[f]]
-        if changed:
-            raise ValueError(f"{ckpt_path} was written with other {changed}: use them, or another --out")
+    if ckpt:
         load_adapter(model, ckpt["adapter"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         step, history, loss_sum = ckpt["step"], ckpt["history"], ckpt["loss_sum"]
         print0(f"resumed from {ckpt_path} at step {step} of {total}")
-    elif args.resume:
-        print0(f"--resume: no {ckpt_path}, starting a new run")
+    saved = step  # the step of the checkpoint on disk (0: none yet)
     if rank == 0:  # keep the log lines of the epochs the checkpoint holds (all of them, or none on a new run)
-        log = out / "log.jsonl"
-        kept = [line for line in log.read_text().splitlines(True) if json.loads(line)["epoch"] <= len(history)] \
-            if step and log.exists() else []
-        log.write_text("".join(kept))
+        trim_log(out / "log.jsonl", "epoch", len(history))
 
     def save():
+        nonlocal saved
         if rank == 0:
             atomic_save({"adapter": adapter_state(model), "optimizer": opt.state_dict(), "step": step,
                          "history": history, "loss_sum": loss_sum, "run": run}, ckpt_path)
+        saved = step
 
     # DDP over the trainable tensors only: the frozen backbone is never synchronised. `model` stays the module.
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
+    params = [p for p, _ in groups]
     for epoch in range(step // steps_per_epoch, args.epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
         bar = progress(total=steps_per_epoch, initial=step % steps_per_epoch, disable=rank != 0, leave=False,
@@ -560,14 +565,15 @@ def train(args, model, train_set, dev_set, rank, world, device):
             with autocast(args, device):
                 loss = loss_fn(ddp(ids, types, mask), labels) * bool(mine)
             (loss * world / len(batch)).backward()  # the mean over the global batch (DDP averages over processes)
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # no clipping: the norm, of DDP's averaged grads
+            total_loss = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(total_loss)  # every process stops at the same step
+            check_finite(f"step {step + 1}", f"{ckpt_path} (step {saved}) is kept" if saved else "nothing was saved",
+                         loss=total_loss, gradient_norm=norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            total_loss = loss.detach().float()
-            if world > 1:
-                dist.all_reduce(total_loss)
-            if not math.isfinite(total_loss.item()):
-                raise FloatingPointError(f"non-finite loss at step {step}; {ckpt_path} keeps the last good state")
             loss_sum = [loss_sum[0] + total_loss.item(), loss_sum[1] + len(batch)]
             bar.update()
             if args.save_every and step % args.save_every == 0 and k < steps_per_epoch - 1:
@@ -581,7 +587,7 @@ def train(args, model, train_set, dev_set, rank, world, device):
         loss_sum = [0.0, 0]
         if rank == 0:
             with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+                log_json(f, history[-1])
             print(json.dumps(history[-1]), flush=True)  # the epoch's bar has closed: a line of its own
             if value > max((h[f"dev_{task.metric}"] for h in history[:-1]), default=-math.inf):
                 # the paper reports the best epoch (the first of equals, as the authors' saver)
@@ -594,7 +600,9 @@ def train(args, model, train_set, dev_set, rank, world, device):
 
 
 def write_adapter(path, model, args):
-    run = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "encoder": asdict(model.config)}
+    """The adapter and head, with the run config in the metadata: the base model and the task it was trained on."""
+    run = {"script": "train_glue.py", **{f: getattr(args, f) for f in RUN_FIELDS}, "model": str(args.model),
+           "data": str(args.data), "encoder": asdict(model.config)}
     write_safetensors(path, adapter_state(model), {"config": json.dumps(run)})
 
 
@@ -607,7 +615,7 @@ def write_results(args, model, history):
     result = {"task": args.task, "method": args.method, "model": str(args.model), "backbone": paper_size(model.config),
               "metric": task.metric, "best": best[key], "best_epoch": best["epoch"], "epochs": len(history),
               "trainable_without_head": trainable, "seed": args.seed}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     paper = PAPER.get((result["backbone"], args.method))
     print(f"{args.task} ({task.metric}, dev): best {best[key]:.2f} at epoch {best['epoch']} of {len(history)}; "
           f"{args.method}, {trainable:,} trainable parameters without the head"
@@ -621,8 +629,8 @@ def table(dirs):
     for d in dirs:
         path = Path(d) / "results.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (a finished run writes it)")
-        r = json.loads(path.read_text())
+            raise UserError(f"{path} does not exist (a finished run writes it)")
+        r = read_json(path)
         rows.setdefault((r["backbone"] or r["model"], r["method"]), {}).setdefault(r["task"], []).append(r["best"])
     lines = ["| backbone | method | " + " | ".join(TASKS[t].folder for t in TASKS) + " | avg | paper avg |",
              "|---" * (len(TASKS) + 4) + "|"]
@@ -640,14 +648,14 @@ def table(dirs):
 # -----------------------------------------------------------------------------
 # Merging and scoring an adapter
 
+def read_adapter_config(path) -> dict:
+    """The run config write_adapter put into an adapter's metadata; another script's adapter is refused."""
+    return adapter_config(path, "train_glue.py", ["model", "task", "encoder", "method", "targets", "rank", "max_len"])
+
+
 def read_adapter(path):
-    meta = read_safetensors_metadata(path)
-    if "config" not in meta:
-        raise ValueError(f"{path}: no run config in its metadata; is it an adapter written by train_glue.py?")
-    run = json.loads(meta["config"])
-    if "encoder" not in run or "task" not in run:
-        raise ValueError(f"{path}: its run config is not train_glue.py's (no encoder or task)")
-    return run, read_safetensors(path)
+    """(run config, tensors) of an adapter.safetensors written by train_glue.py."""
+    return read_adapter_config(path), read_safetensors(path)
 
 
 def model_with_adapter(path, model_dir=None):
@@ -659,35 +667,31 @@ def model_with_adapter(path, model_dir=None):
 
 
 def merge(args):
-    """Base + adapter -> a folder next to the adapter: config.json (with the task's labels), model.safetensors
-    (HF names, W (I + phi psi) or W + scale B A written in, the head), tokenizer.json. transformers loads it
-    as RobertaForSequenceClassification / BertForSequenceClassification, and --model takes it."""
-    run, _ = read_adapter(args.merge)
-    base, out = Path(args.model or run["model"]), Path(args.merge).parent / "merged"
-    if out.resolve() == base.resolve():
-        fail(f"--merge would write {out}, the base model's own folder: move the adapter elsewhere first")
-    _, model = model_with_adapter(args.merge, args.model)
-    if run["method"] == "gift":
-        merge_gift(model)
-    else:
-        merge_lora(model)
-    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never a half-written model folder
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    hf = json.loads((base / "config.json").read_text())
+    """--adapter + its base (--model, else the one named in the adapter) -> the new folder --merge: config.json
+    (with the task's labels), model.safetensors (HF names, W (I + phi psi) or W + scale B A written in, the head),
+    tokenizer.json, written into a temporary sibling renamed once complete. transformers loads it as
+    RobertaForSequenceClassification / BertForSequenceClassification, and --model takes it."""
+    run = read_adapter_config(args.adapter)  # small: read first, to check OUT against the inputs before loading
+    base = Path(args.model or run["model"])
+    check_new_output(args.merge, "--merge", {"the --model folder": base, "the adapter": args.adapter})
+    _, model = model_with_adapter(args.adapter, args.model)
+    hf = read_json(base / "config.json")
     task = TASKS[run["task"]]
     names = task.labels or ("score",)
     hf.update(architectures=[f"{'Roberta' if hf['model_type'] == 'roberta' else 'Bert'}ForSequenceClassification"],
               id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
               problem_type="regression" if task.labels is None else "single_label_classification",
               finetuning_task=run["task"])
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    shutil.copyfile(base / "tokenizer.json", tmp / "tokenizer.json")
-    write_safetensors(tmp / "model.safetensors", model.state_dict(), {"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"merged model (HF folder, {run['method']} written into the weights): {out}")
-    return out
+
+    def write(tmp):
+        tmp = Path(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        shutil.copyfile(base / "tokenizer.json", tmp / "tokenizer.json")
+        write_safetensors(tmp / "model.safetensors", merge_adapter(model).state_dict(), {"format": "pt"})
+    atomic_write(args.merge, write)
+    print(f"merged model (HF folder, {run['method']} written into the weights): {args.merge}")
+    return Path(args.merge)
 
 
 # -----------------------------------------------------------------------------
@@ -770,6 +774,8 @@ def make_demo(root):
 
 def demo(args):
     t0 = time.time()
+    if args.out:
+        check_new_output(args.out, "--out")
     root = Path(args.out or tempfile.mkdtemp(prefix="gift_glue_demo_"))
     print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight RoBERTa written in HF's "
           "format,\ngenerated SST-2-style reviews). Scores say nothing about GLUE.\n" + f"Files: {root}\n" + "=" * 100)
@@ -780,8 +786,11 @@ def demo(args):
                            "--batch-size", "32", "--lr", "3e-3", "--method", method, "--out", str(root / method)])
         check_args(args)
         run(args)
-    merged = merge(parse_args(["--merge", str(root / "gift" / "best.safetensors")]))
-    value = run(parse_args(["--eval", str(merged), "--data", str(data)]))
+    merged = merge(parse_args(["--adapter", str(root / "gift" / "best.safetensors"), "--merge",
+                               str(root / "gift" / "merged")]))
+    args = parse_args(["--model", str(merged), "--data", str(data), "--eval-only"])
+    check_args(args)
+    value = run(args)
     table([root / "gift", root / "lora"])
     print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data); the merged best epoch scores {value:.2f} on dev.\n"
           f"Outputs: {root}/gift and {root}/lora: log.jsonl, checkpoint.pt, best.safetensors, adapter.safetensors, "
@@ -791,21 +800,17 @@ def demo(args):
 # -----------------------------------------------------------------------------
 # Command line
 
-def fail(message):
-    """A user's mistake: one line, exit status 2, before anything expensive runs."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GIFT / LoRA fine-tuning of RoBERTa or BERT on GLUE (see the module "
                                 "docstring)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--demo", action="store_true", help="random RoBERTa + generated data in a temp dir (or --out), "
                    "then the whole pipeline: under a minute on a CPU")
-    p.add_argument("--merge", metavar="ADAPTER", help="write a merged HF folder next to ADAPTER and exit "
-                   "(base weights from the adapter's config, or --model)")
-    p.add_argument("--eval", metavar="ADAPTER", help="score ADAPTER (or a merged folder) on --data's dev.tsv and "
-                   "exit")
+    p.add_argument("--adapter", metavar="FILE", help="an adapter.safetensors of train_glue.py (its base: --model, "
+                   "else the one named in it): with --eval-only, scored; with --merge, merged")
+    p.add_argument("--eval-only", action="store_true", help="score --adapter (or --model, a merged folder with its "
+                   "own head) on --data's dev.tsv, without training, and exit")
+    p.add_argument("--merge", metavar="OUT", help="write --adapter merged into its base to the new folder OUT (an HF "
+                   "folder) and exit")
     p.add_argument("--table", nargs="+", metavar="RUN", help="print the six-task table of finished runs and exit")
     p.add_argument("--model", help="HF folder: config.json, model.safetensors (or pytorch_model.bin), tokenizer.json")
     p.add_argument("--task", choices=TASKS, help="GLUE task")
@@ -839,46 +844,49 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """User errors, found before any model is loaded."""
+    """User errors, found before any model is loaded: one line `error: ...` each, exit status 2 (main's @cli).
+    Fills in what the inputs imply: --task of an --eval-only, the default --out."""
     if args.demo or args.table:
         return
-    for flag in ("merge", "eval"):
-        path = getattr(args, flag)
-        if path and not os.path.exists(path):
-            fail(f"--{flag} {path}: no such file or folder")
-    if not (args.merge or args.eval or (args.model and args.task and args.data)):
-        fail("give --model, --task and --data (or --demo, --merge ADAPTER, --eval ADAPTER, --table RUN...)")
-    if args.eval and not args.data:
-        fail("--eval needs --data (the task's folder with dev.tsv)")
-    folders = [args.model] if args.model else []
-    adapter = args.merge or (args.eval if args.eval and not os.path.isdir(args.eval) else None)
-    if adapter:  # its run config names the base model
-        try:
-            folders = [args.model or read_adapter(adapter)[0]["model"]]
-        except (ValueError, OSError) as e:
-            fail(str(e))
-    elif args.eval:
-        folders.append(args.eval)
-    for folder in map(Path, folders):
-        missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
-        if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-            missing.append("model.safetensors")
-        if missing:
-            fail(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
-        try:
-            read_config(folder)
-        except ValueError as e:
-            fail(str(e))
+    if args.merge and not args.adapter:
+        raise UserError("--merge OUT needs --adapter FILE (the adapter.safetensors of a run)")
+    if args.adapter and not (args.merge or args.eval_only):
+        raise UserError("--adapter FILE goes with --eval-only (score it) or --merge OUT (merge it); a training run "
+                        "starts a new adapter")
+    if args.adapter and not os.path.isfile(args.adapter):
+        raise UserError(f"--adapter {args.adapter}: no such file")
+    if args.eval_only and not args.data:
+        raise UserError("--eval-only needs --data (the task's folder with dev.tsv)")
+    if not (args.merge or args.eval_only and (args.adapter or args.model) or args.model and args.task and args.data):
+        raise UserError("give --model, --task and --data (or --demo, --adapter FILE with --eval-only or --merge OUT, "
+                        "--model MERGED with --eval-only, --table RUN...)")
+    check_ranges(args, {"epochs": 1, "batch_size": 1, "rank": 1, "max_len": 5, "eval_batch_size": 1, "save_every": 0,
+                        "warmup": 0})
+    adapter = read_adapter_config(args.adapter) if args.adapter else None  # its run config names the base model
+    folder = Path(args.model or adapter["model"])
+    missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if missing:
+        raise UserError(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
+    config = read_config(folder)
+    if args.max_len and args.max_len > max_tokens(config):
+        raise UserError(f"--max-len {args.max_len}: {folder} takes at most {max_tokens(config)} tokens")
     if args.merge:
         return
-    for split in ("dev",) if args.eval else ("train", "dev"):
+    if adapter and args.task not in (None, adapter["task"]):
+        raise UserError(f"--task {args.task}: {args.adapter} was trained on {adapter['task']}")
+    if args.eval_only:  # the task of the adapter, or of a merged folder (its config.json's finetuning_task)
+        args.task = adapter["task"] if adapter else args.task or read_json(folder / "config.json").get(
+            "finetuning_task")
+        if args.task not in TASKS:
+            raise UserError(f"{folder / 'config.json'}: no GLUE task (finetuning_task {args.task!r}), not a merged "
+                            f"model: score a base model with --adapter FILE, or give --task")
+    for split in ("dev",) if args.eval_only else ("train", "dev"):
         if not task_file(args.data, split).is_file():
-            fail(f"--data {args.data}: no {split}.tsv (give a task's folder of the GLUE download, e.g. glue_data/RTE)")
-    if args.eval:
-        return
+            raise UserError(f"--data {args.data}: no {split}.tsv (give a task's folder of the GLUE download, e.g. "
+                            f"glue_data/RTE)")
     args.out = args.out or f"runs/glue-{args.task}-{args.method}"
-    if (Path(args.out) / "checkpoint.pt").exists() and not args.resume:
-        fail(f"{Path(args.out) / 'checkpoint.pt'} exists: add --resume to continue that run, or choose another --out")
 
 
 def autocast(args, device):
@@ -887,40 +895,30 @@ def autocast(args, device):
 
 
 def evaluate_only(args, device):
-    """--eval: an adapter (with its base, from its config or --model) or a merged folder, on dev.tsv."""
-    if os.path.isdir(args.eval):  # a merged folder: its own head, its task in config.json's finetuning_task
-        model_dir, model = args.eval, load_model(args.eval)
-        task, max_len = args.task or read_config_task(args.eval), args.max_len
-    else:
-        run, model = model_with_adapter(args.eval, args.model)
-        model_dir, task, max_len = args.model or run["model"], run["task"], args.max_len or run["max_len"]
+    """--eval-only: --adapter (with its base: --model, else the one named in it) or a merged folder, on dev.tsv."""
+    run = read_adapter_config(args.adapter) if args.adapter else {}
+    model_dir, task = args.model or run["model"], TASKS[args.task]
+    config = read_config(model_dir)
+    tok, cls, sep = load_text_tokenizer(model_dir, config)  # a tokenizer that does not fit: before the weights
+    max_len = args.max_len or run.get("max_len") or paper_defaults(config)[1]
+    dev = tokenize(read_tsv(task_file(args.data, "dev"), task), tok, cls, sep, config.model_type, max_len, "dev")
+    model = model_with_adapter(args.adapter, args.model)[1] if args.adapter else load_model(model_dir)
     model.to(device)
-    tok, cls, sep = load_text_tokenizer(model_dir, model.config)
-    max_len = max_len or paper_defaults(model.config)[1]
-    dev = tokenize(read_tsv(task_file(args.data, "dev"), TASKS[task]), tok, cls, sep, model.config.model_type,
-                   max_len, "dev")
-    value = evaluate(model, dev, TASKS[task].metric, model.config.pad_token_id, args.eval_batch_size, device,
+    value = evaluate(model, dev, task.metric, config.pad_token_id, args.eval_batch_size, device,
                      lambda: autocast(args, device))
-    print0(f"{task} dev {TASKS[task].metric}: {value:.2f} ({args.eval})")
+    print0(f"{args.task} dev {task.metric}: {value:.2f} ({args.adapter or model_dir})")
     return value
 
 
-def read_config_task(folder):
-    task = json.loads((Path(folder) / "config.json").read_text()).get("finetuning_task")
-    if task not in TASKS:
-        fail(f"{folder}/config.json names no GLUE task (finetuning_task {task!r}): give --task")
-    return task
-
-
 def run(args):
-    """--table, --merge, --eval or training, after check_args. Returns the table, the merged folder, the dev
+    """--table, --merge, --eval-only or training, after check_args. Returns the table, the merged folder, the dev
     score, or the training history."""
     if args.table:
         return table(args.table)
     if args.merge:
         return merge(args)
     rank, world, _, device = setup_distributed()
-    if args.eval:
+    if args.eval_only:
         return evaluate_only(args, device)
     task = TASKS[args.task]
     config = read_config(args.model)
@@ -928,13 +926,18 @@ def run(args):
     args.epochs = args.epochs or task.epochs
     args.batch_size = args.batch_size or paper_defaults(config)[0]
     args.max_len = args.max_len or paper_defaults(config)[1]
-    if args.max_len > max_tokens(config):
-        fail(f"--max-len {args.max_len}: {args.model} takes at most {max_tokens(config)} tokens")
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
     args.head_wd = args.wd if args.head_wd is None else args.head_wd
     args.pad = config.pad_token_id
     if args.batch_size % world:  # each process takes every world-th example of a global batch
-        fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
+    if rank == 0:
+        lock_out(args.out)
+    # a used --out, a changed setting or input: before anything is loaded
+    ckpt_path, settings = Path(args.out) / "checkpoint.pt", run_settings(args)
+    ckpt = resume_checkpoint(ckpt_path, args.resume, settings, CHECKPOINT_KEYS, device)
+    if args.resume and ckpt is None:
+        print0(f"--resume: no {ckpt_path} yet, starting a new run")
     tok, cls, sep = load_text_tokenizer(args.model, config)
     sets = {s: tokenize(read_tsv(task_file(args.data, s), task), tok, cls, sep, config.model_type, args.max_len,
                         f"tokenizing {s}") for s in ("train", "dev")}
@@ -942,14 +945,14 @@ def run(args):
     model = add_method(load_model(args.model, num_labels=1 if task.labels is None else len(task.labels)), vars(args))
     model.to(device)
     print0(f"{args.method} on {args.targets}, rank {args.rank}: {parameter_summary(model)} (with the head)")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    history = train(args, model, sets["train"], sets["dev"], rank, world, device)
+    history = train(args, model, sets["train"], sets["dev"], rank, world, device, ckpt, settings)
     if world > 1:
         dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
         dist.destroy_process_group()
     return history
 
 
+@cli
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
