@@ -468,7 +468,7 @@ def paper_size(c: EncoderConfig):
 # What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
 CHECKPOINT_KEYS = ("adapter", "optimizer", "step", "history", "loss_sum")  # and "run": run_settings
 RUN_FIELDS = ("task", "method", "targets", "rank", "share", "lora_alpha", "epochs", "batch_size", "lr", "head_lr",
-              "wd", "head_wd", "warmup", "max_len", "seed", "precision")
+              "weight_decay", "head_weight_decay", "warmup", "max_len", "seed", "precision")
 
 
 def run_settings(args):
@@ -520,7 +520,7 @@ def train(args, model, train_set, dev_set, rank, world, device, ckpt, run):
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup * total)  # as the authors' script: int(warmup_ratio * steps)
     head = {id(p) for p in model.classifier.parameters()}
-    groups = [(p, (args.head_lr, args.head_wd) if id(p) in head else (args.lr, args.wd))
+    groups = [(p, (args.head_lr, args.head_weight_decay) if id(p) in head else (args.lr, args.weight_decay))
               for p in model.parameters() if p.requires_grad]
     # weight decay on matrices only (biases are never decayed), head and adapter each with its own lr and wd
     opt = torch.optim.AdamW([{"params": [p], "lr": lr, "base_lr": lr, "weight_decay": wd if p.ndim >= 2 else 0.0}
@@ -828,9 +828,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate (the paper's grid: 1e-4, 2.5e-4, "
                    "5e-4, 7.5e-4, 1e-3)")
     p.add_argument("--head-lr", type=float, help="head learning rate; None: --lr (the paper's grid ties them)")
-    p.add_argument("--wd", type=float, default=0.0, help="adapter AdamW weight decay (the paper's grid: 0, 1e-4, "
-                   "1e-3, 0.01)")
-    p.add_argument("--head-wd", type=float, help="head weight decay, matrices only; None: --wd")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="adapter AdamW weight decay (the paper's grid: "
+                   "0, 1e-4, 1e-3, 0.01)")
+    p.add_argument("--head-weight-decay", type=float, help="head weight decay, matrices only; None: --weight-decay")
     p.add_argument("--warmup", type=float, default=0.06, help="warmup, a fraction of the steps")
     p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward on dev.tsv")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32: the paper's; bf16: autocast "
@@ -927,7 +927,7 @@ def run(args):
     args.batch_size = args.batch_size or paper_defaults(config)[0]
     args.max_len = args.max_len or paper_defaults(config)[1]
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
-    args.head_wd = args.wd if args.head_wd is None else args.head_wd
+    args.head_weight_decay = args.weight_decay if args.head_weight_decay is None else args.head_weight_decay
     args.pad = config.pad_token_id
     if args.batch_size % world:  # each process takes every world-th example of a global batch
         raise UserError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
