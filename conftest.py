@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "gift-test"  # downloads and files built from them, never committed
 
 
+def user_error(capsys, main, argv):
+    """main(argv) as the command line runs it: asserts exit status 2 and one line `error: ...` on stderr, and
+    returns that line (with its newline)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module of tiny models (on a small shared CPU, oversubscribed OpenMP threads

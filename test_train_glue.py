@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_glue as tg
+from conftest import user_error
 from gift import add_gift, gift_state_dict, load_gift_state_dict
 from train_common import read_safetensors, write_safetensors
 
@@ -436,11 +437,7 @@ def test_bert_pipeline(tmp_path, one_thread):
 
 
 def _user_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        tg.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
-    return err
+    return user_error(capsys, tg.main, argv)
 
 
 def _copy_with(src, dst, change):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_llama as tl
+from conftest import user_error
 from gift import add_gift, gift_state_dict
 from tokenizer import train_tiny_tokenizer
 from train_common import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
@@ -282,12 +283,7 @@ def _llama_adapter(out):
 
 
 def _llama_user_error(capsys, argv, match):
-    """main(argv) as the command line runs it: exit status 2 and one line `error: ...` matching match."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        tl.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    err = user_error(capsys, tl.main, argv)
     assert re.search(match, err), err
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import train_vit
+from conftest import user_error
 from gift import add_gift
 from train_common import UserError, read_safetensors, write_safetensors
 from train_vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
@@ -389,12 +390,7 @@ def test_vit_drop_path_stays_on_with_frozen_backbone():
 # Faults: a run stops with one clear line, never in silent garbage, never over a user's files
 
 def _vit_user_error(capsys, argv, match):
-    """train_vit.main(argv) as the command line runs it: exit status 2 and one line `error: ...` matching match."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_vit.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    err = user_error(capsys, train_vit.main, argv)
     assert re.search(match, err), err
 
 
