@@ -20,7 +20,8 @@ def adapter_info(path: Path):
     config = json.loads(header.pop("__metadata__", {}).get("config", "{}"))
     params = sum(math.prod(t["shape"]) for t in header.values())
     method = {"gift": "GIFT", "lora": "LoRA"}.get(config.get("method", "gift"), config.get("method"))
-    targets = ",".join(t.split(".")[-1].removeprefix("w") for t in config.get("targets", []))
+    names = {"wq": "q", "wk": "k", "wv": "v", "wo": "o", "w1": "gate", "w3": "up", "w2": "down"}  # Meta -> HF
+    targets = ",".join(names.get(t.split(".")[-1], t.split(".")[-1]) for t in config.get("targets", []))
     return f"{method} {targets} r={config.get('rank')}", params, path.stat().st_size
 
 
