@@ -684,6 +684,7 @@ def train(args):
             atomic_save({"adapter": adapter_state_dict(model, ["head"]), "optimizer": opt.state_dict(),
                          "epoch": epoch + 1, "run": settings, "args": vars(args)}, ckpt_path)
             print(json.dumps(record), flush=True)  # the epoch's bar has closed: a line of its own
+    del ddp  # its Reducer holds the process group: freed after destroy_process_group, gloo's threads can hang
 
     if rank == 0:
         adapter = os.path.join(args.out, "adapter.safetensors")
