@@ -61,11 +61,11 @@ def test_read_safetensors_validates_and_agrees(tmp_path):
 
 def test_lora_starts_at_base_and_counts():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    x = torch.randn(4, 6)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()  # trainable base, frozen one below:
+    x = torch.randn(4, 6, dtype=torch.float64)                                   # float64, as every such comparison
     before, keys = model(x), list(model.state_dict())
     layers = add_lora(model, ["0", "2"], rank=2, alpha=4)
-    assert torch.equal(model(x), before)  # B = 0
+    assert torch.equal(model(x), before)  # B = 0: W x + b plus exact zeros
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == 2 * (6 + 5) + 2 * (5 + 3)
     assert [layer.scale for layer in layers] == [2.0, 2.0]
