@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gift import add_gift, gift_state_dict, load_gift_state_dict, merge_gift
+from gift import _master_dtype, add_gift, gift_state_dict, load_gift_state_dict, merge_gift  # A, B: as Theta
 
 # -----------------------------------------------------------------------------
 # User errors: one line, exit status 2
@@ -395,11 +395,6 @@ def check_vocab(tok, vocab_size, model, allow_padding=False):
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021), the baseline GIFT is compared with: W x + (alpha/r) B A x, frozen W, trainable A (r x d_in)
 # and B (d_out x r). One implementation for every script and bench.py; gift.py stays GIFT-only.
-
-
-def _master_dtype(dtype):
-    """float64 for a float64 model, else float32: A and B are fp32 master weights beside bf16 ones (as Theta)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LoRALinear(nn.Module):
