@@ -65,7 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gift import add_gift, gift_layers, gift_state_dict, merge_gift
 from tokenizer import LLAMA3_PATTERN, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model
-from train_common import add_lora
+from lora import add_lora
 from train_llama import ModelArgs, Transformer
 from train_vit import ViT, ViTConfig
 

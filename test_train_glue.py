@@ -4,6 +4,8 @@ transformers and tokenizers are test-only oracles: the tests that need them skip
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 import train_glue as tg
 from conftest import user_error
 from gift import add_gift, gift_state_dict, load_gift_state_dict
-from train_common import read_safetensors, write_safetensors
+from fileio import read_safetensors, write_safetensors
 
 TOL = 1e-4  # float32 logits of two implementations (different kernels and summation orders), values O(1)
 
@@ -566,13 +568,14 @@ FAULTS = [
 def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, monkeypatch, capsys, one_thread):
     argv = _fault(kind, demo_files, tmp_path, request, monkeypatch)
     lock = None
-    if kind == "out_locked":  # another run holds --out (a lock of another open file, as another process's)
-        import fcntl
+    if kind == "out_locked":  # another process holds --out's lock (POSIX record locks are per process)
         (tmp_path / "out").mkdir()
-        lock = open(tmp_path / "out" / ".lock", "a+")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write("pid 12345 on elsewhere\n")
-        lock.flush()
+        (tmp_path / "out" / ".lock").write_text("pid 12345 on elsewhere\n")
+        lock = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+                                 "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                                 str(tmp_path / "out" / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        assert lock.stdout.readline() == "locked\n"
     model_files = {p.name: p.read_bytes() for p in demo_files[0].iterdir()}
     capsys.readouterr()
     try:
@@ -580,7 +583,7 @@ def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, 
             tg.main(argv)
     finally:
         if lock:
-            lock.close()
+            lock.communicate("")
     printed = capsys.readouterr()
     assert e.value.code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
     assert re.search(match, printed.err), printed.err

@@ -16,7 +16,7 @@ import train_llama as tl
 from conftest import user_error
 from gift import add_gift, gift_state_dict
 from tokenizer import train_tiny_tokenizer
-from train_common import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
+from fileio import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

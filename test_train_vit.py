@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import train_vit
 from conftest import user_error
 from gift import add_gift
-from train_common import UserError, read_safetensors, write_safetensors
+from fileio import UserError, read_safetensors, write_safetensors
 from train_vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

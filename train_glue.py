@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 from gift import parameter_summary
 from tokenizer import load_tokenizer
-from train_common import UserError, adapter_config, add_adapter, atomic_save, atomic_write, check_finite, \
-    check_new_output, check_ranges, check_vocab, cli, fingerprint, lock_out, log_json, merge_adapter, print0, \
-    progress, read_json, read_safetensors, resume_checkpoint, setup_distributed, trim_log, utf8_text, \
+from fileio import UserError, atomic_save, atomic_write, fingerprint, read_json, read_safetensors, utf8_text, \
     write_safetensors
+from harness import adapter_config, add_adapter, check_finite, check_new_output, check_ranges, check_vocab, cli, \
+    lock_out, log_json, merge_adapter, print0, progress, resume_checkpoint, setup_distributed, trim_log
 
 # -----------------------------------------------------------------------------
 # The model: BERT / RoBERTa with HF's module names, so that HF state dicts load key for key

@@ -45,10 +45,10 @@ from torch.utils.checkpoint import checkpoint
 
 from gift import parameter_summary
 from tokenizer import load_tokenizer, train_tiny_tokenizer
-from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, atomic_write, \
-    check_finite, check_new_output, check_ranges, check_vocab, cli, fingerprint, load_adapter_state_dict, lock_out, \
-    log_json, merge_adapter, print0, progress, read_json, read_safetensors, resume_checkpoint, setup_distributed, \
-    trim_log, write_safetensors
+from fileio import UserError, atomic_save, atomic_write, fingerprint, read_json, read_safetensors, write_safetensors
+from harness import adapter_config, adapter_state_dict, add_adapter, check_finite, check_new_output, check_ranges, \
+    check_vocab, cli, load_adapter_state_dict, lock_out, log_json, merge_adapter, print0, progress, resume_checkpoint, \
+    setup_distributed, trim_log
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)

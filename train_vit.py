@@ -52,9 +52,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gift import cluster_head, gift_layers, parameter_summary
-from train_common import UserError, adapter_config, adapter_state_dict, add_adapter, atomic_save, check_finite, \
-    check_new_output, check_ranges, cli, fingerprint, load_adapter_state_dict, lock_out, log_json, merge_adapter, \
-    print0, progress, read_safetensors, resume_checkpoint, setup_distributed, trim_log, utf8_text, write_safetensors
+from fileio import UserError, atomic_save, fingerprint, read_safetensors, utf8_text, write_safetensors
+from harness import adapter_config, adapter_state_dict, add_adapter, check_finite, check_new_output, check_ranges, \
+    cli, load_adapter_state_dict, lock_out, log_json, merge_adapter, print0, progress, resume_checkpoint, \
+    setup_distributed, trim_log
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
