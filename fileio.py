@@ -2,6 +2,7 @@
 saves of anything, JSON and UTF-8 text read with errors that name the file, and content fingerprints of inputs.
 UserError lives here, the lowest layer, so that every reader can raise it; harness.cli prints it as one line."""
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -133,7 +134,15 @@ def atomic_write(path, write):
 
 def atomic_save(obj, path):
     """torch.save that never leaves a half-written file (atomic_write)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            why = str(e).rpartition("] ")[2].strip(" .")
+            raise OSError(errno.EIO, f"torch.save failed ({why}); is the disk full?") from None
+    atomic_write(path, save)
 
 
 @contextlib.contextmanager

@@ -72,6 +72,18 @@ def test_atomic_write_keeps_the_previous_file_when_the_disk_is_full(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "merged"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_atomic_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    path, save = tmp_path / "checkpoint.pt", torch.save
+    atomic_save({"step": 1}, path)
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, "/dev/full"))  # every write fails: ENOSPC
+    with pytest.raises(UserError, match=r"could not write .*checkpoint.pt: torch.save failed \(.*\); is the disk "
+                                        r"full\?; the previous one is kept"):
+        atomic_save({"step": 2, "w": torch.zeros(10000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
 def test_fingerprint_is_content_not_location(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "params.json").write_text('{"dim": 64}')
