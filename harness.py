@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -429,3 +430,29 @@ def load_adapter_state_dict(model: nn.Module, state: dict):
 def merge_adapter(model: nn.Module) -> nn.Module:
     """merge_gift or merge_lora: plain nn.Linear layers with the adapted weights, the base model's keys."""
     return merge_gift(model) if hasattr(model, "gift") else merge_lora(model)
+
+
+def base_identity(model: nn.Module, skip=()) -> str:
+    """A short hash of the base model an adapter belongs to: its tensors' names and shapes, and a sample of each
+    one's values (rounded to bf16, so a bf16 and an fp32 load of one checkpoint agree). Adapter tensors (GIFT,
+    LoRA) and the modules named in skip (a new head) are left out; a merged model differs from its base."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if ".lora_" in name or name.startswith("gift.") or name.startswith(tuple(s + "." for s in skip)):
+            continue
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        if t.is_floating_point() and t.numel():
+            flat = t.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 64)][:64].to("cpu", torch.bfloat16).float()
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_adapter_base(path, config: dict, model: nn.Module, here, skip=(), force=False):
+    """The model an adapter is about to run on (loaded from here) must be the one it was trained on (config["base"],
+    from base_identity at training): else a UserError naming both, unless force (--any-base: the user knows)."""
+    stored, found = config.get("base"), None
+    if stored and not force and stored != (found := base_identity(model, skip)):
+        raise UserError(f"{path} was trained on {config.get('model') or 'another model'} (identity {stored}), not on "
+                        f"{here} (identity {found}): a merged model, another checkpoint or other weights; give the "
+                        f"adapter's own base, or add --any-base to apply it anyway")

@@ -1,6 +1,7 @@
 """Tests for harness.py: one-line errors, progress bars, the --out lock, resuming, divergence, logs, input
 checks, the run lifecycle (Run) and its signal handling, the shared flags and the device set-up."""
 import argparse
+import copy
 import io
 import json
 import os
@@ -14,8 +15,9 @@ import torch.nn as nn
 
 from conftest import ROOT
 from fileio import UserError, read_safetensors_metadata, write_safetensors
-from harness import Run, adapter_config, add_common_flags, check_finite, check_new_output, check_ranges, check_vocab, \
-    cli, fused_adamw, lock_out, log_json, progress, resume_checkpoint, setup_distributed, trim_log
+from harness import Run, adapter_config, add_common_flags, base_identity, check_adapter_base, check_finite, \
+    check_new_output, check_ranges, check_vocab, cli, fused_adamw, lock_out, log_json, progress, resume_checkpoint, setup_distributed, trim_log
+from lora import add_lora, merge_lora
 
 
 def test_progress_outside_a_terminal_redraws_rarely_and_ends_its_line(capsys):
@@ -230,3 +232,26 @@ def test_device_flag_and_common_flags(capsys):
             setup_distributed(torch.device("cuda"))
     opt = fused_adamw([nn.Parameter(torch.zeros(2))], lr=1e-3)
     assert not opt.defaults["fused"]  # on the CPU: the default implementation
+
+
+def test_base_identity_tells_a_merged_or_other_model_from_the_base(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    ident = base_identity(base, skip=["1"])
+    assert base_identity(copy.deepcopy(base).to(torch.bfloat16), skip=["1"]) == ident  # a bf16 load: the same
+    other = copy.deepcopy(base)
+    other[1] = nn.Linear(8, 5)  # a new head is not the base's identity
+    assert base_identity(other, skip=["1"]) == ident
+    lora = copy.deepcopy(base)
+    add_lora(lora, ["0"], rank=2, alpha=2)  # adapter tensors left out
+    assert base_identity(lora, skip=["1"]) == ident
+    merged = copy.deepcopy(lora)
+    with torch.no_grad():
+        merged[0].lora_B.normal_()
+    assert base_identity(merge_lora(merged), skip=["1"]) != ident
+    config = {"base": ident, "model": "base-folder"}
+    check_adapter_base("a.safetensors", config, base, "base-folder", skip=["1"])
+    with pytest.raises(UserError, match=r"a.safetensors was trained on base-folder \(identity [0-9a-f]{16}\), not on "
+                                        r"merged \(identity [0-9a-f]{16}\).*--any-base"):
+        check_adapter_base("a.safetensors", config, merged, "merged", skip=["1"])
+    check_adapter_base("a.safetensors", config, merged, "merged", skip=["1"], force=True)
