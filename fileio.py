@@ -79,6 +79,17 @@ def read_safetensors(path) -> dict:
     return out
 
 
+def check_float(path, tensors: dict, allowed=()) -> dict:
+    """Model weights must be floating point: a tensor whose file says I32 (or any integer or bool type) where a
+    weight belongs would be read as integers and trained on, silently wrong. allowed: keys (or key suffixes)
+    that are integers by design (BERT's position_ids). Returns tensors; else a UserError naming file and key."""
+    for key, t in tensors.items():
+        if not (t.is_floating_point() or key.endswith(tuple(allowed))):
+            raise UserError(f"{path}: tensor {key!r} is stored as {t.dtype}, but a model weight is floating point "
+                            f"(F32, F16, BF16); the file is damaged or not this model's")
+    return tensors
+
+
 def read_safetensors_metadata(path) -> dict:
     """The "__metadata__" {str: str} of a safetensors file ({} when absent); reads only the header."""
     if not os.path.isfile(path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fileio import UserError, atomic_save, atomic_write, fingerprint, read_json, read_safetensors, \
+from fileio import UserError, check_float, atomic_save, atomic_write, fingerprint, read_json, read_safetensors, \
     read_safetensors_metadata, write_safetensors
 
 
@@ -82,6 +82,13 @@ def test_atomic_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
         atomic_save({"step": 2, "w": torch.zeros(10000)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_check_float_refuses_integer_weights(tmp_path):
+    ok = {"w": torch.zeros(2), "position_ids": torch.arange(3)}
+    assert check_float("m.safetensors", ok, allowed=["position_ids"]) is ok
+    with pytest.raises(UserError, match=r"m.safetensors: tensor 'w' is stored as torch.int32, but a model weight"):
+        check_float("m.safetensors", {"w": torch.zeros(2, dtype=torch.int32)})
 
 
 def test_fingerprint_is_content_not_location(tmp_path):

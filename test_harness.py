@@ -16,7 +16,8 @@ import torch.nn as nn
 from conftest import ROOT
 from fileio import UserError, read_safetensors_metadata, write_safetensors
 from harness import Run, adapter_config, add_common_flags, base_identity, check_adapter_base, check_finite, \
-    check_new_output, check_ranges, check_vocab, cli, fused_adamw, lock_out, log_json, progress, resume_checkpoint, setup_distributed, trim_log
+    check_new_output, check_ranges, check_vocab, cli, fused_adamw, lock_out, log_json, progress, resume_checkpoint, \
+    setup_distributed, trim_log
 from lora import add_lora, merge_lora
 
 
