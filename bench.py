@@ -21,11 +21,14 @@ median over repetitions is reported, for the ratios the median of the ratios wit
     full        full fine-tuning: every parameter is trained
 
 Targets and ranks are the paper's: ViT attn.proj, GIFT r=16 (one Theta), LoRA r=8; LLaMA GIFT r=64 on wq and
-wv (one Theta each), LoRA r=32 on wq, wk, wv, w3 (up), w2 (down). Heads and embeddings stay frozen.
+wv (one Theta each), LoRA r=32 on wq, wk, wv, w3 (up), w2 (down). Heads and embeddings stay frozen. LoRA's alpha
+(--lora-alpha): 1 for ViT as train_vit.py, 2r = 64 for LLaMA as LLM-Adapters; each table says which it used.
 
 Columns: step time (the median) and its ratio to the floor, also in process CPU time (on a shared CPU the
 ratio that other processes disturb least; use --threads 1 there, as an idle thread may spin); FLOPs of one
-step (torch's FlopCounterMode: matmuls, convolutions, attention); peak memory = weights + optimizer state +
+step (torch's FlopCounterMode: matmuls, convolutions, attention); operations per step: on a CPU the aten ops
+one training step dispatches (a TorchDispatchMode; views included), on a GPU the kernels it launches
+(torch.profiler): a step of small layers is bound by launches, not FLOPs; peak memory = weights + optimizer state +
 the peak of what the step allocates (activations saved for backward, gradients, temporaries), read from
 max_memory_allocated on a GPU and from a tracker of live tensor storages on a CPU (the same quantity without
 the caching allocator's rounding); trainable parameters; the size of the file torch.save writes for the
@@ -40,6 +43,7 @@ activations' dtype. fp32 (the default on a CPU, where bf16 matmuls are slower) r
 Run:
     python bench.py --threads 1 --json bench.json     # CPU: ViT-B/16 batch 2; LLaMA-7B widths, 2 layers, seq 128
     python bench.py --model vit --batch 4 --steps 10  # ViT only
+    python bench.py --model llama --compile           # each variant torch.compile'd (compiled in the untimed step)
     python bench.py --model tokenizer --sp-model llama-2-7b/tokenizer.model --tiktoken-model llama-3-8b/tokenizer.model
     python bench.py --device cuda --llama 8b --layers 32 --seq 512 --json bench.json   # GPU: ViT batch 32, bf16
 """
@@ -110,6 +114,32 @@ class PeakTensorBytes(TorchDispatchMode):
                     self.now += s.nbytes()
         self.peak = max(self.peak, self.now)
         return out
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten operations dispatched under this mode (forward, backward and optimizer alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn, device):
+    """CUDA: the GPU kernels (and memcpy/memset) one call of fn launches, from torch.profiler; else the aten ops
+    it dispatches. A GPU step of small layers is bound by launches, and each aten op that computes is one."""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    with AtenOps() as ops:
+        fn()
+    return ops.n
 
 
 def _sync(device):
@@ -245,6 +275,7 @@ def shared_copy(model, keep_own=()):
 def bench_model(kind, args, device):
     model, loss_fn, infer_fn, first, info = (build_vit if kind == "vit" else build_llama)(args, device)
     gift_targets, gift_rank, lora_targets, lora_rank = SETTINGS[kind]
+    lora_alpha = args.lora_alpha if args.lora_alpha is not None else 1.0 if kind == "vit" else 2.0 * lora_rank
     backbone = list(model.parameters())
     models, trainable, saved = {}, {}, {}
 
@@ -256,25 +287,27 @@ def bench_model(kind, args, device):
         trainable[name] = list(add_gift(m, gift_targets, gift_rank, mode=mode).parameters())
         saved[name] = gift_state_dict(m)
     m = models["lora"] = shared_copy(model)
-    trainable["lora"] = [p for layer in add_lora(m, lora_targets, lora_rank, alpha=2 * lora_rank)
+    trainable["lora"] = [p for layer in add_lora(m, lora_targets, lora_rank, alpha=lora_alpha)
                          for p in (layer.lora_A, layer.lora_B)]
     saved["lora"] = {n: p for n, p in m.named_parameters() if "lora_" in n}
     models["full"], trainable["full"], saved["full"] = model, backbone, model.state_dict()
     opts = {name: torch.optim.AdamW(ps, lr=1e-5) for name, ps in trainable.items() if ps}
+    run = {name: torch.compile(m, backend=args.compile) if args.compile else m for name, m in models.items()}
 
     def step(name):
         for p in backbone:  # the backbone's tensors are shared: only full fine-tuning trains them
             p.requires_grad_(name == "full")
-        loss_fn(models[name]).backward()
+        loss_fn(run[name]).backward()
         if name in opts:
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
 
     variants = [v for v in VARIANTS if v == "floor" or v in args.variants]  # the floor is every ratio's base
     fns = {name: (lambda name=name: step(name)) for name in variants}
-    for name in variants:  # one step each first: AdamW creates its state on its first step
+    for name in variants:  # one step each first: AdamW creates its state on its first step (and --compile compiles)
         fns[name]()
     counted = {name: instrumented(fns[name], device) for name in variants}
+    ops = {name: count_ops(fns[name], device) for name in variants}
     times = interleaved_times(fns, "floor", args.steps, args.warmup, device)
     weights = tensor_bytes(backbone)
     train = []
@@ -288,7 +321,7 @@ def bench_model(kind, args, device):
                       "x_floor_cpu": t["x_ref_cpu"], "flops": flops, "flops_x_floor": flops / counted["floor"][0],
                       "tflops_per_s": flops / t["wall_s"] / 1e12, "tokens_per_s": info["tokens_per_step"] / t["wall_s"],
                       "peak_bytes": weights + own + opt_state + step_peak, "step_peak_bytes": step_peak,
-                      "trainable": sum(p.numel() for p in trainable[name]),
+                      "trainable": sum(p.numel() for p in trainable[name]), "ops": ops[name],
                       "file_bytes": file_size(saved[name]) if saved[name] else 0})
 
     # Inference: the base model, GIFT unmerged, GIFT merged (a copy that owns only the merged weights).
@@ -306,11 +339,16 @@ def bench_model(kind, args, device):
     def run(m):
         infer_fn(m)
 
+    infer = {n: torch.compile(m, backend=args.compile) if args.compile else m for n, m in infer.items()}
+    for m in infer.values():  # untimed (--compile: compiled here)
+        run(m)
     times = interleaved_times({n: (lambda m=m: run(m)) for n, m in infer.items()}, "base", args.steps, args.warmup,
                               device)
     inference = [{"variant": n, "forward_s": t["wall_s"], "x_base": t["x_ref"], "cpu_s": t["cpu_s"],
                   "x_base_cpu": t["x_ref_cpu"]} for n, t in times.items()]
-    return {"model": kind, **info, "train": train, "inference": inference}
+    return {"model": kind, **info, "lora": {"rank": lora_rank, "alpha": lora_alpha}, "compiled": args.compile,
+            "ops_counted": "CUDA kernels" if device.type == "cuda" else "aten ops", "train": train,
+            "inference": inference}
 
 # -----------------------------------------------------------------------------
 # Tokenizers: the hand-written ones against the reference libraries
@@ -399,7 +437,7 @@ def reference_encoder(kind, path, lines):
 
 def machine(device):
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
         cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         name = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")),
@@ -419,12 +457,14 @@ def markdown_machine(result) -> str:
 
 
 def markdown_model(r, steps) -> str:
-    out = [f"**{r['description']}** (medians over {steps} interleaved repetitions)", "",
-           "| variant | train step | x floor | x floor, CPU time | GFLOP | x floor | peak memory | trainable | file |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    compiled = f", torch.compile ({r['compiled']})" if r["compiled"] else ""
+    out = [f"**{r['description']}**{compiled}, LoRA r={r['lora']['rank']} "
+           f"alpha={r['lora']['alpha']:g} (medians over {steps} interleaved repetitions)", "",
+           f"| variant | train step | x floor | x floor, CPU time | GFLOP | x floor | {r['ops_counted']} | peak memory "
+           "| trainable | file |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     out += [f"| {t['variant']} | {t['step_s'] * 1e3:,.1f} ms | {t['x_floor']:.3f} | {t['x_floor_cpu']:.3f} | "
-            f"{t['flops'] / 1e9:,.1f} | {t['flops_x_floor']:.3f} | {_size(t['peak_bytes'])} | {t['trainable']:,} | "
-            f"{_size(t['file_bytes']) if t['file_bytes'] else '-'} |" for t in r["train"]]
+            f"{t['flops'] / 1e9:,.1f} | {t['flops_x_floor']:.3f} | {t['ops']:,} | {_size(t['peak_bytes'])} | "
+            f"{t['trainable']:,} | {_size(t['file_bytes']) if t['file_bytes'] else '-'} |" for t in r["train"]]
     out += ["", "| inference | forward | x base | x base, CPU time |", "|---|---:|---:|---:|"]
     out += [f"| {i['variant']} | {i['forward_s'] * 1e3:,.1f} ms | {i['x_base']:.3f} | {i['x_base_cpu']:.3f} |"
             for i in r["inference"]]
@@ -475,6 +515,13 @@ def main(argv=None):
                    "shared CPU pass 1)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="what to train beside the floor (e.g. leave out full to fit a deeper model)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha (update (alpha/r) B A); default: 1 for ViT as "
+                   "train_vit.py (loralib, the authors), 2r = 64 for LLaMA as LLM-Adapters. Only LoRA's init and "
+                   "values depend on it, not its speed; the table says which was used")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="torch.compile each variant's "
+                   "model (and the inference models) with this backend (inductor when none is given; aot_eager "
+                   "needs no C++ compiler) before timing; compilation happens in the untimed first step. The ops "
+                   "column then counts what the compiled step still dispatches")
     p.add_argument("--json", help="also write the results here (rewritten after each part)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -19,8 +19,8 @@ Two forms of the same layer (they agree to rounding; the activation form is what
     a full-size dW and its gradient           y = (x + x psi^T phi^T) W^T + b: 4 d_in r FLOPs per token,
                                               no d_out x d_in matrix is ever built
 
-Theta is stored as the official code's nn.Linear(d_in, r) "phi" and nn.Linear(r, d_in) "psi" (their weights
-are phi^T and psi^T); GIFT.matrices gives phi and psi themselves, so the code below reads like the maths.
+Theta is stored as the official code's nn.Linear(d_in, r) "phi" and nn.Linear(r, d_in) "psi": their weights
+are phi^T (r, d_in) and psi^T (d_in, r), so x psi^T phi^T is x @ psi.weight @ phi.weight, with no transpose.
 Trainable parameters: 2 r d_in per Theta whatever the depth (24,576 for ViT-B/16 attn.proj at r=16).
 
 Initialisation: phi keeps PyTorch's default init and psi starts at zero, so dW = 0 and the model at step 0
@@ -38,6 +38,14 @@ Precision: Theta's parameters are kept in float32 (float64 for a float64 model):
 starts at zero and its early updates are far below bf16's resolution. The edit is computed in the activation's
 dtype (bf16 for a bf16 model, like autocast): it is added to x in that dtype anyway, so higher precision would
 be rounded away at the sum. merge_gift computes W (I + phi psi) in float32/64 and casts once.
+Under autocast the edit runs in autocast's dtype: x is cast once (the cast the layer would make anyway).
+
+Cost in operations (a GPU step of small layers is bound by kernel launches, not FLOPs): Theta is the same tensor
+in every layer, so its cast to the compute dtype (bf16 weights, or autocast) is made once per forward pass of the
+model, in the first layer that needs it, and reused by the others (add_gift's hooks on the model scope it). A
+layer then adds 4 aten operations to the forward (view, mm, addmm, view) and 13 to the backward (4 mm, 4 t,
+2 view, 3 add), in float32 and under bf16 autocast alike: no cast per layer. On a GPU the views and transposes
+launch nothing: 2 kernels forward, 7 backward. test_gift.py counts them (the parameter form: 5 and 16).
 
 Usage:
     from gift import add_gift, gift_disabled, gift_state_dict, merge_gift
@@ -65,19 +73,54 @@ class GIFT(nn.Module):
         self.phi = nn.Linear(in_features, rank, bias=False)  # default (kaiming-uniform) init
         self.psi = nn.Linear(rank, in_features, bias=False)
         nn.init.zeros_(self.psi.weight)                     # dW = 0: step 0 equals the base model
+        self._casts = None  # {(dtype, grad mode): weights} while the model's forward runs (add_gift's hooks)
 
-    def matrices(self, dtype):
-        return self.phi.weight.T.to(dtype), self.psi.weight.T.to(dtype)  # phi (d_in, r), psi (r, d_in)
+    def weights(self, dtype):
+        """phi.weight = phi^T (r, d_in) and psi.weight = psi^T (d_in, r) in `dtype`. Theta is the same in every
+        layer, so a cast is made once per forward pass of the model and reused by all its layers (autograd sums
+        their gradients through it); outside the model's forward (a layer called alone) each call casts."""
+        phi, psi = self.phi.weight, self.psi.weight
+        if phi.dtype == dtype:
+            return phi, psi
+        if self._casts is None or torch.compiler.is_compiling():  # a compiled graph merges repeated casts itself
+            return phi.to(dtype), psi.to(dtype)
+        key = (dtype, torch.is_grad_enabled())  # a cast made under no_grad carries no graph: not for training
+        if key not in self._casts:
+            self._casts[key] = phi.to(dtype), psi.to(dtype)
+        return self._casts[key]
 
     def delta(self, weight):
-        """Parameter form: dW = (W phi) psi, (d_out, d_in) -> (d_out, d_in)."""
-        phi, psi = self.matrices(weight.dtype)
-        return (weight @ phi) @ psi                         # (d_out,d_in)@(d_in,r)@(r,d_in)
+        """Parameter form: dW = (W phi) psi, (d_out, d_in) -> (d_out, d_in); F.linear(a, B) = a B^T."""
+        phi_t, psi_t = self.weights(weight.dtype)
+        return F.linear(F.linear(weight, phi_t), psi_t)     # (d_out,d_in)@(d_in,r)@(r,d_in)
 
     def forward(self, x):
-        """Activation form: x_hat = x + x psi^T phi^T, (..., d_in) -> (..., d_in); F.linear(x, A) = x A^T."""
-        phi, psi = self.matrices(x.dtype)
-        return x + F.linear(F.linear(x, psi), phi)          # (..,d_in) -> (..,r) -> (..,d_in)
+        """Activation form: x_hat = x + x psi^T phi^T, (..., d_in) -> (..., d_in), in the dtype the layer computes
+        in: under autocast x is cast once here instead of in the layer, so autocast casts nothing more."""
+        dtype = _compute_dtype(x)
+        phi_t, psi_t = self.weights(dtype)
+        x = x.to(dtype)
+        rows = x.reshape(-1, x.shape[-1])                   # (N, d_in): addmm wants 2-D; no copy for a contiguous x
+        return torch.addmm(rows, rows @ psi_t, phi_t).view(x.shape)  # rows + ((N,d_in)@(d_in,r))@(r,d_in)
+
+
+def _compute_dtype(x):
+    """The dtype a Linear layer multiplies x in: autocast's (which leaves float64 alone), else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _open_casts(model, args):   # add_gift's forward hooks on the model: Theta's casts live for one forward pass
+    if not torch.compiler.is_compiling():
+        for theta in getattr(model, "gift", {}).values():
+            theta._casts = {}
+
+
+def _close_casts(model, args, output):  # also after an exception: no stale cast survives a forward
+    for theta in getattr(model, "gift", {}).values():
+        theta._casts = None
 
 
 class GIFTLinear(nn.Module):
@@ -96,7 +139,8 @@ class GIFTLinear(nn.Module):
 
     def forward(self, x):
         if self.mode == "parameter" and self.enabled:       # base is a plain nn.Linear (add_gift checked)
-            return F.linear(x, self.weight + self.theta.delta(self.weight), self.bias)
+            weight = self.weight.to(_compute_dtype(x))      # under autocast: the cast F.linear would make
+            return F.linear(x, weight + self.theta.delta(weight), self.bias)
         return self.base(self.theta(x) if self.enabled else x)  # the layer's own forward; x as is in gift_disabled
 
     def train(self, mode=True):  # the original module is no child of this one: keep its flag in step
@@ -199,6 +243,8 @@ def add_gift(model: nn.Module, targets, rank: int, share: str = "type", mode: st
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, wrapped[id(module)])
     model.gift = thetas
+    thetas._hooks = [model.register_forward_pre_hook(_open_casts),
+                     model.register_forward_hook(_close_casts, always_call=True)]
     return thetas
 
 
@@ -236,6 +282,8 @@ def merge_gift(model: nn.Module) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GIFTLinear)]:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer.base)
+    for hook in model.gift._hooks:
+        hook.remove()
     del model.gift
     return model
 
@@ -293,7 +341,7 @@ def parameter_summary(model: nn.Module) -> str:
 @torch.no_grad()
 def cluster_head(layer: GIFTLinear):
     """C = W phi (d_out, r), float32: for output tokens y (N, d_out) of `layer`, y @ C are r cluster maps."""
-    return _float_weight(type(layer.base).__name__, layer.base).float() @ layer.theta.matrices(torch.float32)[0]
+    return F.linear(_float_weight(type(layer.base).__name__, layer.base).float(), layer.theta.phi.weight.float())
 
 
 if __name__ == "__main__":  # a tour on torch's own nn.TransformerEncoder, a model this file never saw

@@ -34,6 +34,12 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
         assert r["inference"][0]["x_base"] == 1.0 and all(i["forward_s"] > 0 for i in r["inference"])
         for name in VARIANTS + ("gift-merged",):
             assert f"| {name} |" in out
+        ops = {t["variant"]: t["ops"] for t in r["train"]}  # aten ops per step, deterministic
+        assert ops["floor"] < ops["gift"] <= ops["gift-param"] and ops["gift"] < ops["lora"], ops
+        assert r["ops_counted"] == "aten ops" and r["compiled"] is None
+    assert "| aten ops |" in out and "ViT-Ti/16" in out
+    assert (vit["lora"], llama["lora"]) == ({"rank": 8, "alpha": 1.0}, {"rank": 32, "alpha": 64.0})  # as the scripts
+    assert "LoRA r=8 alpha=1 " in out and "LoRA r=32 alpha=64 " in out
     # ViT-Ti/16 (dim 192, 12 blocks): GIFT one Theta on attn.proj, 2*r*d_in; LoRA r=8, r*(d_in+d_out) per block
     vit_n = {t["variant"]: t["trainable"] for t in vit["train"]}
     assert vit_n["gift"] == vit_n["gift-param"] == 2 * 16 * 192
@@ -51,11 +57,19 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     assert all(r["same_ids"] is not False and r["tokens_per_s"] > 0 for r in rows)  # None: reference not installed
 
 
-def test_bench_variants_flag_keeps_the_floor(tmp_path):
-    bench_main(["--model", "llama", "--llama", "tiny", "--layers", "1", "--seq", "8", "--steps", "1", "--warmup",
-                "0", "--variants", "lora", "gift", "--json", str(tmp_path / "b.json")])
+def test_bench_variants_flag_keeps_the_floor_and_compile_and_lora_alpha_flags(tmp_path):
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this platform")
+    try:  # aot_eager: dynamo and AOTAutograd without inductor's C++ compilation (seconds, not minutes)
+        bench_main(["--model", "llama", "--llama", "tiny", "--layers", "1", "--seq", "8", "--steps", "1", "--warmup",
+                    "0", "--variants", "lora", "gift", "--compile", "aot_eager", "--lora-alpha", "8",
+                    "--json", str(tmp_path / "b.json")])
+    finally:
+        torch._dynamo.reset()
     llama, = json.loads((tmp_path / "b.json").read_text())["models"]
     assert [t["variant"] for t in llama["train"]] == ["floor", "gift", "lora"]  # VARIANTS order, floor first
+    assert llama["compiled"] == "aot_eager" and llama["lora"]["alpha"] == 8.0
+    assert all(t["ops"] > 0 and t["step_s"] > 0 for t in llama["train"])
 
 
 def test_bench_peak_tensor_bytes_counts_live_storages():

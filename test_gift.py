@@ -1,9 +1,11 @@
 """Tests for gift.py (CPU, pytest). Oracles that are not runtime dependencies (transformers) are optional:
 the tests that need them skip cleanly where they are absent."""
+import collections
 import copy
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gift import (GIFTLinear, add_gift, cluster_head, count_parameters, gift_disabled, gift_layers,
     gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary)
@@ -503,6 +506,140 @@ def test_gift_torch_compile_gives_eager_outputs_and_gradients():
         assert list(gift_state_dict(compiled)) == list(gift_state_dict(model))
     finally:
         torch._dynamo.reset()
+
+
+class _AtenCount(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _GiftResiduals(_GiftChain):
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x).to(x.dtype)  # under autocast: the residual stream stays float32
+        return x
+
+
+def _gift_step_ops(depth, mode, precision):
+    """(forward, backward) aten op counts of one training step of `depth` residual layers x = x + layer(x) (the
+    input in float32, as a pre-norm transformer's q_proj gets it), GIFT'd (mode) or frozen (mode None). The input
+    needs grad in both, so the frozen model's backward also runs through every layer: only GIFT's own ops differ."""
+    torch.manual_seed(0)
+    model = _GiftResiduals(*(nn.Linear(16, 16) for _ in range(depth))).requires_grad_(False)
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    model.to(dtype)
+    if mode:
+        add_gift(model, ["layers." + str(i) for i in range(depth)], 4, share="all", mode=mode)
+    x = torch.randn(2, 3, 16, dtype=dtype, requires_grad=True)
+    forward, backward = _AtenCount(), _AtenCount()
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16 autocast"), forward:
+        loss = model(x).float().sum()
+    with backward:
+        loss.backward()
+    return forward.ops, backward.ops
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast", "bf16 weights"])
+def test_gift_aten_ops_per_layer_are_as_stated(precision):
+    """gift.py's docstring: a GIFT layer adds 4 aten ops to the forward and 13 to the backward (parameter form 5
+    and 16), Theta's casts made once per forward pass, not once per layer. Per layer: the difference of two depths,
+    so what a step does once (the casts, the loss) cancels; GIFT'd minus frozen, so the base layers cancel."""
+    def per_layer(mode):
+        (f2, b2), (f4, b4) = _gift_step_ops(2, mode, precision), _gift_step_ops(4, mode, precision)
+        (g2, c2), (g4, c4) = _gift_step_ops(2, None, precision), _gift_step_ops(4, None, precision)
+        fwd = {k: (f4[k] - f2[k] - g4[k] + g2[k]) / 2 for k in f4 | f2 | g4}
+        bwd = {k: (b4[k] - b2[k] - c4[k] + c2[k]) / 2 for k in b4 | b2 | c4}
+        return {k: v for k, v in fwd.items() if v}, {k: v for k, v in bwd.items() if v}
+
+    fwd, bwd = per_layer("activation")
+    assert fwd == {"view": 2, "mm": 1, "addmm": 1}, fwd  # no cast, no transpose
+    assert bwd == {"mm": 4, "t": 4, "view": 2, "add": 3}, bwd  # 3 adds: x's two gradients, Theta's two sums
+    fwd, bwd = per_layer("parameter")
+    assert (sum(fwd.values()), sum(bwd.values())) == (5, 16) and "_to_copy" not in fwd | bwd, (fwd, bwd)
+
+
+class _GiftNetCheckpointedAs(_GiftNet):
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        for block in self.blocks[:-1]:  # their forwards run again in backward (reentrant: under no_grad first)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return self.head(self.blocks[-1](x))  # the last block's layers as usual, in the same forward pass
+
+
+@pytest.mark.parametrize("case", ["one", "eval", "two in one graph", "accumulation", "checkpoint", "reentrant"])
+def test_gift_theta_cast_once_per_forward_gives_the_gradients_of_a_cast_per_layer(case):
+    """A float32 model with a float64 Theta: model(x) casts Theta once and shares it among its 6 layers;
+    model.forward(x) skips the model's hooks, so every layer casts its own (the reference). Same gradients
+    (to float32 rounding: the cached cast sums the layers' gradients in float32) in every way of running steps."""
+    torch.manual_seed(0)
+    model = _GiftNetCheckpointedAs(case == "reentrant") if case in ("checkpoint", "reentrant") else _GiftNet()
+    add_gift(model, ["q_proj", "v_proj"], 4, share="all")
+    model.gift.double()
+    _gift_randomize(model)
+    theta = model.gift["all"]
+    x = torch.randn(2, 3, 16, requires_grad=case == "reentrant")  # reentrant checkpoint needs an input with grad
+    grads = []
+    for run in (model.forward, model):
+        model.zero_grad()
+        if case == "eval":
+            with torch.no_grad():
+                assert run(x).isfinite().all()
+        if case == "two in one graph":
+            (run(x).square().sum() + run(2 * x).sum()).backward()
+        else:
+            run(x).square().sum().backward()
+        if case == "accumulation":
+            run(2 * x).sum().backward()
+        grads.append([p.grad.clone() for p in theta.parameters()])
+        assert theta._casts is None  # the model's forward ended: no cast is kept (nor its graph)
+    for cached, per_layer in zip(grads[1], grads[0]):
+        assert cached.dtype == torch.float64 and cached.abs().max() > 0
+        torch.testing.assert_close(cached, per_layer, rtol=1e-5, atol=1e-5)
+    casts = _AtenCount()
+    with casts:
+        model(x)
+    assert casts.ops["_to_copy"] == (4 if case == "reentrant" else 2)  # phi and psi once for the 6 layers (and
+    # once more for the checkpointed layers, which reentrant checkpointing runs under no_grad)
+
+
+def test_gift_torch_compile_trains_like_eager():
+    """5 AdamW steps, float32 (one Theta of d_in 16 for both layers): the compiled model's losses equal the eager model's to float32 rounding. Inductor
+    needs a C++ compiler; without one, aot_eager (the same captured graphs, run by eager kernels)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this platform")
+    backend = "inductor" if shutil.which("c++") or shutil.which("g++") else "aot_eager"
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16), torch.randn(4, 3, 5)
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)  # two layers and a GELU: a few kernels for inductor's C++ compiler
+        model = _GiftChain(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 5))
+        add_gift(model, ["layers.0", "layers.2"], 4, share="all")
+        _gift_randomize(model)
+        opt = torch.optim.AdamW(model.gift.parameters(), lr=1e-2)
+        run = torch.compile(model, backend=backend) if compiled else model
+        losses.append([])
+        try:
+            for _ in range(5):
+                loss = F.mse_loss(run(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses[-1].append(loss.item())
+        finally:
+            torch._dynamo.reset()
+    assert losses[0][-1] < losses[0][0] - 1e-3  # it trained
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
 def test_gift_ddp_single_process_and_clean_keys(tmp_path):
