@@ -83,6 +83,7 @@ def add_common_flags(p, *, targets, gift_rank, lora_rank, lora_alpha, out, preci
     r.add_argument("--out", help=f"the run's folder: checkpoint.pt, log.jsonl, adapter.safetensors, results; "
                    f"None: {out} (--demo: a temporary folder)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings, inputs)")
+    r.add_argument("--overwrite", action="store_true", help="start anew in an --out that holds a run, replacing it")
     r.add_argument("--stop-after", type=int, metavar="N", help="save and stop after N steps (continue: --resume)")
     r.add_argument("--seed", type=int, default=42, help="initialisation and data order")
     r.add_argument("--device", type=parse_device, help="cpu, cuda or cuda:N; None: CUDA when available (under "
@@ -325,11 +326,24 @@ class Run:
     dict (keys, plus "run") or None; the log keeps only the records it holds, so each step is logged once.
     log_key is the record field that counts progress ("step" or "epoch"), the same in checkpoint and log."""
 
-    def __init__(self, out, settings: dict, keys, resume: bool, rank: int = 0, log_key: str = "step"):
+    def __init__(self, out, settings: dict, keys, resume: bool, rank: int = 0, log_key: str = "step",
+                 overwrite: bool = False, outputs=(), inputs=None):
         self.out, self.settings, self.rank, self.log_key = Path(out), settings, rank, log_key
         self.checkpoint_path, self.log_path = self.out / "checkpoint.pt", self.out / "log.jsonl"
+        if self.out.is_file():
+            raise UserError(f"--out {out} is a file: give a folder for the run (a new one, or a run's with --resume)")
+        for what, path in (inputs or {}).items():  # the run's files would change the input's identity (fingerprint)
+            if path and self.out.exists() and os.path.exists(path) and os.path.samefile(self.out, path):
+                raise UserError(f"--out {out} is {what}: the run's files would mix with it; choose another --out")
         if rank == 0:
             lock_out(out)
+        # a finished or started run is never replaced unasked: its log, adapter and results (outputs) stay
+        used = [n for n in ("log.jsonl", "adapter.safetensors", *outputs) if (self.out / n).exists()]
+        if overwrite and not resume:
+            self.checkpoint_path.unlink(missing_ok=True)
+        elif used and not resume and not self.checkpoint_path.exists():
+            raise UserError(f"--out {out} holds a run ({', '.join(used)}): add --resume to continue it, --overwrite "
+                            f"to replace it, or choose another --out")
         self.checkpoint = resume_checkpoint(self.checkpoint_path, resume, settings, [*keys, log_key])
         if resume and self.checkpoint is None:
             print0(f"--resume: no {self.checkpoint_path} yet, starting a new run")

@@ -256,3 +256,33 @@ def test_base_identity_tells_a_merged_or_other_model_from_the_base(tmp_path):
                                         r"merged \(identity [0-9a-f]{16}\).*--any-base"):
         check_adapter_base("a.safetensors", config, merged, "merged", skip=["1"])
     check_adapter_base("a.safetensors", config, merged, "merged", skip=["1"], force=True)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("finished", r"--out .*run holds a run \(log.jsonl, adapter.safetensors, results.json\): add --resume to "
+                 r"continue it, --overwrite to replace it"),
+    ("a_file", r"--out .*run is a file: give a folder"),
+    ("the_model", r"--out .*model is the base model: the run's files would mix with it"),
+])
+def test_run_never_replaces_a_used_folder_unasked(tmp_path, case, match):
+    out, model = tmp_path / "run", tmp_path / "model"
+    model.mkdir()
+    if case == "finished":
+        out.mkdir()
+        for name in ("log.jsonl", "adapter.safetensors", "results.json"):
+            (out / name).write_text("{}")
+    elif case == "a_file":
+        out.write_text("")
+    else:
+        out = model
+    with pytest.raises(UserError, match=match):
+        Run(out, {}, keys=(), resume=False, outputs=["results.json"], inputs={"the base model": model})
+
+
+def test_run_overwrite_starts_anew(tmp_path):
+    run = Run(tmp_path / "run", {"lr": 1}, keys=(), resume=False)
+    run.log({"step": 1})
+    run.save({}, 1)
+    again = Run(tmp_path / "run", {"lr": 2}, keys=(), resume=False, overwrite=True)  # other settings: fine
+    assert again.checkpoint is None and not again.checkpoint_path.exists()
+    assert (tmp_path / "run" / "log.jsonl").read_text() == ""
