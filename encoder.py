@@ -60,6 +60,19 @@ def max_tokens(c: EncoderConfig):
     return c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
 
 
+def paper_size(c: EncoderConfig):
+    """Which of the GIFT paper's two backbones this is (RoBERTa-Base or -Large), or None."""
+    if c.model_type == "roberta" and c.vocab_size == 50265:
+        return {(768, 12): "RoBERTa-Base", (1024, 24): "RoBERTa-Large"}.get((c.hidden_size, c.num_hidden_layers))
+
+
+def paper_defaults(c: EncoderConfig):
+    """(batch size, max length) of the paper's GLUE runs: 64 and 512 for Base, 128 and 128 for Large (hidden size
+    >= 1024); the length capped at what the model takes."""
+    large = c.hidden_size >= 1024
+    return (128 if large else 64), min(128 if large else 512, max_tokens(c))
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: EncoderConfig):
         super().__init__()
@@ -173,9 +186,15 @@ class SequenceClassifier(nn.Module):
 OTHER_HEADS = {"roberta": ("lm_head.", "roberta.pooler."), "bert": ("cls.",)}
 
 
-def read_config(folder) -> EncoderConfig:
-    """folder/config.json, every field the forward uses checked; num_labels from its id2label (else 2)."""
+def read_config(folder, complete=False) -> EncoderConfig:
+    """folder/config.json, every field the forward uses checked; num_labels from its id2label (else 2).
+    complete: the folder must also hold tokenizer.json and the weights (checked first)."""
     path = Path(folder) / "config.json"
+    missing = [f for f in ("config.json", "tokenizer.json") if complete and not (Path(folder) / f).is_file()]
+    if complete and not any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if missing:
+        raise UserError(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
     hf = read_json(path)  # a missing field is an error naming the file and the field
     if not isinstance(hf, dict):
         raise UserError(f"{path}: not an HF config (a JSON object is expected)")
@@ -325,13 +344,27 @@ def collate(examples, pad, device):
     return ids.to(device), types.to(device), mask.to(device), labels.to(device)
 
 
-def linear_names(config: EncoderConfig):
-    """(backbone Linear layers' qualified names, head Linear layers' names) of a model of this config, from a
-    weightless copy: targets can be checked before anything is loaded."""
+def loss_fn(logits, labels):
+    """As HF's *ForSequenceClassification, summed: mean squared error for one output (regression, STS-B), else
+    cross-entropy."""
+    if logits.shape[1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float(), reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def check_targets(config: EncoderConfig, targets):
+    """Each target (a name suffix, as add_gift / add_lora take it) must name Linear layers of the backbone and none
+    of the head's; checked on a weightless copy, before anything is loaded. Else one line listing the valid names."""
     with torch.device("meta"):
         model = SequenceClassifier(config)
-    names = lambda m, prefix: [prefix + n for n, x in m.named_modules() if isinstance(x, nn.Linear)]  # noqa: E731
-    return names(model.backbone, config.model_type + "."), names(model.classifier, "classifier.")
+    body = [n for n, m in model.backbone.named_modules() if isinstance(m, nn.Linear)]
+    head = [n for n, m in model.classifier.named_modules() if isinstance(m, nn.Linear)] + ["classifier"]
+    hits = lambda t, names: [n for n in names if n == t or n.endswith("." + t)]  # noqa: E731
+    bad = [t for t in targets if not hits(t, body) or hits(t, head)]
+    if bad:
+        valid = sorted({n.split(".", 3)[-1] for n in body if ".layer." in n} | {"query", "key", "value"})
+        raise UserError(f"--targets {' '.join(bad)}: matches no Linear layer of this {config.model_type} backbone "
+                        f"(or one of the head's); valid names (suffixes of the layers' names): {', '.join(valid)}")
 
 
 def save_classifier(folder, state: dict, base, labels, task):
@@ -386,12 +419,17 @@ def write_demo_tokenizer(path, words):
     return len(vocab)
 
 
-def write_demo_model(folder, words):
-    """folder/config.json, tokenizer.json (words) and model.safetensors: a random 2-layer, 64-wide RoBERTa with
-    the MLM head a Hub file has. Returns folder."""
+DEMO_WORDS = {1: ["good", "great", "fine", "lovely", "superb", "happy"],  # the demo's positive, negative and
+              0: ["bad", "awful", "poor", "dull", "sad", "ugly"],           # filler words: its tokenizer's words
+              None: ["the", "film", "was", "a", "story", "and", "plot", "acting", "quite", "very", "music", "ending"]}
+
+
+def write_demo_model(folder):
+    """folder/config.json, tokenizer.json (DEMO_WORDS) and model.safetensors: a random 2-layer, 64-wide RoBERTa
+    with the MLM head a Hub file has. Returns folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_demo_tokenizer(folder / "tokenizer.json", words)
+    vocab = write_demo_tokenizer(folder / "tokenizer.json", DEMO_WORDS[None] + DEMO_WORDS[0] + DEMO_WORDS[1])
     config = EncoderConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=128, max_position_embeddings=66)
     hf = {**asdict(config), "architectures": ["RobertaForMaskedLM"], "bos_token_id": 0, "eos_token_id": 2}

@@ -15,18 +15,12 @@ batch 64 / max length 512 (Base), 128 / 128 (Large), scored on dev after every e
     python train_glue.py --model runs/rte-merged --data glue_data/RTE --eval-only     # score a merged folder
     python train_glue.py --table runs/*                             # the six-task table beside the paper's
 
---data: a task folder of the standard GLUE download (train.tsv, dev.tsv). The paper's learning rate and weight
-decay were chosen per task from a grid (lr 1e-4 ... 1e-3, wd 0 ... 0.01, the head with the same values) and the
-runs repeated with seeds 42-46; see --help for the defaults used here. Sentence pairs longer than --max-len are
-cut as HF's `longest_first` truncation of the tokenizers library 0.23.3 cuts them (0.23.2 splits some budgets
-differently: max length 9, 10 + 9 words, it keeps 2 words of the first sentence where 0.23.3 keeps 3).
-
-An --adapter names its base model (--model overrides it); training always starts a new adapter and head.
---eval-only scores an --adapter, or without one a merged folder with its own head (a base model has no trained
-head: zero-shot would be chance). Ctrl-C or SIGTERM finishes the step, saves it and says how to --resume (exit
-status 0); --stop-after N saves after step N and stops, without evaluating. A mistake (a bad flag or file, a used
---out, a changed setting or input on --resume, an --adapter of another script or model) is one line `error: ...`
-and exit status 2, before any model is loaded; a non-finite loss stops the run, keeping the last checkpoint.
+The paper's lr and weight decay were chosen per task from a grid (lr 1e-4 ... 1e-3, wd 0 ... 0.01), runs repeated
+with seeds 42-46. Pairs longer than --max-len are cut as HF's `longest_first` truncation in tokenizers 0.23.3
+(0.23.2 differs: max length 9, 10 + 9 words, it keeps 2 words of the first where 0.23.3 keeps 3). Training starts
+a new adapter and head; --eval-only without --adapter scores a merged folder with its own head (a base model
+has none). Ctrl-C / SIGTERM / --stop-after N: the step ends, is saved, no evaluation, exit 0; --resume continues.
+A mistake is one line `error: ...` (exit status 2) before any model is loaded.
 """
 import argparse
 import json
@@ -34,15 +28,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections import namedtuple
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from encoder import EncoderConfig, SequenceClassifier, collate, encode_example, linear_names, load_model, \
-    load_text_tokenizer, max_tokens, read_config, save_classifier, write_demo_model
+from encoder import DEMO_WORDS, SequenceClassifier, check_targets, collate, encode_example, load_model, \
+    load_text_tokenizer, loss_fn, max_tokens, paper_defaults, paper_size, read_config, save_classifier, write_demo_model
 from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors, utf8_text
 from gift import add_gift, parameter_summary
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
@@ -51,17 +45,10 @@ from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_
 from lora import add_lora
 
 
-@dataclass(frozen=True)
-class Task:
-    folder: str             # the GLUE download's folder name
-    text: tuple             # column names of sentence A and B (B None: single sentence)
-    label: str              # column name of the label
-    labels: tuple | None    # label strings in id order; None: a regression score
-    metric: str             # "mcc", "pearson" or "accuracy"
-    epochs: int             # default epochs: LoRA's RoBERTa-base runs (microsoft/LoRA examples/NLU)
-    columns: tuple = ()     # for a file without a header row (CoLA): the column names
-
-
+# A GLUE task: its folder in the GLUE download, the column names of sentence A and B (B None: one sentence) and of
+# the label, the label strings in id order (None: a regression score), the metric, the default epochs (LoRA's
+# RoBERTa-base runs, microsoft/LoRA examples/NLU), and the column names of a file without a header row (CoLA).
+Task = namedtuple("Task", "folder text label labels metric epochs columns", defaults=[()])
 TASKS = {"sst2": Task("SST-2", ("sentence", None), "label", ("0", "1"), "accuracy", 60),
          "mrpc": Task("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", 30),
          "cola": Task("CoLA", ("sentence", None), "label", ("0", "1"), "mcc", 80,
@@ -76,9 +63,8 @@ RUN_FIELDS = ("task", "method", "targets", "rank", "share", "lora_alpha", "epoch
 
 
 def train(args):
-    """Loads --model, adds GIFT (or LoRA) and a new head, and trains them on --data's train.tsv, scoring dev.tsv
-    after every epoch. OUT holds log.jsonl (a line per epoch), checkpoint.pt (every epoch and --save-every steps),
-    best.safetensors (the best dev epoch's adapter), adapter.safetensors and results.json. Returns the history."""
+    """GIFT (or LoRA) and a new head on --model, trained on train.tsv, scored on dev.tsv every epoch. Writes OUT/
+    log.jsonl, checkpoint.pt, best.safetensors (the best epoch's), adapter.safetensors, results.json."""
     rank, world, _, device = setup_distributed(args.device)
     task, config = TASKS[args.task], read_config(args.model)
     if args.batch_size % world:  # each process takes every world-th example of a global batch
@@ -88,11 +74,8 @@ def train(args):
               rank, log_key="epoch")  # on return, the frame drops DDP before main's close_distributed
     ckpt = run.checkpoint
     if ckpt and args.stop_after and ckpt["step"] >= args.stop_after:
-        raise UserError(f"--stop-after {args.stop_after}: {run.checkpoint_path} is at step {ckpt['step']} already; "
-                        f"give a larger N, or none")
-    tok, cls, sep = load_text_tokenizer(args.model, config)  # a tokenizer that does not fit: before the weights
-    train_set, dev_set = (tokenize(read_tsv(task_file(args.data, s), task), tok, cls, sep, config.model_type,
-                                   args.max_len, f"tokenizing {s}") for s in ("train", "dev"))
+        raise UserError(f"--stop-after {args.stop_after}: {run.checkpoint_path} is at step {ckpt['step']} already")
+    train_set, dev_set = load_splits(args.model, config, args.data, task, args.max_len, ("train", "dev"))
     torch.manual_seed(args.seed)  # the same new head, phi and LoRA A on every process and in every run
     model = load_model(args.model, num_labels=1 if task.labels is None else len(task.labels), log=print0)
     if args.method == "gift":  # W (I + phi psi), one Theta = (phi, psi) per target type, the backbone frozen
@@ -105,9 +88,8 @@ def train(args):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)  # the last, partial batch is kept (as the paper)
     total = args.epochs * steps_per_epoch
     warmup = int(args.warmup * total)  # as the authors' script: int(warmup_ratio * steps)
-    head = {id(p) for p in model.classifier.parameters()}
-    groups = [(p, (args.head_lr, args.head_weight_decay) if id(p) in head else (args.lr, args.weight_decay))
-              for p in model.parameters() if p.requires_grad]
+    groups = [(p, (args.head_lr, args.head_weight_decay) if n.startswith("classif") else (args.lr, args.weight_decay))
+              for n, p in model.named_parameters() if p.requires_grad]
     # weight decay on matrices only (biases are never decayed), head and adapter each with its own lr and wd
     opt = fused_adamw([{"params": [p], "lr": lr, "base_lr": lr, "weight_decay": wd if p.ndim >= 2 else 0.0}
                        for p, (lr, wd) in groups])
@@ -142,9 +124,8 @@ def train(args):
                 # reseeded per (step, rank): dropout draws the same masks whether or not the run was resumed
                 torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
                 net.train()
-                factor = lr_factor(step, warmup, total)
                 for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * factor
+                    group["lr"] = group["base_lr"] * lr_factor(step, warmup, total)
                 mine = batch[rank::world]  # a process left without examples (a last batch < world) runs one, weight 0
                 ids, types, mask, labels = collate([train_set[i] for i in mine or batch[:1]], args.pad, device)
                 with autocast(args, device):
@@ -187,48 +168,32 @@ def train(args):
     return history
 
 
-def compile_model(model):
-    """torch.compile for --compile; GIFT_COMPILE_BACKEND picks another backend (the CPU test: aot_eager)."""
+def compile_model(model):  # --compile; GIFT_COMPILE_BACKEND picks another backend (the CPU test: aot_eager)
     return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
 
 
-def autocast(args, device):
-    """bf16 autocast for --precision bf16 (the adapter and head keep fp32 weights), else a no-op."""
+def autocast(args, device):  # --precision bf16: autocast (the adapter and head keep fp32 weights); else a no-op
     return torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def lr_factor(step, warmup, total):
-    """HF's linear schedule, step for step: 0 at the first update, the peak after warmup, 0 at total."""
+def lr_factor(step, warmup, total):  # HF's linear schedule: 0 at the first update, the peak after warmup, 0 at total
     return step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def loss_fn(logits, labels):
-    if logits.shape[1] == 1:  # regression (STS-B): mean squared error on the score, as HF
-        return F.mse_loss(logits[:, 0], labels.float(), reduction="sum")
-    return F.cross_entropy(logits, labels, reduction="sum")
-
-
 def run_settings(args):
-    """RUN_FIELDS, and the model folder and the task's train.tsv and dev.tsv by content (a moved or copied input is
-    the same input): what a resumed run must share with the checkpoint's."""
+    """What a resumed run must share with the checkpoint's: RUN_FIELDS, and the inputs by content (moved: the same)."""
     return {**{f: getattr(args, f) for f in RUN_FIELDS}, "model": fingerprint(args.model),
-            "train": fingerprint(task_file(args.data, "train")), "dev": fingerprint(task_file(args.data, "dev"))}
+            "train": fingerprint(Path(args.data, "train.tsv")), "dev": fingerprint(Path(args.data, "dev.tsv"))}
 
 
-# -----------------------------------------------------------------------------
-# GLUE: the standard TSV layout (one folder per task with train.tsv and dev.tsv)
-
-def task_file(data, split):
-    return Path(data) / f"{split}.tsv"
-
-
+# ----------------------------------------------------------------------------- GLUE's TSV files (a folder per task)
 def read_tsv(path, task: Task):
     """[(sentence A, sentence B or None, label id or score)]. Fields are split on tabs with no quoting, as the
     GLUE files are written (a quote is an ordinary character); every row must have the header's field count."""
     with utf8_text(path):
         lines = [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8-sig").split("\n")]  # MRPC: BOM
     lines = lines[:-1] if lines[-1] == "" else lines
-    names, first = (task.columns, 0) if task.columns else (lines[0].split("\t"), 1)
+    names, first = (task.columns, 0) if task.columns else (lines[0].split("\t") if lines else [], 1)
     want = [c for c in (*task.text, task.label) if c is not None]
     if any(c not in names for c in want):
         raise UserError(f"{path}: columns {want} expected in the header, found {names} (is it {task.folder}?)")
@@ -253,13 +218,14 @@ def read_tsv(path, task: Task):
     return rows
 
 
-def tokenize(rows, tok, cls, sep, kind, max_len, desc):
-    return [(*encode_example(tok, cls, sep, kind, a, b, max_len), y) for a, b, y in progress(rows, desc=desc)]
+def load_splits(model_dir, config, data, task, max_len, splits):
+    """[(ids, types, label)] of each split; the tokenizer is checked against the model before any weight is read."""
+    tok, cls, sep = load_text_tokenizer(model_dir, config)
+    return [[(*encode_example(tok, cls, sep, config.model_type, a, b, max_len), y) for a, b, y in
+             progress(read_tsv(Path(data, f"{s}.tsv"), task), desc=f"tokenizing {s}")] for s in splits]
 
 
-# -----------------------------------------------------------------------------
-# Evaluation and the table
-
+# ----------------------------------------------------------------------------- evaluation and the table
 def score(metric, preds, labels):
     """The paper's metrics, in percent: accuracy, Matthews correlation (CoLA), Pearson correlation (STS-B)."""
     p, y = torch.tensor(preds, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64)
@@ -295,41 +261,24 @@ def evaluate(net, examples, metric, pad, args, device):
 
 
 def evaluate_only(args):
-    """--eval-only: --adapter on its base (--model, else the one named in it), or a merged folder with its own
-    head, on dev.tsv; the line printed says which of the two it scored."""
+    """--eval-only: --adapter on its base (--model, else its own), or a merged folder with its head, on dev.tsv."""
     device = setup_distributed(args.device)[3]
     run = read_adapter_config(args.adapter) if args.adapter else {}
     model_dir, task = args.model or run["model"], TASKS[args.task]
-    config = read_config(model_dir)
-    tok, cls, sep = load_text_tokenizer(model_dir, config)  # a tokenizer that does not fit: before the weights
+    config = read_config(model_dir)  # the tokenizer is checked below, before the weights are read
     max_len = args.max_len or run.get("max_len") or paper_defaults(config)[1]
-    dev = tokenize(read_tsv(task_file(args.data, "dev"), task), tok, cls, sep, config.model_type, max_len, "dev")
+    dev, = load_splits(model_dir, config, args.data, task, max_len, ["dev"])
     model = (model_with_adapter(args.adapter, args.model)[1] if args.adapter else load_model(model_dir, log=print0))
-    model.to(device)
-    value = evaluate(compile_model(model) if args.compile else model, dev, task.metric, config.pad_token_id, args,
-                     device)
+    net = compile_model(model.to(device)) if args.compile else model.to(device)
+    value = evaluate(net, dev, task.metric, config.pad_token_id, args, device)
     print0(f"{args.task} dev {task.metric}: {value:.2f} (" + (f"{run['method']} r={run['rank']} adapter {args.adapter}"
            f" on the base model {model_dir})" if args.adapter else f"the merged model {model_dir}, its own head)"))
     return value
 
 
-# The paper's GLUE averages (v3) over the six tasks above on the dev sets; the authors' scripts keep each run's best
-# epoch and repeat the final runs with seeds 42-46.
+# The paper's GLUE averages (v3) over the six tasks on dev; the authors keep each run's best epoch, seeds 42-46.
 PAPER = {("RoBERTa-Base", "gift"): 85.1, ("RoBERTa-Base", "lora"): 86.6,
          ("RoBERTa-Large", "gift"): 87.5, ("RoBERTa-Large", "lora"): 87.8}
-
-
-def paper_defaults(c: EncoderConfig):
-    """(batch size, max length): 64 and 512 for Base, 128 and 128 for Large (hidden size >= 1024), as the paper;
-    the length capped at what the model takes."""
-    large = c.hidden_size >= 1024
-    return (128 if large else 64), min(128 if large else 512, max_tokens(c))
-
-
-def paper_size(c: EncoderConfig):
-    """Which of the paper's two backbones this is, or None."""
-    if c.model_type == "roberta" and c.vocab_size == 50265:
-        return {(768, 12): "RoBERTa-Base", (1024, 24): "RoBERTa-Large"}.get((c.hidden_size, c.num_hidden_layers))
 
 
 def write_results(args, model, history):
@@ -347,8 +296,7 @@ def write_results(args, model, history):
 
 
 def table(dirs):
-    """The six-task table of the runs in dirs (their results.json), one row per (backbone, method), with
-    the paper's averages beside it. A row's average needs all six tasks."""
+    """The six-task table of runs (results.json), a row per (backbone, method); an average needs all six tasks."""
     rows = {}
     for path in (Path(d) / "results.json" for d in dirs):
         if not path.is_file():
@@ -363,13 +311,11 @@ def table(dirs):
         avg = f"{sum(med.values()) / len(TASKS):.1f}" if len(med) == len(TASKS) else "-"
         cells = " | ".join(f"{med[t]:.1f}" if t in med else "-" for t in TASKS)
         lines.append(f"| {backbone} | {method} | {cells} | {avg} | {PAPER.get((backbone, method), '-')} |")
-    print("\n".join(lines))
-    return "\n".join(lines)
+    print(text := "\n".join(lines))
+    return text
 
 
-# -----------------------------------------------------------------------------
-# Adapter files: what training changed (Theta or the LoRA factors, and the head), with the run config
-
+# ----------------------------------------------------------------------------- adapter files (Theta or LoRA, head)
 def adapter_config_of(args, model):
     """The run config written into an adapter's metadata: the base model and the task it was trained on."""
     return {"script": "train_glue.py", **{f: getattr(args, f) for f in RUN_FIELDS}, "model": str(args.model),
@@ -380,13 +326,8 @@ def read_adapter_config(path) -> dict:
     return adapter_config(path, "train_glue.py", ["model", "task", "encoder", "method", "targets", "rank", "max_len"])
 
 
-def read_adapter(path):
-    """(run config, tensors) of an adapter.safetensors written by train_glue.py."""
-    return read_adapter_config(path), read_safetensors(path)
-
-
 def model_with_adapter(path, model_dir=None):
-    run, state = read_adapter(path)
+    run, state = read_adapter_config(path), read_safetensors(path)
     model = load_model(model_dir or run["model"], num_labels=run["encoder"]["num_labels"], log=print0)
     add_adapter(model, run)  # frozen, with the adapter of the file's method, targets and rank
     load_adapter_state_dict(model, state)  # its Thetas (or LoRA factors) and head
@@ -394,8 +335,7 @@ def model_with_adapter(path, model_dir=None):
 
 
 def merge(args):
-    """--adapter written into its base (--model, else the one named in it): the new HF folder --merge, which
-    transformers loads as RobertaForSequenceClassification / BertForSequenceClassification, and --model takes."""
+    """--adapter written into its base (--model, else its own): a new HF folder, as transformers writes one."""
     run = read_adapter_config(args.adapter)  # small: read first, to check OUT against the inputs before loading
     base = Path(args.model or run["model"])
     check_new_output(args.merge, "--merge", {"the --model folder": base, "the adapter": args.adapter})
@@ -405,14 +345,7 @@ def merge(args):
     return Path(args.merge)
 
 
-# -----------------------------------------------------------------------------
-# Demo: a random RoBERTa in HF's format and a generated SST-2-style task, then the real pipeline
-
-DEMO_WORDS = {1: ["good", "great", "fine", "lovely", "superb", "happy"],
-              0: ["bad", "awful", "poor", "dull", "sad", "ugly"]}
-DEMO_FILLER = ["the", "film", "was", "a", "story", "and", "plot", "acting", "quite", "very", "music", "ending"]
-
-
+# ----------------------------------------------------------------------------- demo: random RoBERTa, generated task
 def make_demo(root):
     """root/model (encoder.write_demo_model) and root/data/SST-2 (train.tsv, dev.tsv: is the review positive?)."""
     g = torch.Generator().manual_seed(0)
@@ -423,11 +356,11 @@ def make_demo(root):
         lines = ["sentence\tlabel"]
         for _ in range(n):
             label = int(torch.randint(2, (), generator=g))
-            words = [pick(DEMO_FILLER) for _ in range(int(torch.randint(4, 9, (), generator=g)))]
+            words = [pick(DEMO_WORDS[None]) for _ in range(int(torch.randint(4, 9, (), generator=g)))]
             words.insert(int(torch.randint(len(words) + 1, (), generator=g)), pick(DEMO_WORDS[label]))
             lines.append(" ".join(words) + f" .\t{label}")
         (data / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return write_demo_model(root / "model", DEMO_FILLER + DEMO_WORDS[0] + DEMO_WORDS[1]), data
+    return write_demo_model(root / "model"), data
 
 
 def demo(args):
@@ -448,13 +381,10 @@ def demo(args):
     value = main(["--model", str(merged), "--data", str(data), "--eval-only", *run])
     table([root / "gift", root / "lora"])
     print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data); the merged best epoch scores {value:.2f} on dev.\n"
-          f"Outputs: {root}/gift and {root}/lora: log.jsonl, checkpoint.pt, best.safetensors, adapter.safetensors, "
-          f"results.json; {merged}: the merged HF folder")
+          f"Outputs: {root}/gift and {root}/lora (runs), {merged} (the merged HF folder)")
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
+# ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_flags(p, targets=["query", "value"], gift_rank=32, lora_rank=8, lora_alpha=16.0,
@@ -481,8 +411,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """User errors, found before any model is loaded: one line `error: ...` each, exit status 2 (main's @cli).
-    Fills in what the inputs imply: --task of an --eval-only, the defaults that depend on the model, --out."""
+    """User errors before any model is loaded (one line `error: ...`, exit 2); fills in what the inputs imply."""
     if args.demo or args.table:
         return
     if args.merge and not args.adapter:
@@ -506,12 +435,7 @@ def check_args(args):
         raise UserError(f"--warmup {args.warmup}: a fraction of the steps, at most 1")
     adapter = read_adapter_config(args.adapter) if args.adapter else None  # its run config names the base model
     folder = Path(args.model or adapter["model"])
-    missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
-    if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-        missing.append("model.safetensors")
-    if missing:
-        raise UserError(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
-    config = read_config(folder)
+    config = read_config(folder, complete=True)
     if args.max_len and args.max_len > max_tokens(config):
         raise UserError(f"--max-len {args.max_len}: {folder} takes at most {max_tokens(config)} tokens")
     if adapter:
@@ -532,7 +456,7 @@ def check_args(args):
             raise UserError(f"{folder / 'config.json'}: no GLUE task (finetuning_task {args.task!r}), not a merged "
                             f"model: score a base model with --adapter FILE, or give --task")
     for split in ("dev",) if args.eval_only else ("train", "dev"):
-        if not task_file(args.data, split).is_file():
+        if not Path(args.data, f"{split}.tsv").is_file():
             raise UserError(f"--data {args.data}: " + ("no such folder" if not os.path.isdir(args.data) else
                             f"no {split}.tsv") + " (give a task's folder of the GLUE download, e.g. glue_data/RTE)")
     if not args.eval_only:
@@ -540,15 +464,8 @@ def check_args(args):
 
 
 def check_training(args, config):
-    """--targets against this architecture's Linear layers (name suffixes), the whole adapter (rank, sharing)
-    tried on a weightless copy of the model, and --out; then the defaults that depend on the model."""
-    body, head = linear_names(config)
-    hits = lambda t, names: [n for n in names if n == t or n.endswith("." + t)]  # noqa: E731
-    bad = [t for t in args.targets if not hits(t, body) or hits(t, head)]
-    if bad:
-        valid = sorted({n.split(".", 4)[-1] for n in body if ".layer." in n} | {"query", "key", "value"})
-        raise UserError(f"--targets {' '.join(bad)}: matches no Linear layer of this {config.model_type} backbone "
-                        f"(or one of the head's); valid names (suffixes of the layers' names): {', '.join(valid)}")
+    """--targets, the adapter tried on a weightless model, --out; then the defaults that depend on the model."""
+    check_targets(config, args.targets)
     args.rank = args.rank or (32 if args.method == "gift" else 8)
     try:
         with torch.device("meta"):
