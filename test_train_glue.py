@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import encoder as enc
 import train_glue as tg
 from test_encoder import TOL, _batch, tokenizers_pinned
 from conftest import user_error
@@ -23,14 +24,14 @@ from fileio import read_safetensors, write_safetensors
 def test_paper_parameter_counts():
     """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (the paper's counts)."""
     for hidden, layers, heads, expected in ((768, 12, 12, 98_304), (1024, 24, 16, 131_072)):
-        cfg = tg.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        cfg = enc.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                intermediate_size=4 * hidden)
         with torch.device("meta"):
-            model = tg.SequenceClassifier(cfg)
+            model = enc.SequenceClassifier(cfg)
             add_gift(model, ["query", "value"], 32, "type")
             model.classifier.requires_grad_(True)
         assert sum(p.numel() for p in model.gift.parameters()) == expected
-        assert tg.paper_size(cfg) == ("RoBERTa-Base" if hidden == 768 else "RoBERTa-Large")
+        assert enc.paper_size(cfg) == ("RoBERTa-Base" if hidden == 768 else "RoBERTa-Large")
         assert len([n for n, p in model.named_parameters() if p.requires_grad]) == 4 + 4  # 2 Thetas, 2 head layers
 
 
@@ -357,7 +358,7 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
         "eval_batch_size_0": lambda: train("--eval-batch-size", "0"),
         "stop_after_0": lambda: train("--stop-after", "0"),
         "lr_0": lambda: train("--lr", "0"),
-        "head_lr_negative": lambda: train("--head-lr", "-1e-3"),
+        "head_lr_negative": lambda: train("--head-lr=-1e-3"),
         "lora_alpha_0": lambda: train("--method", "lora", "--lora-alpha", "0"),
         "weight_decay_negative": lambda: train("--weight-decay", "-0.1"),
         "warmup_over_1": lambda: train("--warmup", "1.5"),
@@ -407,7 +408,7 @@ FAULTS = [
     ("targets_typo", r"--targets qeury: matches no Linear layer of this roberta backbone .*valid names .*: "
                      r"attention.output.dense, attention.self.key, attention.self.query, .*, query, value$"),
     ("targets_hf_name", r"--targets q_proj: matches no Linear layer"),
-    ("targets_widths", r"--targets output.dense --rank None: layers sharing one Theta need the same in_features"),
+    ("targets_widths", r"--targets output.dense --rank 32: layers sharing one Theta need the same in_features"),
     ("lora_rank_too_big", r"--targets query value --rank 65: LoRA rank must be in \[1, min\(d_in, d_out\)\]"),
     ("epochs_0", r"--epochs 0: must be at least 1"),
     ("batch_size_0", r"--batch-size 0: must be at least 1"),
