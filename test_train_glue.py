@@ -1,169 +1,39 @@
-"""Tests for train_glue.py (CPU, pytest): the encoder against transformers, the loader, the GLUE readers,
-truncation and metrics against their references, and the pipeline on the demo's files (adapter, merge, resume).
-transformers and tokenizers are test-only oracles: the tests that need them skip where they are absent."""
+"""Tests for train_glue.py (pytest): the GLUE readers and metrics against their references, and the pipeline on
+the demo's files (adapter, merge, resume, Ctrl-C, --stop-after, --compile, torchrun), on the CPU (--device cpu);
+a few CUDA tests skip without a GPU. The model and its reader: test_encoder.py."""
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import encoder as enc
 import train_glue as tg
+from test_encoder import TOL, _batch, tokenizers_pinned
 from conftest import user_error
 from gift import add_gift, gift_state_dict, load_gift_state_dict
 from fileio import read_safetensors, write_safetensors
 
-TOL = 1e-4  # float32 logits of two implementations (different kernels and summation orders), values O(1)
-
-
-def _randomize(model, seed=0):
-    """Every parameter random, LayerNorms included, so that a misplaced tensor shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + name.endswith("LayerNorm.weight"))
-    return model
-
-
-def _batch(vocab, pad, lengths, seed=0):
-    """Right-padded ids (real tokens avoid the pad id), types (second half 1), mask (B, T)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = (torch.randint(vocab - 4, (n,), generator=g) + 3)
-        ids[i, :n][ids[i, :n] == pad] = pad + 2
-        mask[i, :n] = 1
-    types = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        types[i, n // 2:n] = 1
-    return ids, types, mask
-
-
-# ----------------------------------------------------------------------------------------------- the encoder
-@pytest.mark.parametrize("num_labels", [3, 1])
-def test_roberta_logits_match_transformers(tmp_path, num_labels):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=40, type_vocab_size=1,
-                                     pad_token_id=1, layer_norm_eps=1e-5, num_labels=num_labels)
-    torch.manual_seed(0)
-    ref = _randomize(transformers.RobertaForSequenceClassification(cfg)).eval()
-    ref.save_pretrained(tmp_path)
-    ours = tg.load_model(tmp_path).eval()  # the file's own head (its config's id2label)
-    assert ours.config.num_labels == num_labels and ours.config.max_position_embeddings == 40
-    ids, types, mask = _batch(99, 1, [9, 17, 3, 12])
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-        got = ours(ids, torch.zeros_like(ids), mask)
-    assert got.shape == (4, num_labels) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
-
-
-def test_roberta_masked_lm_file_loads_with_a_new_head(tmp_path):
-    """The Hub's roberta-base / roberta-large files are RobertaForMaskedLM: roberta.* (no pooler) and lm_head.*."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=40, type_vocab_size=1,
-                                     pad_token_id=1, layer_norm_eps=1e-5, num_labels=3)
-    torch.manual_seed(0)
-    mlm = _randomize(transformers.RobertaForMaskedLM(cfg)).eval()
-    mlm.save_pretrained(tmp_path)
-    assert any(k.startswith("lm_head.") for k in read_safetensors(tmp_path / "model.safetensors"))
-    ours = tg.load_model(tmp_path, num_labels=3).eval()
-    ref = transformers.RobertaForSequenceClassification(cfg).eval()
-    ref.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)  # the MLM model has no pooler
-    ref.classifier.load_state_dict(ours.classifier.state_dict())
-    ids, _, mask = _batch(99, 1, [6, 13])
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-        torch.testing.assert_close(ours(ids, torch.zeros_like(ids), mask), expected, atol=TOL, rtol=0)
-
-
-def test_bert_logits_match_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=24, type_vocab_size=2, num_labels=2)
-    torch.manual_seed(0)
-    ref = _randomize(transformers.BertForSequenceClassification(cfg)).eval()
-    ref.save_pretrained(tmp_path / "cls")
-    ids, types, mask = _batch(97, 0, [5, 20, 11])
-    ours = tg.load_model(tmp_path / "cls").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids, types, mask), ref(input_ids=ids, token_type_ids=types,
-                                                                attention_mask=mask).logits, atol=TOL, rtol=0)
-    # a bare BertModel file (keys without "bert.", BERT's old LayerNorm gamma / beta names): with an identity
-    # classifier our logits are its pooler output
-    bare = ref.bert
-    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-             for k, v in bare.state_dict().items()}
-    (tmp_path / "bare").mkdir()
-    write_safetensors(tmp_path / "bare" / "model.safetensors", state)
-    hf = json.loads((tmp_path / "cls" / "config.json").read_text())
-    hf.pop("id2label", None), hf.pop("label2id", None)
-    (tmp_path / "bare" / "config.json").write_text(json.dumps(hf))
-    ours = tg.load_model(tmp_path / "bare", num_labels=32).eval()
-    with torch.no_grad():
-        ours.classifier.weight.copy_(torch.eye(32))
-        ours.classifier.bias.zero_()
-        torch.testing.assert_close(ours(ids, types, mask), bare(input_ids=ids, token_type_ids=types,
-                                                                attention_mask=mask).pooler_output, atol=TOL, rtol=0)
-
-
 def test_paper_parameter_counts():
     """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (the paper's counts)."""
     for hidden, layers, heads, expected in ((768, 12, 12, 98_304), (1024, 24, 16, 131_072)):
-        cfg = tg.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        cfg = enc.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                intermediate_size=4 * hidden)
         with torch.device("meta"):
-            model = tg.SequenceClassifier(cfg)
-            tg.add_method(model, {"method": "gift", "targets": ["query", "value"], "rank": 32, "share": "type"})
+            model = enc.SequenceClassifier(cfg)
+            add_gift(model, ["query", "value"], 32, "type")
+            model.classifier.requires_grad_(True)
         assert sum(p.numel() for p in model.gift.parameters()) == expected
-        assert tg.paper_size(cfg) == ("RoBERTa-Base" if hidden == 768 else "RoBERTa-Large")
+        assert enc.paper_size(cfg) == ("RoBERTa-Base" if hidden == 768 else "RoBERTa-Large")
         assert len([n for n, p in model.named_parameters() if p.requires_grad]) == 4 + 4  # 2 Thetas, 2 head layers
 
-
-# ----------------------------------------------------------------------------------------------- the loader
-def _tiny_roberta_folder(path, **changes):
-    cfg = tg.EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=20)
-    torch.manual_seed(0)
-    state = {k: v for k, v in tg.SequenceClassifier(cfg).state_dict().items() if not k.startswith("classifier.")}
-    state["lm_head.bias"] = torch.zeros(50)
-    state.update(changes)
-    state = {k: v for k, v in state.items() if v is not None}
-    path.mkdir(parents=True, exist_ok=True)
-    hf = {k: v for k, v in vars(cfg).items() if k != "num_labels"}
-    (path / "config.json").write_text(json.dumps(hf))
-    write_safetensors(path / "model.safetensors", state)
-    return path
-
-
-def test_loader_is_strict(tmp_path):
-    model = tg.load_model(_tiny_roberta_folder(tmp_path / "ok"), num_labels=2)  # lm_head: reported, not used
-    assert model.classifier["out_proj"].weight.shape == (2, 16)
-    key = "roberta.encoder.layer.1.attention.self.value.weight"
-    with pytest.raises(ValueError, match="missing"):
-        tg.load_model(_tiny_roberta_folder(tmp_path / "a", **{key: None}), num_labels=2)
-    with pytest.raises(ValueError, match=r"shape \(16, 8\)"):
-        tg.load_model(_tiny_roberta_folder(tmp_path / "b", **{key: torch.zeros(16, 8)}), num_labels=2)
-    with pytest.raises(ValueError, match="no place for.*layer.2"):
-        tg.load_model(_tiny_roberta_folder(tmp_path / "c", **{"roberta.encoder.layer.2.output.dense.bias":
-                                                               torch.zeros(16)}), num_labels=2)
-    with pytest.raises(ValueError, match="classifier.*missing"):  # no head in a base file: give num_labels
-        tg.load_model(tmp_path / "ok")
-    bad = tmp_path / "gpt"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        tg.read_config(bad)
-    (bad / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json"):
-        tg.read_config(bad)
 
 
 # ----------------------------------------------------------------------------------------------- GLUE files
@@ -218,31 +88,6 @@ def test_read_tsv_errors_name_file_and_line(tmp_path):
         tg.read_tsv(path, tg.TASKS["stsb"])
 
 
-def test_truncation_matches_tokenizers_longest_first():
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": 4 + i for i in range(40)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-
-    class Words:  # encode() as tokenizer.py's: plain ids, no specials
-        def encode(self, text, bos, eos):
-            return [vocab[w] for w in text.split()]
-
-    for max_len in (8, 9, 12):
-        tok.enable_truncation(max_len)
-        for la in range(0, 14):
-            for lb in range(0, 14):
-                a, b = " ".join(f"w{i}" for i in range(la)), " ".join(f"w{20 + i}" for i in range(lb))
-                ids, types = tg.encode_example(Words(), 0, 2, "roberta", a, b, max_len)
-                assert ids == tok.encode(a, b).ids, (max_len, la, lb)
-                assert types == [0] * len(ids)
-        ids, _ = tg.encode_example(Words(), 0, 2, "roberta", " ".join(f"w{i}" for i in range(20)), None, max_len)
-        assert ids == tok.encode(" ".join(f"w{i}" for i in range(20))).ids
-    ids, types = tg.encode_example(Words(), 101, 102, "bert", "w1 w2", "w3", 16)
-    assert ids == [101, 5, 6, 102, 7, 102] and types == [0, 0, 0, 0, 1, 1]
-
-
 def test_metrics_against_references():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -261,32 +106,6 @@ def test_lr_schedule_is_hf_linear():
     assert tg.lr_factor(0, 0, 4) == 1.0
 
 
-# ----------------------------------------------------------------------------------------------- tokenizers
-WORDPIECE_TEXTS = ["Hello, world! Isn't this a test?", "Crème brûlée à la carte: 3.50$ ^_^",
-                   "  many   spaces\tand\ttabs\n", "东京大学は日本の大学です。中文字符", "emoji 🙂👍🏽 and symbols ©®™ § ¶",
-                   "under_score hy-phen a/b (paren) [brak]", "control\x00char\x07s and \ufffd replacement\u200b zero",
-                   "line\u2028sep and nbsp\u00a0here", "x" * 120 + " long word", "",
-                   "antidisestablishmentarianism unbelievable ÉCOLE Ωmega İstanbul",
-                   "The quick brown fox jumps over the lazy dog. 12345 67.89"]
-
-
-@pytest.mark.parametrize("lowercase,strip_accents", [(True, None), (False, None), (False, True)])
-def test_wordpiece_matches_tokenizers(tmp_path, lowercase, strip_accents):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizer import load_tokenizer
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=strip_accents)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    tok.train_from_iterator(WORDPIECE_TEXTS * 3 + ["a brown dog jumps, the fox is quick."] * 5, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    ours = load_tokenizer(tmp_path / "tokenizer.json")
-    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.n_words) == (2, 3, 0, tok.get_vocab_size())
-    for text in WORDPIECE_TEXTS + ["unseen wordz q", "Ünïcödé ñ"]:
-        assert ours.encode(text, bos=False, eos=False) == tok.encode(text, add_special_tokens=False).ids, text
-    assert ours.decode(ours.encode("the quick fox", bos=False, eos=False)) == "the quick fox"
-
-
 # ----------------------------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
@@ -297,7 +116,7 @@ def demo_files(tmp_path_factory):
 def _train_args(demo_files, out, *extra):
     model_dir, data = demo_files
     return ["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--out", str(out), "--epochs", "3",
-            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", *map(str, extra)]
+            "--batch-size", "32", "--lr", "3e-3", "--save-every", "7", "--device", "cpu", *map(str, extra)]
 
 
 def _train(demo_files, out, *extra):
@@ -312,7 +131,7 @@ def gift_run(demo_files, tmp_path_factory, one_thread):
 
 
 def test_demo_tokenization_matches_tokenizers(demo_files):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = tokenizers_pinned()
     model_dir, data = demo_files
     tok, cls, sep = tg.load_text_tokenizer(model_dir, tg.read_config(model_dir))
     ref = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -337,21 +156,23 @@ def test_training_learns_and_writes_its_files(gift_run):
     assert result["trainable_without_head"] == 2 * 2 * 32 * 64  # two Thetas, 2 r d_in each
 
 
-def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files):
+def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files, capsys):
     out, history = gift_run
     model_dir, data = demo_files
-    run, state = tg.read_adapter(out / "adapter.safetensors")
+    run, state = tg.read_adapter_config(out / "adapter.safetensors"), read_safetensors(out / "adapter.safetensors")
     assert (run["method"], run["targets"], run["rank"], run["encoder"]["num_labels"]) == ("gift", ["query", "value"],
                                                                                            32, 2)
     model = tg.load_model(model_dir, num_labels=2)
     add_gift(model, run["targets"], run["rank"], run["share"])
     load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
     assert set(state) == set(gift_state_dict(model, ["classifier"]))
-    assert tg.main(["--adapter", str(out / "adapter.safetensors"), "--data", str(data), "--eval-only"]) == \
-        history[-1]["dev_accuracy"]
+    capsys.readouterr()
+    argv = ["--adapter", str(out / "adapter.safetensors"), "--data", str(data), "--eval-only", "--device", "cpu"]
+    assert tg.main(argv) == history[-1]["dev_accuracy"]
+    assert f"(gift r=32 adapter {out / 'adapter.safetensors'} on the base model " in capsys.readouterr().out
 
 
-def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files, tmp_path):
+def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_files, tmp_path, capsys):
     out, _ = gift_run
     _, data = demo_files
     merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
@@ -367,12 +188,16 @@ def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_f
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, expected, atol=TOL, rtol=0)
     best = max(json.loads(line)["dev_accuracy"] for line in (out / "log.jsonl").read_text().splitlines())
-    assert tg.main(["--model", str(merged), "--data", str(data), "--eval-only"]) == pytest.approx(best, abs=1.0)
+    capsys.readouterr()
+    assert tg.main(["--model", str(merged), "--data", str(data), "--eval-only", "--device", "cpu"]) == \
+        pytest.approx(best, abs=1.0)
+    assert "(the merged model " in capsys.readouterr().out  # issue 18.6: says what it scored
 
 
 def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
     history = _train(demo_files, tmp_path, "--method", "lora", "--epochs", "1")
-    run, state = tg.read_adapter(tmp_path / "adapter.safetensors")
+    run = tg.read_adapter_config(tmp_path / "adapter.safetensors")
+    state = read_safetensors(tmp_path / "adapter.safetensors")
     assert run["rank"] == 8 and len([k for k in state if "lora_" in k]) == 2 * 2 * 2  # A, B x q, v x 2 layers
     merged = tg.main(["--adapter", str(tmp_path / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
@@ -428,7 +253,7 @@ def test_bert_pipeline(tmp_path, one_thread):
     transformers.BertForPreTraining(cfg).save_pretrained(model_dir)  # with the MLM and NSP heads (cls.*)
     tok.save(str(model_dir / "tokenizer.json"))
     tg.main(["--model", str(model_dir), "--task", "rte", "--data", str(data), "--out", str(tmp_path / "run"),
-             "--epochs", "2", "--batch-size", "8"])
+             "--epochs", "2", "--batch-size", "8", "--device", "cpu"])
     merged = tg.main(["--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(tmp_path / "run" / "adapter.safetensors")
     ids, types, mask = _batch(200, 0, [9, 14])
@@ -523,6 +348,25 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
         "merge_over_adapter": lambda: ["--adapter", adapter(), "--merge", adapter()],
         "eval_base_model": lambda: ["--model", str(model_dir), "--data", str(data), "--eval-only"],
         "eval_other_task": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--task", "rte"],
+        "targets_typo": lambda: train("--targets", "query", "qeury"),
+        "targets_hf_name": lambda: train("--targets", "q_proj"),
+        "targets_widths": lambda: train("--targets", "output.dense"),  # attention.output.dense (64) and 128 wide
+        "lora_rank_too_big": lambda: train("--method", "lora", "--rank", "65"),
+        "epochs_0": lambda: train("--epochs", "0"),
+        "batch_size_0": lambda: train("--batch-size", "0"),
+        "max_len_0": lambda: train("--max-len", "0"),
+        "eval_batch_size_0": lambda: train("--eval-batch-size", "0"),
+        "stop_after_0": lambda: train("--stop-after", "0"),
+        "lr_0": lambda: train("--lr", "0"),
+        "head_lr_negative": lambda: train("--head-lr=-1e-3"),
+        "lora_alpha_0": lambda: train("--method", "lora", "--lora-alpha", "0"),
+        "weight_decay_negative": lambda: train("--weight-decay", "-0.1"),
+        "warmup_over_1": lambda: train("--warmup", "1.5"),
+        "adapter_other_widths": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--model", str(
+            _copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=32, intermediate_size=64)))],
+        "out_is_file": lambda: ((tmp_path / "out").write_text("notes\n"), train())[1],
+        "no_data_folder": lambda: train(data=tmp_path / "SST2"),
+        "stop_after_reached": lambda: (used_out(), train("--resume", "--stop-after", "5"))[1],
         "nan_in_weight": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _nan_weight)),
         "nan_at_step_25": lambda: train(),
     }[kind]()
@@ -559,6 +403,28 @@ FAULTS = [
     ("merge_over_adapter", r"--merge .*adapter.safetensors is the adapter: writing there would destroy it"),
     ("eval_base_model", r"config.json: no GLUE task \(finetuning_task None\), not a merged model: score a base"),
     ("eval_other_task", r"--task rte: .*adapter.safetensors was trained on sst2"),
+    # issue 18: targets before loading (1), zero and negative numbers (3), an adapter of another model (4), --out a
+    # file (5), a mistyped data folder (8), --stop-after already reached (7)
+    ("targets_typo", r"--targets qeury: matches no Linear layer of this roberta backbone .*valid names .*: "
+                     r"attention.output.dense, attention.self.key, attention.self.query, .*, query, value$"),
+    ("targets_hf_name", r"--targets q_proj: matches no Linear layer"),
+    ("targets_widths", r"--targets output.dense --rank 32: layers sharing one Theta need the same in_features"),
+    ("lora_rank_too_big", r"--targets query value --rank 65: LoRA rank must be in \[1, min\(d_in, d_out\)\]"),
+    ("epochs_0", r"--epochs 0: must be at least 1"),
+    ("batch_size_0", r"--batch-size 0: must be at least 1"),
+    ("max_len_0", r"--max-len 0: must be at least 5"),
+    ("eval_batch_size_0", r"--eval-batch-size 0: must be at least 1"),
+    ("stop_after_0", r"--stop-after 0: must be at least 1"),
+    ("lr_0", r"--lr 0.0: must be greater than 0"),
+    ("head_lr_negative", r"--head-lr -0.001: must be greater than 0"),
+    ("lora_alpha_0", r"--lora-alpha 0.0: must be greater than 0"),
+    ("weight_decay_negative", r"--weight-decay -0.1: must be at least 0"),
+    ("warmup_over_1", r"--warmup 1.5: a fraction of the steps, at most 1"),
+    ("adapter_other_widths", r"--adapter .*adapter.safetensors was trained on .*model \(model_type roberta, "
+                             r"hidden_size 64, .*\); the model .*m is another \(model_type roberta, hidden_size 32"),
+    ("out_is_file", r"--out .*out is a file: give a folder"),
+    ("no_data_folder", r"--data .*SST2: no such folder \(give a task's folder of the GLUE download"),
+    ("stop_after_reached", r"--stop-after 5: .*checkpoint.pt is at step 60 already$"),
     ("nan_in_weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
     ("nan_at_step_25", r"step 25: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 21\) is kept"),
 ]
@@ -619,7 +485,7 @@ def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread, torc
     hf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (quiet / "config.json").write_text(json.dumps(hf))
     args = ["--model", str(quiet), "--task", "sst2", "--data", str(data), "--epochs", "1", "--batch-size", "32",
-            "--lr", "3e-3"]
+            "--lr", "3e-3", "--device", "cpu"]  # gloo on the CPU, whatever the machine has
     tg.main(args + ["--out", str(tmp_path / "one")])
     torchrun("train_glue.py", *args, "--out", tmp_path / "two")
     one, two = (read_safetensors(tmp_path / d / "adapter.safetensors") for d in ("one", "two"))
@@ -629,3 +495,95 @@ def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread, torc
                   for d in ("one", "two"))
     assert log2[0]["dev_accuracy"] == log1[0]["dev_accuracy"]          # both processes' dev shares counted
     assert abs(log2[0]["train_loss"] - log1[0]["train_loss"]) < 1e-5  # both processes' losses summed
+
+
+def test_ctrl_c_and_stop_after_then_resume_repeat_the_uninterrupted_run(demo_files, gift_run, tmp_path, one_thread):
+    """Ctrl-C in a real process after its first epoch's line: the step ends, is saved, one line says how to resume,
+    exit 0. Then --stop-after 40 (an epoch's last step: saved before its evaluation, which the resume then runs),
+    then --resume to the end: the same epochs and adapter as the uninterrupted run, bit for bit (same code path,
+    same machine, one thread each)."""
+    full, history = gift_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", "import torch, train_glue; torch.set_num_threads(1); train_glue.main()",
+           *_train_args(demo_files, tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith('{"epoch": 1,'):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGINT: finishing this step" in err and re.search(r"stopped by SIGINT after (\d+) of 60 steps: .*checkpoint"
+                                                               r".pt holds it; to continue, run the same command with "
+                                                               r"--resume", out), out
+    stopped = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    assert 20 < stopped < 40 and not (tmp_path / "adapter.safetensors").exists()
+    tg.main(_train_args(demo_files, tmp_path, "--resume", "--stop-after", "40"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 40 and len(ckpt["history"]) == 1  # epoch 2 trained, not yet evaluated
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1 and not (tmp_path / "results.json").exists()
+    resumed = tg.main(_train_args(demo_files, tmp_path, "--resume"))
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(resumed) == drop(history)
+    a, b = read_safetensors(full / "adapter.safetensors"), read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler")
+def test_compile_gives_the_eager_losses(demo_files, tmp_path, monkeypatch, one_thread):
+    """--compile (dynamo + AOT autograd; the aot_eager backend keeps this test fast) against eager: 5 steps."""
+    monkeypatch.setenv("GIFT_COMPILE_BACKEND", "aot_eager")
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tg.main(_train_args(demo_files, tmp_path / name, "--stop-after", "5", *extra))
+    eager, compiled = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("eager", "compiled"))
+    assert compiled["loss_sum"][0] == pytest.approx(eager["loss_sum"][0], rel=1e-5)
+    for k in eager["adapter"]:
+        torch.testing.assert_close(compiled["adapter"][k], eager["adapter"][k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_demo(tmp_path):
+    proc = subprocess.run([sys.executable, "train_glue.py", "--demo", "--device", "cuda", "--out", str(tmp_path / "d")],
+                          cwd=Path(tg.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "demo done in" in proc.stdout, proc.stderr[-3000:]
+
+
+@cuda
+def test_cuda_bf16_gift_step_0_is_the_base_model(demo_files):
+    """psi = 0: x + (x psi^T) phi^T adds an exact 0, so under bf16 autocast the logits are the base model's."""
+    model_dir, data = demo_files
+    base = tg.load_model(model_dir, num_labels=2).cuda().eval()
+    ids, types, mask = (t.cuda() for t in _batch(base.config.vocab_size, 1, [12, 5, 30]))
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected = base(ids, types * 0, mask)
+        add_gift(base, ["query", "value"], 32, "type")
+        got = base(ids, types * 0, mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@cuda
+def test_cuda_bf16_merged_equals_unmerged(gift_run, tmp_path):
+    """bf16 keeps 8 significant bits (relative rounding 2^-9): logits O(1) after two layers agree to 5e-2."""
+    out, _ = gift_run
+    merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
+    _, unmerged = tg.model_with_adapter(out / "best.safetensors")
+    ours, unmerged = tg.load_model(merged).cuda().eval(), unmerged.cuda().eval()
+    ids, types, mask = (t.cuda() for t in _batch(ours.config.vocab_size, 1, [12, 5, 30]))
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        torch.testing.assert_close(ours(ids, types * 0, mask), unmerged(ids, types * 0, mask), rtol=0, atol=5e-2)
+
+
+@cuda
+def test_cuda_compile_gives_the_eager_losses(demo_files, tmp_path):
+    """--compile with inductor on the GPU against eager on the GPU: 5 steps, fp32 (TF32 off by default)."""
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tg.main(_train_args(demo_files, tmp_path / name, "--stop-after", "5", *extra, "--device", "cuda"))  # last wins
+    eager, compiled = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("eager", "compiled"))
+    assert compiled["loss_sum"][0] == pytest.approx(eager["loss_sum"][0], rel=1e-4)
+    for k in eager["adapter"]:
+        torch.testing.assert_close(compiled["adapter"][k].cpu(), eager["adapter"][k].cpu(), rtol=0, atol=1e-4)
