@@ -5,6 +5,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import train_vit
+import vit
 from conftest import user_error
 from gift import add_gift
 from fileio import UserError, read_safetensors, write_safetensors
@@ -339,3 +343,146 @@ def test_vit_authors_adapter_converts_to_the_same_logits(tmp_path, capsys):
                            "--workers", "0", "--device", "cpu",
                            "--out", str(tmp_path / "eval")])
     assert "of 3 images; stored in the adapter: 89.71%" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Interruption, --stop-after, the issue-18 rows, --compile, CUDA
+
+def test_vit_sigint_mid_epoch_then_resume_equals_uninterrupted(_vit_demo, tmp_path, monkeypatch, capsys):
+    ce, calls = F.cross_entropy, []
+
+    def signal_at_step_8(logits, y):  # epoch 2, step 2 of 6: the handler only flags it, the step finishes
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce(logits, y)
+    monkeypatch.setattr(F, "cross_entropy", signal_at_step_8)
+    out, argv = tmp_path / "b", _vit_demo["args"] + ["--out", str(tmp_path / "b")]
+    train_vit.main(argv)
+    assert re.search(r"stopped by SIGINT after 8 of 12 steps: .*checkpoint.pt holds it; to continue, run the same "
+                     r"command with --resume\n", capsys.readouterr().out)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["in_epoch"]) == (8, 1, 2) and not (out / "adapter.safetensors").exists()
+    monkeypatch.setattr(F, "cross_entropy", ce)
+    train_vit.main(argv + ["--resume"])
+    a, b = (read_safetensors(str(d / "adapter.safetensors")) for d in (_vit_demo["root"] / "run", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same code path, seeds and batches: bit for bit
+    logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (_vit_demo["root"] / "run", out)]
+    assert [(r["step"], r["train_loss"], r["test_top1"]) for r in logs[0]] == [
+        (r["step"], r["train_loss"], r["test_top1"]) for r in logs[1]]
+
+
+def test_vit_sigterm_to_a_process_saves_and_resumes(_vit_demo, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(Path(train_vit.__file__)), *_vit_demo["args"], "--epochs", "40", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # printed once the signal handlers are in place
+        if line.startswith("training: "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= step < 240 and f"stopped by SIGTERM after {step} of 240 steps" in rest
+    assert "SIGTERM: finishing this step, then saving" in err and not (out / "adapter.safetensors").exists()
+    train_vit.main(_vit_demo["args"] + ["--epochs", "40", "--out", str(out), "--resume", "--stop-after", str(step + 1)])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step + 1
+
+
+def test_vit_stop_after_saves_without_evaluating(_vit_demo, tmp_path, capsys, monkeypatch):
+    out, argv = tmp_path / "run", _vit_demo["args"] + ["--out", str(tmp_path / "run")]
+    monkeypatch.setattr(train_vit, "evaluate", None)  # would fail if called
+    train_vit.main(argv + ["--stop-after", "6"])  # the end of epoch 1: still no evaluation
+    assert "stopped by --stop-after after 6 of 12 steps" in capsys.readouterr().out
+    assert not (out / "log.jsonl").read_text() and not (out / "adapter.safetensors").exists()
+    _vit_user_error(capsys, argv + ["--resume", "--stop-after", "6"], r"already holds 6 steps; give a later one")
+    monkeypatch.undo()
+    train_vit.main(argv + ["--resume"])  # epoch 1's evaluation first, then epoch 2: as if never stopped
+    a, b = (read_safetensors(str(d / "adapter.safetensors")) for d in (_vit_demo["root"] / "run", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [6, 12]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--targets", "attn.prj"], r"--targets attn.prj: no layer of the ViT is named so; valid: attn.qkv, attn.proj, "
+                                r"mlp.fc1, mlp.fc2"),                                                     # row 1
+    (["--rank", "0"], r"--rank 0: must be at least 1"), (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--epochs", "-1"], "--epochs -1: must be at least 0"), (["--stop-after", "0"], "--stop-after 0: must be at"),
+    (["--lr", "0"], r"--lr 0.0: must be > 0"), (["--num-classes", "1"], "--num-classes 1: must be at least 2"),
+    (["--drop-path", "1"], r"--drop-path 1.0: must be < 1"), (["--workers", "-1"], "--workers -1: must be at least"),
+    (["--image-size", "0"], "--image-size 0: must be at least 1"), (["--lora-alpha", "0"], "--lora-alpha 0.0: must"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be at least 0"),                               # row 3
+    (["--out", "FILE"], r"--out .*FILE is a file: give a folder"),                                        # row 5
+    (["--train", "MISSING"], r"--train .*typo does not exist \(expected a folder of class folders, a VPT"),
+    (["--test", "MISSING"], r"--test .*typo does not exist"), (["--root", "MISSING"], "--root .*typo does not "
+                                                                                         r"exist \(expected a folder"),
+    (["--model", "MISSING"], "--model .*typo does not exist"),                                         # row 8
+    (["--adapter", "ADAPTER"], r"--adapter with --test alone: add --eval-only to evaluate it, or --train"),
+])
+def test_vit_user_mistakes_are_one_line(_vit_demo, tmp_path, capsys, extra, match):
+    (tmp_path / "FILE").write_text("mine")
+    paths = {"FILE": str(tmp_path / "FILE"), "MISSING": str(tmp_path / "typo"),
+             "ADAPTER": str(_vit_demo["root"] / "run" / "adapter.safetensors")}
+    argv = list(_vit_demo["args"])
+    if "ADAPTER" in extra:  # --test without --train
+        del argv[argv.index("--train"):argv.index("--train") + 2]
+    out = ["--out", str(tmp_path / "run")] if "--out" not in extra else []
+    _vit_user_error(capsys, argv + [paths.get(a, a) for a in extra] + out, match)
+
+
+def test_vit_adapter_of_another_model_is_one_line(_vit_demo, tmp_path, capsys):  # row 4
+    other = vit.random_google_npz(str(tmp_path / "wide.npz"), dim=96, depth=4, heads=4)
+    adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
+    _vit_user_error(capsys, ["--adapter", adapter, "--model", other, "--eval-only", "--test", _vit_demo["test"],
+                             "--device", "cpu"], r"adapter.safetensors was trained on .*ViT-demo.npz, dim 64, depth 4 "
+                    r"and does not fit .*wide.npz: .*'cls_token' has shape \(1, 1, 96\), expected \(1, 1, 64\)")
+
+
+def test_vit_eval_only_base_model_is_labelled_zero_shot(_vit_demo, tmp_path, capsys):  # row 6
+    merged = train_vit.merge(train_vit.parse_args(["--adapter", str(_vit_demo["root"] / "run" / "adapter.safetensors"),
+                                                   "--merge", str(tmp_path / "merged.safetensors")]))
+    argv = ["--eval-only", "--test", _vit_demo["test"], "--workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    train_vit.main(["--model", merged, *argv])  # its ViTConfig from the metadata, its head the adapter's
+    out = capsys.readouterr().out
+    assert "the base model" in out and "zero-shot (its own head)" in out and "gift" not in out.lower().split("top-1")[0]
+    _vit_user_error(capsys, ["--model", _vit_demo["ckpt"], *argv], r"--eval-only without --adapter evaluates the base "
+                    r"model zero-shot, with its own classifier head; .*ViT-demo.npz has none .*: give --adapter")
+
+
+def test_vit_compiled_run_matches_eager(_vit_demo, tmp_path):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    argv = _vit_demo["args"] + ["--epochs", "1", "--preset", "vtab", "--drop-path", "0"]
+    eager = train_vit.train(train_vit.parse_args(argv + ["--out", str(tmp_path / "eager")]))
+    compiled = train_vit.train(train_vit.parse_args(argv + ["--out", str(tmp_path / "compiled"), "--compile"]))
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)  # fused kernels round differently
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_vit_demo_on_cuda(tmp_path, capsys):
+    train_vit.main(["--demo", "--out", str(tmp_path / "demo"), "--device", "cuda"])
+    assert (tmp_path / "demo" / "run" / "adapter.safetensors").exists() and "demo done" in capsys.readouterr().out
+
+
+@cuda
+def test_vit_gift_step0_is_the_base_model_and_merge_matches_in_bf16(_vit_demo):
+    base = load_vit(_vit_demo["ckpt"], num_classes=4).cuda().eval()
+    model = load_vit(_vit_demo["ckpt"], num_classes=4).cuda().eval()
+    model.load_state_dict(base.state_dict())
+    add_gift(model, ["attn.proj"], 16)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model(x), base(x))  # psi = 0: the edit adds exact zeros
+        trained = _vit_demo["model"].cuda().eval()
+        merged = load_vit(train_vit.merge(train_vit.parse_args([
+            "--adapter", str(_vit_demo["root"] / "run" / "adapter.safetensors"), "--merge",
+            str(_vit_demo["root"] / "cuda_merged.safetensors")]))).cuda().eval()
+        # bf16 matmuls of W x and of W (I + phi psi) x round differently: a few bf16 ulps of logits of size ~1
+        torch.testing.assert_close(merged(x).float(), trained(x).float(), rtol=0, atol=0.1)
+    _vit_demo["model"].cpu()

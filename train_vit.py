@@ -216,13 +216,15 @@ def check_fits(model, state, adapter, run, base):
     bad = [k for k in sorted(state.keys() | want.keys()) if (k in state) != (k in want) and not k.startswith("head.")
            or k in state and k in want and state[k].shape != want[k].shape]
     if bad:
-        k, vit = bad[0], run.get("vit") or {}
-        shape = lambda d: tuple(d[k].shape) if k in d else "absent"  # noqa: E731
-        its = (run.get("model") or run.get("checkpoint") or run.get("arch") or "an unnamed model") + (
-            f", dim {vit['dim']}, depth {vit['depth']}" if vit else "")
-        c = model.config
-        raise UserError(f"{adapter} was trained on {its} and does not fit {base} (dim {c.dim}, depth {c.depth}): "
-                        f"{k} is {shape(state)} there, {shape(want)} here")
+        k, c, shape = bad[0], model.config, lambda d: tuple(d[bad[0]].shape) if bad[0] in d else "absent"
+        raise UserError(f"{adapter} was trained on {trained_on(run)} and does not fit {base} (dim {c.dim}, depth "
+                        f"{c.depth}): {k} is {shape(state)} there, {shape(want)} here")
+
+
+def trained_on(run):
+    vit = run.get("vit")
+    return (run.get("model") or run.get("checkpoint") or run.get("arch") or "an unnamed model") + (
+        f", dim {vit['dim']}, depth {vit['depth']}" if vit else "")
 
 
 # -----------------------------------------------------------------------------
@@ -300,8 +302,11 @@ def adapter_model(args):
     if not base:
         raise UserError(f"{args.adapter} names no base model: give --model (it was trained on {run.get('arch')})")
     vit = ViTConfig(**run["vit"]) if "vit" in run else None
-    model = load_vit(base, vit, num_classes=state["head.weight"].shape[0], image_size=vit and vit.image_size,
-                     log=print0)
+    try:
+        model = load_vit(base, vit, num_classes=state["head.weight"].shape[0], image_size=vit and vit.image_size,
+                         log=print0)
+    except UserError as e:  # the adapter's ViTConfig is not this model's
+        raise UserError(f"{args.adapter} was trained on {trained_on(run)} and does not fit {base}: {e}") from None
     add_adapter(model, run)
     check_fits(model, state, args.adapter, run, base)
     load_adapter_state_dict(model, state)
