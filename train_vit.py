@@ -127,7 +127,7 @@ def train(args):
     # hook fires once per step, and the frozen backbone is not synchronised at all
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None)
-    net = torch.compile(ddp) if args.compile else ddp
+    net = compiled(ddp) if args.compile else ddp
     autocast, stopped = autocast_for(args, device), False
     with run.catch_signals():
         print0(f"training: {total} steps ({args.epochs} epochs of {steps}), from step {step}")
@@ -191,6 +191,10 @@ def train(args):
             draw(model, test_set, args, args.method)
     close_distributed()
     return model
+
+
+def compiled(model):  # GIFT_COMPILE_BACKEND: e.g. aot_eager, which needs no C++ compiler (the tests use it)
+    return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
 
 
 def cosine_lr(t, lr, total, warmup, warmup_lr, min_lr):
@@ -338,7 +342,7 @@ def eval_only(args):
     test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
                                          batch_size=max(1, args.batch_size // world), **loader_options(args, device))
-    top1 = evaluate(torch.compile(model) if args.compile else model, loader, device, autocast_for(args, device))
+    top1 = evaluate(compiled(model) if args.compile else model, loader, device, autocast_for(args, device))
     print0(f"{label} on {args.test}: top-1 {top1:.2f}% of {len(test_set)} images" + (
         f"; stored in the adapter: {stored:.2f}%" if stored is not None else "; stored in the adapter: none"
         if args.adapter else ""))
