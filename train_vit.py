@@ -92,7 +92,7 @@ def train(args):
     if init is not None:
         check_fits(model, init, args.adapter, start_run, args.model)
         load_adapter_state_dict(model, init)
-        print0(f"starting from {args.adapter}" + ("" if "head.weight" in init else " (a new head: another class count)"))
+        print0(f"starting from {args.adapter}" + ("" if "head.weight" in init else " (a new head: other classes)"))
     model.head.requires_grad_(True)  # the new head trains with the adapter
     model.to(device)
     print0(f"{args.method} on {args.targets}, rank {args.rank}" + (f", share={args.share}" if args.method == "gift"
@@ -373,7 +373,8 @@ def draw(model, test_set, args, method):
     if method != "gift":
         raise UserError(f"--visualize draws GIFT's cluster maps; this is a {method or 'base'} model")
     maps = visualize(model, test_set, args.visualize, args.vis_layers, os.path.join(args.out, "cluster_maps"))
-    print(f"cluster maps of {len(maps)} correctly classified test images: {os.path.dirname(maps[0]) if maps else 'none'}")
+    print(f"cluster maps of {len(maps)} correctly classified test images: "
+          f"{os.path.dirname(maps[0]) if maps else 'none'}")
 
 
 def _jet(v):
