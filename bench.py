@@ -71,7 +71,7 @@ from gift import add_gift, gift_layers, gift_state_dict, merge_gift
 from tokenizer import LLAMA3_PATTERN, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model
 from lora import add_lora
 from train_llama import ModelArgs, Transformer
-from train_vit import ViT, ViTConfig
+from vit import ViT, ViTConfig
 
 
 LLAMA_SHAPES = {  # Meta's params.json fields; the FFN widths come out as 11008 (7B) and 14336 (8B)

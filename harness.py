@@ -341,7 +341,7 @@ class Run:
         used = [n for n in ("log.jsonl", "adapter.safetensors", *outputs) if (self.out / n).exists()]
         if overwrite and not resume:
             self.checkpoint_path.unlink(missing_ok=True)
-        elif used and not resume and not self.checkpoint_path.exists():
+        elif used and not resume and not self.checkpoint_path.exists() and rank == 0:  # (rank 0 has made the log)
             raise UserError(f"--out {out} holds a run ({', '.join(used)}): add --resume to continue it, --overwrite "
                             f"to replace it, or choose another --out")
         self.checkpoint = resume_checkpoint(self.checkpoint_path, resume, settings, [*keys, log_key])

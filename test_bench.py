@@ -8,7 +8,7 @@ import torch
 from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, file_size
 from bench import main as bench_main
 from train_llama import ModelArgs, Transformer
-from train_vit import ViT, ViTConfig
+from vit import ViT, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -296,7 +296,7 @@ AUTHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared
 
 @pytest.mark.skipif(not os.path.isfile(AUTHORS), reason="../shared/assets/authors_gift_adapters is absent")
 def test_vit_authors_adapter_converts_to_the_same_logits(tmp_path, capsys):
-    state, run, metric = train_vit.read_authors_adapter(AUTHORS)  # CUDA-saved tensors, Namespace allow-listed
+    state, run, metric = vit.read_authors_adapter(AUTHORS)  # CUDA-saved tensors, Namespace allow-listed
     assert {k: tuple(v.shape) for k, v in state.items()} == {
         "gift.attn_proj.phi.weight": (16, 768), "gift.attn_proj.psi.weight": (768, 16),
         "head.weight": (200, 768), "head.bias": (200,)}

@@ -47,8 +47,7 @@ from harness import HelpFormatter, Run, adapter_state_dict, add_adapter, add_com
     check_ranges, cli, close_distributed, fused_adamw, load_adapter_state_dict, merge_adapter, print0, progress, \
     setup_distributed
 from lora import add_lora
-from vit import ViT, ViTConfig, check_labels, load_image, load_vit, random_google_npz, read_adapter, \
-    read_authors_adapter, read_split  # noqa: F401 (ViT, read_authors_adapter: public names here before vit.py)
+from vit import ViTConfig, check_labels, load_image, load_vit, random_google_npz, read_adapter, read_split
 
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
 # inputs (model, starting adapter, splits and classes: compared by content, so a moved input is the same).
