@@ -305,7 +305,8 @@ def sliding_window(cfg: dict):
     return cfg.get("sliding_window") if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window") else None
 
 
-def _read_hf(path: Path):
+def _hf_args(path: Path) -> ModelArgs:
+    """The ModelArgs of an HF folder's config.json: an unsupported flag, or a missing field, is an error."""
     cfg = read_json(path / "config.json")  # a missing field is an error naming the file
     what, kind = f"{path}/config.json", cfg.get("model_type")
     if kind not in HF_MODEL_TYPES:
@@ -334,6 +335,12 @@ def _read_hf(path: Path):
                      tie_embeddings=cfg.get("tie_word_embeddings", False),
                      sliding_window=sliding_window(cfg))
     assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
+    return args
+
+
+def _read_hf(path: Path):
+    args = _hf_args(path)
+    n_heads, hd = args.n_heads, args.head_dim or args.dim // args.n_heads
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index)["weight_map"]
@@ -358,6 +365,15 @@ def _read_hf(path: Path):
     if weight_map is not None and len(state) != len(weight_map):
         raise UserError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
     return args, state, where
+
+
+def read_args(path) -> ModelArgs:
+    """A checkpoint folder's ModelArgs from its params.json (Meta) or config.json (HF) alone, no weight read:
+    enough to build the model on the meta device (a Meta vocab_size of -1 stays -1: only the weights say it)."""
+    path = Path(path)
+    if (path / "params.json").exists():
+        return ModelArgs.from_params(read_json(path / "params.json"))
+    return _hf_args(path)
 
 
 def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
@@ -436,3 +452,39 @@ def find_tokenizer(model_path, tokenizer=None):
         raise UserError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
                         f"(or eos_token_id to a config.json) beside it")
     return tok
+
+
+# -----------------------------------------------------------------------------
+# Adapting the model: its layers by name (Meta's or HF's), and FSDP for one larger than a GPU
+
+HF_TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
+              "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3", "down_proj": "feed_forward.w2"}
+
+
+def layer_names(targets):
+    """Adapter targets as this model's layer names: HF's (q_proj, self_attn.q_proj) and Meta's bare (wq) or full
+    (attention.wq, layers.3.attention.wq) names; anything else is a UserError listing the valid ones."""
+    layers, out = list(HF_TARGETS.values()), []
+    for t in targets:
+        name = HF_TARGETS.get(t.split(".")[-1], t)
+        full = [layer for layer in layers if layer.split(".")[-1] == name or layer == name]
+        if full:
+            out.append(full[0])
+        elif re.fullmatch(r"layers\.\d+\.(" + "|".join(map(re.escape, layers)) + ")", name):
+            out.append(name)  # one layer of one block
+        else:
+            raise UserError(f"--targets {t}: LLaMA has no layer of that name; valid: {', '.join(layers)} (or wq, wk, wv, "
+                            f"wo, w1, w2, w3; HF's {', '.join(HF_TARGETS)}; layers.N.<name> for one block)")
+    return out
+
+
+def fsdp_shard(model: Transformer, device, keep: nn.Module):
+    """FSDP2 for a model larger than one GPU: each block's frozen weights, then the rest (embeddings, norm,
+    output), are split over the processes and gathered one block at a time for its forward and backward.
+    keep (the adapter: a few MB) stays whole on every rank, left out of FSDP: it keeps its dtype beside bf16
+    weights, its gradient is averaged over the ranks by the caller, and it is saved and loaded as without FSDP."""
+    from torch.distributed.fsdp import fully_shard  # here: importing it costs every other use a second
+    for block in model.layers:  # moved to the device and sharded one block at a time
+        fully_shard(block)
+    fully_shard(model, ignored_params=set(keep.parameters()))
+    keep.to(device)  # FSDP moves only what it manages
