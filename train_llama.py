@@ -604,6 +604,8 @@ def parse_args(argv=None):
     if args.demo:
         return args
     args.out = args.out or "runs/llama"
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file: give a folder for the run (new, or the one to --resume)")
     if not args.model:
         raise UserError("--model is required (or --demo)")
     if args.merge and not args.adapter:
