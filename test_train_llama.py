@@ -416,6 +416,18 @@ def _llama_setup(kind, model_dir, data, tmp_path):
     """(model, data, extra arguments) of a command line with one mistake of the given kind."""
     if kind == "no_train_file":
         return model_dir, tmp_path, []
+    if kind == "no_data_folder":
+        return model_dir, tmp_path / "dta", []
+    if kind == "out_is_file":
+        (tmp_path / "run.txt").write_text("")
+        return model_dir, data, ["--out", str(tmp_path / "run.txt")]
+    if kind == "other_width_adapter":  # GIFT on a LLaMA of width 32 (this one's is 64)
+        other = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=8, multiple_of=32))
+        add_gift(other, ["attention.wq", "attention.wv"], 8)
+        config = {"script": "train_llama.py", "method": "gift", "targets": ["attention.wq", "attention.wv"],
+                  "rank": 8, "share": "type", "model": "tiny-32"}
+        write_safetensors(tmp_path / "adapter.safetensors", gift_state_dict(other), {"config": json.dumps(config)})
+        return model_dir, data, ["--eval-only", "--adapter", str(tmp_path / "adapter.safetensors")]
     if kind in ("empty_task", "latin1_task"):
         bad = shutil.copytree(data, tmp_path / "data")
         (bad / "dataset" / "piqa" / "test.json").write_bytes(b"[]" if kind == "empty_task" else
@@ -462,7 +474,11 @@ def _llama_setup(kind, model_dir, data, tmp_path):
     ("small_tokenizer", r"the tokenizer .*small.model \(\d+ ids\) does not fit the model .* \(\d+ embedding rows\)"),
     ("vit_adapter", r"adapter.safetensors is an adapter of train_vit.py, not of train_llama.py"),
     ("adapter_pt", r"adapter.pt: not an adapter.safetensors"),
-    ("eval_limit", r"--eval-limit 0: must be at least 1")])
+    ("eval_limit", r"--eval-limit 0: must be at least 1"),
+    ("no_data_folder", r"--data .*dta: no commonsense_170k.json in it \(the LLM-Adapters layout"),
+    ("out_is_file", r"--out .*run.txt is a file: give a folder for the run"),
+    ("other_width_adapter", r"--adapter .*adapter.safetensors was trained on tiny-32 and does not fit --model .*model "
+                            r"\(gift.attention_wq.phi.weight: \(\d+, 32\) in the adapter, \(\d+, 64\) in this model\)")])
 def test_llama_user_errors_are_one_line(_llama_demo, tmp_path, capsys, kind, match):
     model_dir, data, extra = _llama_setup(kind, *_llama_demo, tmp_path)
     argv = _llama_train_args(model_dir, data, tmp_path / "out", *extra)
@@ -507,3 +523,165 @@ def test_llama_command_line_error_is_one_line_before_loading(_llama_demo, tmp_pa
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # nothing loaded, nothing printed before
     assert re.fullmatch(r"error: --tasks bolq: there is no .*bolq.test.json \(the tasks in .*\)\n", proc.stderr)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--targets", "q_porj"], r"--targets q_porj: LLaMA has no layer of that name; valid: attention.wq, .*HF's q_proj"),
+    (["--targets", "wq", "mlp.w9"], r"--targets mlp.w9: LLaMA has no layer of that name"),
+    (["--rank", "0"], r"--rank 0: must be at least 1"),
+    (["--rank", "-4"], r"--rank -4: must be at least 1"),
+    (["--epochs", "0"], r"--epochs 0: must be at least 1"),
+    (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
+    (["--micro-batch-size", "0"], r"--micro-batch-size 0: must be at least 1"),
+    (["--save-every", "0"], r"--save-every 0: must be at least 1"),
+    (["--stop-after", "0"], r"--stop-after 0: must be at least 1"),
+    (["--eval-batch-size", "0"], r"--eval-batch-size 0: must be at least 1"),
+    (["--max-len", "1"], r"--max-len 1: must be at least 2"),
+    (["--max-new-tokens", "-1"], r"--max-new-tokens -1: must be at least 0"),
+    (["--lr", "0"], r"--lr 0.0: must be greater than 0"),
+    (["--method", "lora", "--lora-alpha", "0"], r"--lora-alpha 0.0: must be greater than 0"),
+    (["--weight-decay", "-0.1"], r"--weight-decay -0.1: must be at least 0"),
+    (["--warmup", "1.5"], r"--warmup 1.5: a fraction of the steps, at most 1"),
+    (["--clip", "-1"], r"--clip -1.0: must be at least 0"),
+    (["--precision", "fp16"], None)])
+def test_llama_flag_mistakes_are_one_line_before_loading(tmp_path, capsys, extra, match):
+    """Issue 18 rows 1 and 3: checked before anything is read (the --model folder does not even exist)."""
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(tmp_path / "o"), *extra]
+    if match is None:  # argparse's own error: its usage and one line, exit status 2
+        with pytest.raises(SystemExit) as e:
+            tl.main(argv)
+        assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    else:
+        _llama_user_error(capsys, argv, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_llama_hf_target_names_train_the_same_layers(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "hf", "--stop-after", "1", "--targets", "q_proj", "v_proj"))
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "meta", "--stop-after", "1", "--targets", "wq", "wv"))
+    (config, theta), (config_meta, theta_meta) = _llama_adapter(tmp_path / "hf"), _llama_adapter(tmp_path / "meta")
+    assert config["targets"] == config_meta["targets"] == ["attention.wq", "attention.wv"]
+    assert theta.keys() == theta_meta.keys() and all(torch.equal(theta[k], theta_meta[k]) for k in theta)
+
+
+def test_llama_base_model_is_labelled_zero_shot_and_stop_after_does_not_evaluate(tmp_path, _llama_demo, capsys):
+    """Issue 18 rows 6 and 7."""
+    model_dir, data = _llama_demo
+    tl.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "base"), "--eval-only",
+             "--tasks", "boolq", "--eval-limit", "4", "--device", "cpu"])
+    ev = json.loads((tmp_path / "base" / "eval.json").read_text())
+    assert ev["model"] == "base model (zero-shot)" and ev["adapter"] is None and ev["trainable_params"] == 0
+    table = (tmp_path / "base" / "eval.md").read_text()
+    assert table.startswith("| task | base model (zero-shot): accuracy % |") and "GIFT" not in table
+    out = tmp_path / "stopped"
+    capsys.readouterr()
+    tl.main([a for a in _llama_train_args(model_dir, data, out, "--stop-after", "2", "--tasks", "boolq")
+             if a != "--no-eval"])
+    printed = capsys.readouterr().out
+    assert f"stopped by --stop-after after 2 of 30 steps: {out / 'checkpoint.pt'} holds it" in printed
+    assert (out / "adapter.safetensors").is_file() and not (out / "eval.json").exists() and "boolq:" not in printed
+
+
+def test_llama_ctrl_c_saves_the_step_and_resume_equals_uninterrupted(tmp_path, _llama_demo):
+    """SIGINT to a training process after its first logged step: the step in progress finishes, checkpoint.pt holds
+    it, one line says how to resume, exit status 0; --resume then ends with the uninterrupted run's Theta."""
+    model_dir, data = _llama_demo
+    argv = lambda out: _llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--device", "cpu")  # noqa
+    tl.main(argv(tmp_path / "a"))
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, str(Path(tl.__file__)), *argv(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= step < 30 and "SIGINT: finishing this step" in stderr and "Traceback" not in stderr
+    assert f"stopped by SIGINT after {step} of 30 steps: {out / 'checkpoint.pt'} holds it; to continue, run the " \
+           f"same command with --resume" in stdout
+    assert len((out / "log.jsonl").read_text().splitlines()) == step
+    tl.main(argv(out) + ["--resume"])
+    (_, a), (_, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # float64, the same code path
+    log = lambda d: [json.loads(line)["loss"] for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(tmp_path / "a") == log(out)
+
+
+def test_llama_compile_gives_the_eager_losses(tmp_path, _llama_demo, monkeypatch):
+    """--compile, through dynamo and AOTAutograd (GIFT_COMPILE_BACKEND=aot_eager: no C++ compiler needed), in
+    float64: the same losses as eager within 1e-9 (a compiled graph may reorder sums)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python / platform")
+    monkeypatch.setenv("GIFT_COMPILE_BACKEND", "aot_eager")
+    model_dir, data = _llama_demo
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tl.main(_llama_train_args(model_dir, data, tmp_path / name, "--micro-batch-size", "16", "--stop-after", "2",
+                                  "--device", "cpu", *extra))
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-9, rel=0)
+
+
+# -----------------------------------------------------------------------------
+# On a GPU (skipped without one): the defaults there (cuda, bf16), GIFT's step 0, merging, --compile
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_llama_demo_on_the_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(tl.__file__)), "--demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo on cuda" in proc.stdout and "demo finished" in proc.stdout
+    run = json.loads((tmp_path / "demo" / "run" / "checkpoint.pt").exists() and
+                     (tmp_path / "demo" / "run" / "eval.json").read_text())
+    assert run["adapter"]["method"] == "gift"
+    ckpt = torch.load(tmp_path / "demo" / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["run"]["dtype"] == "torch.bfloat16"  # the GPU's default --precision
+
+
+@cuda
+def test_llama_gift_step0_is_the_base_model_in_bf16(_llama_demo):
+    model_dir, data = _llama_demo
+    base = llama.load_llama(model_dir, dtype=torch.bfloat16).cuda().eval()
+    gift, _ = tl.load_model(tl.parse_args(["--model", str(model_dir), "--data", str(data)]), torch.bfloat16)
+    tokens = _llama_tokens(vocab=base.args.vocab_size).cuda()
+    with torch.no_grad():
+        assert torch.equal(gift.cuda().eval()(tokens), base(tokens))  # psi = 0: x + x phi psi is x exactly
+
+
+@cuda
+def test_llama_merged_equals_unmerged_in_bf16(_llama_demo):
+    """bf16 keeps 8 bits of mantissa: the merged W (I + phi psi) is rounded once more than W applied to
+    x (I + phi psi); the logits agree within 5% of their largest magnitude."""
+    model_dir, data = _llama_demo
+    model, _ = tl.load_model(tl.parse_args(["--model", str(model_dir), "--data", str(data)]), torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for theta in model.gift.values():
+            theta.psi.weight.normal_(0, 0.1)
+    model = model.cuda().eval()
+    tokens = _llama_tokens(vocab=model.args.vocab_size).cuda()
+    with torch.no_grad():
+        unmerged = model(tokens)
+        merged = tl.merge_adapter(model)(tokens)
+        base = llama.load_llama(model_dir, dtype=torch.bfloat16).cuda()(tokens)
+    scale = unmerged.abs().max()
+    assert (merged - unmerged).abs().max() <= 0.05 * scale < (base - unmerged).abs().max() * 20
+
+
+@cuda
+def test_llama_compile_on_the_gpu_gives_the_eager_losses(tmp_path, _llama_demo):
+    """--compile with inductor on the GPU, fp32: the eager losses within 1e-4 (fused kernels reorder sums)."""
+    model_dir, data = _llama_demo
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / name, "--micro-batch-size", "16",
+                                              "--stop-after", "3", "--device", "cuda", *extra, "--precision", "fp32")])
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4, rel=0)

@@ -593,9 +593,9 @@ def parse_args(argv=None):
     check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
                         "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
                         "clip": 0, "weight_decay": 0})
-    for name in ("lr", "lora_alpha"):
-        if (getattr(args, name) or 1) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be greater than 0")
+    for name, value in (("lr", args.lr), ("lora-alpha", args.lora_alpha)):
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} {value}: must be greater than 0")
     if args.warmup > 1:
         raise UserError(f"--warmup {args.warmup}: a fraction of the steps, at most 1")
     targets, rank = PRESETS[args.preset] if args.method == "gift" else LORA
