@@ -473,8 +473,9 @@ def layer_names(targets):
         elif re.fullmatch(r"layers\.\d+\.(" + "|".join(map(re.escape, layers)) + ")", name):
             out.append(name)  # one layer of one block
         else:
-            raise UserError(f"--targets {t}: LLaMA has no layer of that name; valid: {', '.join(layers)} (or wq, wk, wv, "
-                            f"wo, w1, w2, w3; HF's {', '.join(HF_TARGETS)}; layers.N.<name> for one block)")
+            raise UserError(f"--targets {t}: LLaMA has no layer of that name; valid: {', '.join(layers)} "
+                            f"(or wq, wk, wv, wo, w1, w2, w3; HF's {', '.join(HF_TARGETS)}; layers.N.<name> for one "
+                            f"block)")
     return out
 
 

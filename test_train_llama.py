@@ -478,7 +478,8 @@ def _llama_setup(kind, model_dir, data, tmp_path):
     ("no_data_folder", r"--data .*dta: no commonsense_170k.json in it \(the LLM-Adapters layout"),
     ("out_is_file", r"--out .*run.txt is a file: give a folder for the run"),
     ("other_width_adapter", r"--adapter .*adapter.safetensors was trained on tiny-32 and does not fit --model .*model "
-                            r"\(gift.attention_wq.phi.weight: \(\d+, 32\) in the adapter, \(\d+, 64\) in this model\)")])
+                            r"\(gift.attention_wq.phi.weight: \(\d+, 32\) in the adapter, \(\d+, 64\) in this "
+                            r"model\)")])
 def test_llama_user_errors_are_one_line(_llama_demo, tmp_path, capsys, kind, match):
     model_dir, data, extra = _llama_setup(kind, *_llama_demo, tmp_path)
     argv = _llama_train_args(model_dir, data, tmp_path / "out", *extra)

@@ -41,8 +41,8 @@ import torch.nn as nn
 from fileio import UserError, atomic_save, atomic_write, fingerprint, read_json, read_safetensors
 from gift import add_gift, parameter_summary
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
-    check_ranges, check_new_output, check_vocab, cli, close_distributed, \
-    fused_adamw, load_adapter_state_dict, lock_out, merge_adapter, print0, progress, setup_distributed
+    check_new_output, check_ranges, check_vocab, cli, close_distributed, fused_adamw, load_adapter_state_dict, \
+    lock_out, merge_adapter, print0, progress, setup_distributed
 from llama import ModelArgs, Transformer, find_tokenizer, fsdp_shard, generate, layer_names, load_llama, read_args, \
     save_meta, sliding_window
 from lora import add_lora
@@ -55,6 +55,8 @@ PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's
            "proj": (["attention.wo"], 128),              # GIFT_Proj
            "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
 LORA = (PRESETS["qkvud"][0], 32)  # the paper's LoRA baseline (LLM-Adapters): q, k, v, up, down, r=32, alpha 2r
+
+
 def read_adapter_config(path) -> dict:
     """The run config train() writes into an adapter's metadata (files from before --method are GIFT)."""
     return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
