@@ -1,4 +1,4 @@
-"""Tests for train_llama.py: training (resume, Ctrl-C, torchrun, FSDP, --compile), merging, the evaluation and its
+"""Tests for train_llama.py (and commonsense.py, its data): training (resume, Ctrl-C, torchrun, FSDP, --compile), merging, the evaluation and its
 parsing, the demo, and every user mistake as one line. Tiny models; the CPU unless a test says CUDA."""
 import json
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import commonsense as cs
 import llama
 import train_llama as tl
 from conftest import user_error
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def _llama_demo(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("demo")
-    model_dir, data = tl.write_demo(root, pretrain_steps=0)
+    model_dir, data = cs.write_demo(root, pretrain_steps=0)
     return model_dir, data
 
 
@@ -242,9 +243,9 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
         (own / "dataset" / task).mkdir()
         (own / "dataset" / task / "test.json").write_text(json.dumps(
             [{"instruction": f"Pick one of {'/'.join(answers)}", "answer": a} for a in answers]))
-    assert tl.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
-    assert tl.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
-    assert tl.read_test_set(own, "yesno")[1] == "true|false" and tl.read_test_set(own, "boolq")[1] == "true|false"
+    assert cs.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
+    assert cs.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
+    assert cs.read_test_set(own, "yesno")[1] == "true|false" and cs.read_test_set(own, "boolq")[1] == "true|false"
     acc = tl.main(["--model", str(model_dir), "--data", str(own), "--out", str(tmp_path / "o"), "--eval-only",
                    "--tasks", "intents", "pairs", "yesno", "--extract", "first_match", "--max-new-tokens", "4"])
     assert set(acc) == {"intents", "pairs", "yesno", "avg"}
@@ -254,7 +255,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     tok, model = llama.find_tokenizer(model_dir), llama.load_llama(model_dir)
     nll = []
     for a in forms["intents"]:
-        ids, n = tl.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
+        ids, n = cs.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
                                 "paper", 512)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
@@ -262,7 +263,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     ev = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert ev["n"] == {"intents": 3, "pairs": 2, "yesno": 2}
     assert abs(ev["loss"]["intents"] - sum(nll) / len(nll)) < 1e-5
-    assert ev["interval95"]["pairs"] == tl.wilson_interval(ev["accuracy"]["pairs"], 2)
+    assert ev["interval95"]["pairs"] == cs.wilson_interval(ev["accuracy"]["pairs"], 2)
     for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "there is no")]:
         with pytest.raises(SystemExit):
             tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
@@ -272,23 +273,23 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
 
 
 def test_llama_wilson_interval():
-    assert tl.wilson_interval(50.0, 100) == [40.4, 59.6]
-    assert str(tl.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
-    assert tl.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
+    assert cs.wilson_interval(50.0, 100) == [40.4, 59.6]
+    assert str(cs.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and cs.wilson_interval(100.0, 10) == [72.2, 100.0]
+    assert cs.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
 
 
 def test_llama_prompts_targets_and_extraction():
     r = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
          "answer": "true"}
-    paper = tl.prompt_of(r, "paper") + tl.target_of(r, "paper")
+    paper = cs.prompt_of(r, "paper") + cs.target_of(r, "paper")
     assert paper == "Is it? Answer format: true/false\nthe correct answer is true"
-    assert tl.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
-    assert tl.extract("the correct answer is  true ", "paper", "true|false") == "true"
-    assert tl.extract("true, the correct answer is false", "paper", "true|false") == "false"
-    assert tl.extract("I think true", "paper", "true|false") == ""
-    assert tl.extract("false or true", "first_match", "true|false") == "false"
-    assert tl.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
-    x, y = tl.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
+    assert cs.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
+    assert cs.extract("the correct answer is  true ", "paper", "true|false") == "true"
+    assert cs.extract("true, the correct answer is false", "paper", "true|false") == "false"
+    assert cs.extract("I think true", "paper", "true|false") == ""
+    assert cs.extract("false or true", "first_match", "true|false") == "false"
+    assert cs.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
+    x, y = cs.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
     assert x.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert y.tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]
 
