@@ -1,5 +1,6 @@
-"""Tests for train_llama.py (and commonsense.py, its data): training (resume, Ctrl-C, torchrun, FSDP, --compile), merging, the evaluation and its
-parsing, the demo, and every user mistake as one line. Tiny models; the CPU unless a test says CUDA."""
+"""Tests for train_llama.py (and commonsense.py, its data): training (resume, Ctrl-C, torchrun, FSDP, --compile),
+merging, the evaluation and its parsing, the demo, and every user mistake as one line. Tiny models; the CPU
+(--device cpu) unless a test says CUDA."""
 import json
 import os
 import re
@@ -34,7 +35,8 @@ def _llama_demo(tmp_path_factory, one_thread):
 
 def _llama_train_args(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--batch-size", "16", "--rank", "8", "--lr", "1e-2", "--precision", "fp64", "--no-eval", *extra]
+            "--batch-size", "16", "--rank", "8", "--lr", "1e-2", "--precision", "fp64", "--no-eval", "--device", "cpu",
+            *extra]
 
 
 def _llama_adapter(out):
@@ -88,9 +90,18 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
                       r"b.checkpoint.pt was written by a run with other settings or inputs \(lr 0.01 -> 0.02\)")
 
 
+def _llama_first_records(data, dst, n=48):
+    """A copy of the data folder whose training file holds its first n records (48: 3 steps of 16): a run that
+    evaluates after training (--stop-after would not) in a few steps."""
+    shutil.copytree(data, dst)
+    records = json.loads((data / "commonsense_170k.json").read_text())[:n]
+    (dst / "commonsense_170k.json").write_text(json.dumps(records))
+    return dst
+
+
 def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
-    model_dir, data = _llama_demo
-    extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]  # all 30 steps: --stop-after would not evaluate
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
+    extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
     one = _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16", *extra)
     tl.main([a for a in one if a != "--no-eval"])
     two = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", *extra)
@@ -143,6 +154,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
     ev = ["--model", str(model_dir), "--data", str(data), "--adapter", adapter, "--eval-only", "--precision", "fp64",
+          "--device", "cpu",
           "--eval-limit", "4", "--tasks", "boolq", "--out", str(tmp_path / "ev")]
     tl.main(ev)
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
@@ -247,6 +259,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     assert cs.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
     assert cs.read_test_set(own, "yesno")[1] == "true|false" and cs.read_test_set(own, "boolq")[1] == "true|false"
     acc = tl.main(["--model", str(model_dir), "--data", str(own), "--out", str(tmp_path / "o"), "--eval-only",
+                   "--device", "cpu",
                    "--tasks", "intents", "pairs", "yesno", "--extract", "first_match", "--max-new-tokens", "4"])
     assert set(acc) == {"intents", "pairs", "yesno", "avg"}
     gens = [json.loads(line) for line in (tmp_path / "o" / "eval_generations.jsonl").read_text().splitlines()]
@@ -295,10 +308,10 @@ def test_llama_prompts_targets_and_extraction():
 
 
 def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun, capsys):
-    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed to the end with
+    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed to the end (3) with
     activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
     generations (every rank runs every batch in lockstep)."""
-    model_dir, data = _llama_demo
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
     extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
     tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16", *extra)
              if a != "--no-eval"])
@@ -640,9 +653,7 @@ def test_llama_demo_on_the_gpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo on cuda" in proc.stdout and "demo finished" in proc.stdout
-    run = json.loads((tmp_path / "demo" / "run" / "checkpoint.pt").exists() and
-                     (tmp_path / "demo" / "run" / "eval.json").read_text())
-    assert run["adapter"]["method"] == "gift"
+    assert json.loads((tmp_path / "demo" / "run" / "eval.json").read_text())["adapter"]["method"] == "gift"
     ckpt = torch.load(tmp_path / "demo" / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["run"]["dtype"] == "torch.bfloat16"  # the GPU's default --precision
 
@@ -674,7 +685,7 @@ def test_llama_merged_equals_unmerged_in_bf16(_llama_demo):
         merged = tl.merge_adapter(model)(tokens)
         base = llama.load_llama(model_dir, dtype=torch.bfloat16).cuda()(tokens)
     scale = unmerged.abs().max()
-    assert (merged - unmerged).abs().max() <= 0.05 * scale < (base - unmerged).abs().max() * 20
+    assert (merged - unmerged).abs().max() <= 0.05 * scale < (base - unmerged).abs().max()  # psi moved the logits
 
 
 @cuda
