@@ -573,11 +573,17 @@ def test_llama_flag_mistakes_are_one_line_before_loading(tmp_path, capsys, extra
 
 def test_llama_hf_target_names_train_the_same_layers(tmp_path, _llama_demo):
     model_dir, data = _llama_demo
-    tl.main(_llama_train_args(model_dir, data, tmp_path / "hf", "--stop-after", "1", "--targets", "q_proj", "v_proj"))
-    tl.main(_llama_train_args(model_dir, data, tmp_path / "meta", "--stop-after", "1", "--targets", "wq", "wv"))
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "hf", "--stop-after", "2", "--targets", "q_proj", "v_proj"))
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "meta", "--stop-after", "2", "--targets", "wq", "wv"))
     (config, theta), (config_meta, theta_meta) = _llama_adapter(tmp_path / "hf"), _llama_adapter(tmp_path / "meta")
     assert config["targets"] == config_meta["targets"] == ["attention.wq", "attention.wv"]
     assert theta.keys() == theta_meta.keys() and all(torch.equal(theta[k], theta_meta[k]) for k in theta)
+    start = str(tmp_path / "hf" / "adapter.safetensors")  # --adapter without --eval-only: training goes on from it
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "on", "--stop-after", "1", "--adapter", start,
+                              "--targets", "wk", "--rank", "4"))
+    config_on, theta_on = _llama_adapter(tmp_path / "on")
+    assert config_on == config and theta["gift.attention_wq.psi.weight"].abs().max() > 0
+    assert theta_on.keys() == theta.keys() and all(torch.equal(theta_on[k], theta[k]) for k in theta)  # step 1: lr 0
 
 
 def test_llama_base_model_is_labelled_zero_shot_and_stop_after_does_not_evaluate(tmp_path, _llama_demo, capsys):

@@ -124,7 +124,8 @@ RUN_FIELDS = ("epochs", "batch_size", "lr", "warmup", "weight_decay", "clip", "s
 def start_run(args, dtype, tok, rank) -> Run:
     """The run in --out (harness.Run: lock, resume only with the same RUN_FIELDS, dtype and inputs by content)."""
     settings = {**{k: getattr(args, k) for k in RUN_FIELDS}, "dtype": str(dtype), "model": fingerprint(args.model),
-                "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json")}
+                "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json"),
+                "adapter": args.adapter and fingerprint(args.adapter)}  # the start, when not psi = 0 or B = 0
     return Run(args.out, settings, keys=("theta", "optimizer"), resume=args.resume, rank=rank)
 
 
@@ -434,8 +435,10 @@ def check_inputs(args):
     model = Path(args.model)
     if not ((model / "params.json").is_file() or (model / "config.json").is_file()):
         raise UserError(f"--model {model}: no params.json (Meta) or config.json (HF) in it; give a checkpoint folder")
-    if args.adapter:
-        check_adapter_fits(args.adapter, args.model)
+    if args.adapter:  # its settings replace --method, --targets, --rank, --share, --lora-alpha (training goes on)
+        config = check_adapter_fits(args.adapter, args.model)
+        args.method, args.targets, args.rank = config["method"], config["targets"], config["rank"]
+        args.share, args.lora_alpha = config.get("share", args.share), config.get("lora_alpha")
     if args.merge or args.generate:
         return
     if not args.eval_only and not (Path(args.data) / "commonsense_170k.json").is_file():
