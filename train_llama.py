@@ -1,596 +1,55 @@
-"""GIFT on a hand-written LLaMA 1/2/3: raw Meta or HF checkpoints in, the Commonsense170k table out.
+"""GIFT on LLaMA 1/2/3 (llama.py): Commonsense170k in, the paper's 8-task table out.
 
 The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; 6 epochs of
 Commonsense170k, batch 32, AdamW, lr 2.5e-4, linear schedule with 10% warmup; greedy evaluation on 8 test
-sets) with nothing but torch: the model and the checkpoint readers are here, the tokenizers in tokenizer.py.
-
-Data (the LLM-Adapters layout): DATA/commonsense_170k.json and DATA/dataset/{boolq,piqa,social_i_qa,
-hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa}/test.json.
+sets). Data (the LLM-Adapters layout, read by commonsense.py): DATA/commonsense_170k.json and
+DATA/dataset/<task>/test.json.
 
     python train_llama.py --demo                                         # < 1 min on a CPU, synthetic data
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
     torchrun --nproc_per_node=4 train_llama.py --model Meta-Llama-3-8B/original --data DATA --out runs/l3
     torchrun --nproc_per_node=8 train_llama.py --model Llama-2-70b-hf --data DATA --out runs/l70 --fsdp
     python train_llama.py --model llama-2-7b --data DATA --adapter runs/l2/adapter.safetensors --eval-only
+    python train_llama.py --model llama-2-7b --data DATA --eval-only --out runs/l2-base   # the base model
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --generate "Is water wet?"
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
-    python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after an interruption
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after Ctrl-C or --stop-after
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2-lora --method lora  # the LoRA baseline
 
---model takes a Meta folder (params.json, consolidated.NN.pth) or a Hub folder of the Llama family (config.json
-with model_type llama, mistral or qwen2; model.safetensors or model.safetensors.index.json); the tokenizer is
-MODEL/tokenizer.json (an HF folder's, with BOS/EOS from the folder's JSON files), MODEL/tokenizer.model or
-MODEL/original/tokenizer.model, or --tokenizer. --preset proj / qkvud selects the paper's other variants.
---method lora trains the baseline the paper compares with (q, k, v, up, down; r=32, alpha 64) through the same
-data, schedule, adapter file and evaluation. Precision: the weights in bf16 on GPUs and no autocast, as the
-official runs; Theta (or LoRA's A, B) keeps fp32 master weights unless --theta-dtype bf16 (the official runs).
+--model: a Meta folder (params.json, consolidated.NN.pth) or a Hub folder (config.json, model_type llama,
+mistral or qwen2); the tokenizer is the one in it (tokenizer.json, tokenizer.model, original/tokenizer.model)
+or --tokenizer. --targets takes Meta's names (wq, attention.wq, ...) or HF's (q_proj, ...); --preset proj /
+qkvud selects the paper's other variants; --method lora trains the paper's LoRA baseline (q, k, v, up, down;
+r=32, alpha 64). Precision: the weights in bf16 on GPUs, no autocast, as the official runs; the adapter keeps
+fp32 master weights unless --adapter-precision bf16 (the authors' setting). Ctrl-C (or SIGTERM) finishes the
+step, saves the checkpoint and exits 0; --resume continues exactly.
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from gift import parameter_summary
-from tokenizer import load_tokenizer, train_tiny_tokenizer
-from fileio import UserError, atomic_save, atomic_write, fingerprint, read_json, read_safetensors, write_safetensors
-from harness import adapter_config, adapter_state_dict, add_adapter, check_finite, check_new_output, check_ranges, \
-    check_vocab, cli, load_adapter_state_dict, lock_out, log_json, merge_adapter, print0, progress, resume_checkpoint, \
-    setup_distributed, trim_log
-
-# -----------------------------------------------------------------------------
-# The model (Meta's module names, so that a consolidated.00.pth loads key for key)
-
-LLAMA31_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 8192}
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None      # None: as many as n_heads (no grouped-query attention)
-    vocab_size: int = -1               # -1 (Llama 1/2 params.json): the size of the embedding in the file
-    multiple_of: int = 256             # the FFN width is rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5             # 1e-6 for LLaMA-1: always read it from the checkpoint
-    rope_theta: float = 10000.0        # 500000 for Llama 3
-    use_scaled_rope: bool = False      # Llama 3.1+: slow down RoPE's low frequencies
-    rope_scaling: dict | None = None   # the scaling's constants; None = Llama 3.1's (LLAMA31_ROPE_SCALING)
-    max_seq_len: int = 2048            # length of the RoPE tables, so the longest sequence the model takes
-    # Hub flags (Meta's models have none of these): one architecture covers HF llama, mistral and qwen2
-    head_dim: int | None = None        # None: dim // n_heads
-    attention_bias: bool = False       # biases on wq, wk, wv (Qwen2)
-    tie_embeddings: bool = False       # the output layer is the embedding matrix (SmolLM2, Llama 3.2 1B, ...)
-    sliding_window: int | None = None  # Mistral: longer sequences are refused (within it, attention is full)
-
-    @classmethod
-    def from_params(cls, params: dict, **overrides):
-        """From a Meta params.json: everything may be nested under "model"; unknown keys are ignored."""
-        params = params.get("model", params)
-        known = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in params.items() if k in known}, **overrides})
-
-    @property
-    def ffn_dim(self):
-        """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices), times a multiplier, rounded up."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)  # 11008 (7B), 14336 (Llama-3 8B)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):  # in float32 whatever the weights: the mean of squares overflows/rounds in bf16
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def rope_tables(args: ModelArgs):
-    """cos, sin of position * frequency, each (max_seq_len, head_dim / 2), float32."""
-    hd = args.head_dim or args.dim // args.n_heads
-    freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd)  # (hd/2,)
-    if args.use_scaled_rope:  # Llama 3.1: keep the short wavelengths, stretch the long ones, blend between
-        s = args.rope_scaling or LLAMA31_ROPE_SCALING
-        factor, lo, hi, ctx = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
-                               s["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / freqs
-        smooth = (ctx / wavelen - lo) / (hi - lo)
-        blended = torch.where(wavelen > ctx / lo, freqs / factor, (1 - smooth) * freqs / factor + smooth * freqs)
-        freqs = torch.where(wavelen < ctx / hi, freqs, blended)
-    angles = torch.outer(torch.arange(args.max_seq_len, device="cpu").float(), freqs)  # (T, hd/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotates each adjacent pair (x[2i], x[2i+1]) of every head by position * freq_i (Meta's convention;
-    HF rotates (x[i], x[i + hd/2]), which is why HF's q/k rows are permuted). x: (B, T, H, hd)."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)         # (B, T, H, hd/2) each
-    cos, sin = cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)  # (T, 1, hd/2): same for every head
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
-        self.head_dim, bias = args.head_dim or args.dim // args.n_heads, args.attention_bias
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache = None  # (keys, values), each (B, S, n_kv_heads, hd), only while generate() runs
-
-    def forward(self, x, cos, sin, mask, start_pos):
-        B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.cache is not None:  # generation: store this step's keys/values, attend to all so far
-            self.cache[0][:, start_pos:start_pos + T], self.cache[1][:, start_pos:start_pos + T] = k, v
-            k, v = self.cache[0][:, :start_pos + T], self.cache[1][:, :start_pos + T]
-        rep = self.n_heads // self.n_kv_heads  # GQA: kv head j serves query heads j*rep .. j*rep+rep-1
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, hd)
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate (HF gate_proj)
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down (HF down_proj)
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up (HF up_proj)
-
-    def forward(self, x):  # SwiGLU
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.attention, self.feed_forward = Attention(args), FeedForward(args)
-        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
-
-    def forward(self, x, cos, sin, mask, start_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args, self.grad_checkpointing = args, False
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(args)  # not persistent: recomputed, never read from a checkpoint
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, tokens, targets=None, start_pos=0, valid=None, last_only=False):
-        """tokens (B, T) -> logits (B, T, vocab_size), float32; (B, 1, vocab_size) at the last position only
-        with last_only (generation: a prompt's other logits would cost as much as the rest of the model).
-        targets (B, T), -100 = ignore: returns the *summed* cross-entropy instead, computing logits only at
-        the target positions (the full (B, T, 128256) float32 logits would cost more memory than the model's
-        activations). start_pos: position of tokens[:, 0] (generation with the KV cache). valid (B,
-        start_pos + T), False on left padding: no token attends to a padding position."""
-        B, T = tokens.shape
-        if start_pos + T > self.cos.shape[0]:
-            raise ValueError(f"sequence of {start_pos + T} tokens > max_seq_len {self.cos.shape[0]}")
-        if self.args.sliding_window and start_pos + T > self.args.sliding_window:
-            raise ValueError(f"sequence of {start_pos + T} tokens > the model's sliding window of "
-                             f"{self.args.sliding_window} (sliding-window attention is not implemented)")
-        h = self.tok_embeddings(tokens)
-        cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
-        mask = None  # plain causal attention (training, and a prompt without padding)
-        if valid is not None or start_pos > 0:
-            i = torch.arange(start_pos, start_pos + T, device=tokens.device)[:, None]  # query positions
-            j = torch.arange(start_pos + T, device=tokens.device)                      # key positions
-            mask = j <= i                                                              # (T, S)
-            if valid is not None:  # a padding query still sees itself: a row of -inf only would give NaN
-                mask = mask & (valid[:, None, None, :] | (j == i))                     # (B, 1, T, S)
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training:  # keep only each block's input; redo in backward
-                h = checkpoint(layer, h, cos, sin, mask, start_pos, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, start_pos)
-        h = self.norm(h[:, -1:] if last_only else h)
-        if targets is None:
-            return self.output(h).float()
-        keep = targets != -100
-        return F.cross_entropy(self.output(h[keep]).float(), targets[keep], reduction="sum")
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id=None):
-    """Greedy decoding of a batch of prompts (lists of token ids), left-padded, with the KV cache.
-    eos_id: one id or several (a tokenizer's stop_ids: instruct models end a turn with their own token).
-    Returns each prompt's generated ids (without the prompt), cut before the first of them."""
-    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
-    device = model.tok_embeddings.weight.device
-    tokens = torch.zeros(B, S, dtype=torch.long, device=device)  # id 0 on padding: never attended to
-    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        valid[b, P - len(p):] = True
-    attn = model.layers[0].attention
-    shape, dtype = (B, S, attn.n_kv_heads, attn.head_dim), model.tok_embeddings.weight.dtype
-    for layer in model.layers:
-        layer.attention.cache = (torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros(shape, dtype=dtype, device=device))
-    done, pos, end = torch.zeros(B, dtype=torch.bool, device=device), 0, P
-    try:
-        for end in range(P, S):  # the first step feeds the whole prompt, then one token per step
-            logits = model(tokens[:, pos:end], start_pos=pos, valid=valid[:, :end], last_only=True)  # (B, 1, V)
-            tokens[:, end] = logits[:, -1].argmax(-1)
-            if stops:
-                done |= torch.isin(tokens[:, end], torch.tensor(stops, device=device))
-            pos = end
-            if done.all():
-                break
-    finally:
-        for layer in model.layers:
-            layer.attention.cache = None
-    out = []
-    for row in tokens[:, P:end + 1].tolist() if max_new_tokens else [[]] * B:
-        out.append(row[:min((row.index(i) for i in stops if i in row), default=len(row))])
-    return out
-
+from commonsense import PAPER, TASKS, collate, example_ids, extract, global_batches, paper_model, prompt_of, \
+    read_test_set, tokenize_train, wilson_interval, write_demo
+from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors
+from gift import add_gift, parameter_summary
+from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
+    check_new_output, check_ranges, check_vocab, cli, close_distributed, fused_adamw, load_adapter_state_dict, \
+    lock_out, merge_adapter, print0, progress, setup_distributed
+from llama import Transformer, find_tokenizer, fsdp_shard, generate, layer_names, load_llama, read_args, \
+    save_meta, sliding_window
+from lora import add_lora
 
 # -----------------------------------------------------------------------------
-# Checkpoints: Meta's consolidated.NN.pth shards and HF safetensors, read key by key with shape checks
-
-# Meta's model-parallel shards split column-parallel weights on dim 0 and row-parallel ones on dim 1.
-SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-
-HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                  "post_attention_layernorm": "ffn_norm"}
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-
-
-def _read_meta(path: Path):
-    params = read_json(path / "params.json")
-    files = sorted(path.glob("consolidated.*.pth"))
-    if not files:
-        raise UserError(f"{path}: params.json but no consolidated.NN.pth")
-    shards = []
-    for f in files:
-        try:  # mmap: a 7B file is paged in when used, not copied into RAM first
-            shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}")
-        shard.pop("rope.freqs", None)  # Llama 1/2 store the RoPE table; we compute it
-        if shards and shard.keys() != shards[0].keys():
-            odd = sorted(shard.keys() ^ shards[0].keys())[0]
-            raise UserError(f"{f}: key {odd!r} is in only one of {files[0].name} and {f.name}")
-        shards.append(shard)
-    given = params.get("model", params)
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in given]
-    if missing:
-        raise UserError(f"{path / 'params.json'}: no field {', '.join(map(repr, missing))}")
-    args = ModelArgs.from_params(params)
-    assumed = [f"{k} {getattr(args, k)}" for k in ("norm_eps", "rope_theta") if k not in given]
-    if assumed:  # Llama 1/2's files have no rope_theta: 10000 is theirs, but a file of another model may mean else
-        print0(f"{path / 'params.json'} does not say: assuming {', '.join(assumed)}")
-    if "tok_embeddings.weight" not in shards[0]:
-        raise UserError(f"{files[0]}: missing key 'tok_embeddings.weight'")
-    state = {}
-    for key in shards[0]:
-        parts, name = [s[key] for s in shards], key.split(".")[-2]
-        if len(parts) == 1 or name.endswith("norm"):  # norms are replicated on every shard
-            state[key] = parts[0]
-        elif name == "tok_embeddings":  # split on dim (Llama 1/2) or on vocab (Llama 3): look at the shape
-            state[key] = torch.cat(parts, 0 if parts[0].shape[1] == args.dim else 1)
-        elif name in SHARD_DIM:
-            state[key] = torch.cat(parts, SHARD_DIM[name])
-        else:
-            raise UserError(f"{files[0]}: unexpected key {key!r}")
-    if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
-        args.vocab_size = state["tok_embeddings.weight"].shape[0]
-    return args, state, f"{path} ({', '.join(f.name for f in files)})"
-
-
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one architecture; qwen2 adds q, k, v biases
-
-
-def sliding_window(cfg: dict):
-    """An HF config's attention window, None for full attention: Mistral slides it in every layer, Qwen2
-    only with use_sliding_window (off in its releases)."""
-    return cfg.get("sliding_window") if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window") else None
-
-
-def _read_hf(path: Path):
-    cfg = read_json(path / "config.json")  # a missing field is an error naming the file
-    what, kind = f"{path}/config.json", cfg.get("model_type")
-    if kind not in HF_MODEL_TYPES:
-        raise UserError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
-    if kind == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise UserError(f"{what}: attention_bias/mlp_bias (biases on o_proj or the MLP) are not supported")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # Hub files / transformers >= 5
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise UserError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
-    dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or dim // n_heads  # set apart from dim / heads in e.g. Mistral-Nemo
-    base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
-    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
-                     multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base,
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                     rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                     use_scaled_rope=rope_type == "llama3",
-                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None,
-                     head_dim=hd if hd != dim // n_heads else None,
-                     attention_bias=kind == "qwen2", tie_embeddings=cfg.get("tie_word_embeddings", False),
-                     sliding_window=sliding_window(cfg))
-    assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        outside = [name for name in files if name != os.path.basename(name) or name in ("", ".", "..")]
-        if outside:  # the index may only name files of the model folder
-            raise UserError(f"{index}: names {outside[0]!r}, outside the model folder; refusing it")
-    else:
-        files, weight_map = ["model.safetensors"], None
-    state, where = {}, f"{path} ({', '.join(files)})"
-    for name in files:
-        for key, t in read_safetensors(path / name).items():
-            if weight_map is not None and weight_map.get(key) != name:
-                raise UserError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES
-                   else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
-            heads = {"wq": n_heads, "wk": args.n_kv_heads}.get(new.split(".")[-2])
-            if heads and t.shape[0] == heads * hd:  # HF's rotate-half row order -> Meta's pairs (weights, biases)
-                t = t.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
-            state[new] = t
-    if weight_map is not None and len(state) != len(weight_map):
-        raise UserError(f"{index}: lists {len(weight_map)} tensors, the files hold {len(state)}")
-    return args, state, where
-
-
-def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
-    """A Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) checkpoint folder ->
-    Transformer on the CPU, in the stored dtype unless dtype is given. Strict: a missing, unexpected or
-    misshapen weight is an error naming the key and the files."""
-    path = Path(path)
-    if (path / "params.json").exists():
-        args, state, where = _read_meta(path)
-    elif (path / "config.json").exists():
-        args, state, where = _read_hf(path)
-    else:
-        raise UserError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
-    if max_seq_len:
-        args.max_seq_len = max_seq_len
-    with torch.device("meta"):  # no memory, no random init: every weight comes from the file
-        model = Transformer(args)
-    tied = args.tie_embeddings  # the file holds the embedding once
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
-    for key, shape in expected.items():
-        if key not in state:
-            raise UserError(f"{where}: missing weight {key!r}")
-        if state[key].shape != shape:
-            raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
-                            f"implies {tuple(shape)}")
-    for key in state:
-        if key not in expected:
-            raise UserError(f"{where}: unexpected weight {key!r}")
-    model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=False, assign=True)
-    if tied:  # embeddings tied (e.g. Llama 3.2 1B on HF): the output layer is the embedding matrix
-        model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-def save_meta(model: Transformer, out_dir):
-    """Writes a Meta checkpoint (params.json + consolidated.00.pth) that Meta's own code loads: params.json
-    holds only the keys of Meta's ModelArgs (Llama 2's code rejects unknown ones, so defaults are left out)."""
-    a, out_dir = model.args, Path(out_dir)
-    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "vocab_size": a.vocab_size,
-              "multiple_of": a.multiple_of, "norm_eps": a.norm_eps}
-    params |= {"n_kv_heads": a.n_kv_heads} if a.n_kv_heads else {}
-    params |= {"ffn_dim_multiplier": a.ffn_dim_multiplier} if a.ffn_dim_multiplier is not None else {}
-    params |= {"rope_theta": a.rope_theta} if a.rope_theta != 10000.0 else {}
-    params |= {"use_scaled_rope": True} if a.use_scaled_rope else {}
-    params |= {"rope_scaling": a.rope_scaling} if a.use_scaled_rope and a.rope_scaling not in (
-        None, LLAMA31_ROPE_SCALING) else {}
-    # Hub flags Meta's format lacks, so that load_llama reads the merge back as it was (tied embeddings are
-    # written twice, untied, as Meta's format has them)
-    params |= {k: getattr(a, k) for k in ("head_dim", "attention_bias", "sliding_window") if getattr(a, k)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), out_dir / "consolidated.00.pth")
-    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
-
-
-def find_tokenizer(model_path, tokenizer=None):
-    """The tokenizer file (or, for a folder, the one in it) named by --tokenizer, else the one in the model folder:
-    tokenizer.json (an HF folder's, which transformers uses; BOS, EOS, stop ids and whether BOS is added come from
-    the JSON files beside it), else tokenizer.model (Meta's folders), else original/tokenizer.model (Meta's copy in
-    an HF Llama 3 repo)."""
-    if tokenizer and not Path(tokenizer).is_dir():
-        found = [Path(tokenizer)]
-        if not found[0].is_file():
-            raise UserError(f"--tokenizer {tokenizer}: no such file or folder")
-    else:
-        d = Path(tokenizer or model_path)
-        found = [p for p in (d / "tokenizer.json", d / "tokenizer.model", d / "original" / "tokenizer.model")
-                 if p.is_file()]
-        if not found:
-            raise UserError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
-    try:
-        tok = load_tokenizer(found[0])
-    except (ValueError, OSError) as e:  # the readers' errors for a malformed file, which name it
-        raise UserError(f"cannot read the tokenizer {found[0]}: {e}") from None
-    if tok.eos_id is None:  # training ends every example with it
-        raise UserError(f"{found[0]}: no end-of-text token declared: add eos_token to a tokenizer_config.json "
-                        f"(or eos_token_id to a config.json) beside it")
-    return tok
-
-
-def read_adapter_config(path) -> dict:
-    """The run config train() writes into an adapter's metadata: {method, targets, rank, share, alpha, model}
-    (files written before --method existed are GIFT)."""
-    return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
-
-
-def gift_model(args, dtype=None) -> Transformer:
-    """load_llama(args.model) with the adapter (GIFT or LoRA) added, on the CPU: --adapter's weights, or new ones
-    (psi = 0 or B = 0, so the model's outputs are still the base model's) for --method, the preset, --targets,
-    --rank. --theta-dtype bf16 stores the adapter's weights in bf16 (the official runs), else fp32 master weights."""
-    config = gift_config(args)  # first: a bad adapter is an error before the model is loaded
-    model = load_llama(args.model, dtype=dtype)
-    torch.manual_seed(args.seed)  # the same phi (or A) initialisation on every rank and in every run
-    add_adapter(model, config)
-    if args.adapter:
-        load_adapter_state_dict(model, read_safetensors(args.adapter))
-    if args.theta_dtype == "bf16":  # the adapter's parameters only; the frozen weights keep --dtype
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    model.grad_checkpointing = args.grad_checkpointing
-    return model
-
-
-# -----------------------------------------------------------------------------
-# Data: Commonsense170k in the LLM-Adapters layout
-
-TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
-TRIGGER = "the correct answer is "  # the paper's (LoReFT's) target prefix; evaluation reads what follows it
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ANSWER_WORDS = {"boolq": "true|false", "piqa": "solution1|solution2", "hellaswag": "ending1|ending2|ending3|ending4",
-                "winogrande": "option1|option2"}  # the rest: answer1..answer5 (LLM-Adapters' extract_answer)
-# Another task's answers must all take one of the eight tasks' forms; its answer words follow from them
-ANSWER_FORMS = {"answerK": "answer[1-9][0-9]*", "optionK": "option[1-9][0-9]*", "solutionK": "solution[1-9][0-9]*",
-                "endingK": "ending[1-9][0-9]*", "true/false": "true|false"}
-
-# Paper (v3) Table: accuracy % in TASKS order, then the average; GIFT_QV r=64, and LoRA (r=32 on q, k, v, up, down)
-PAPER_LORA = {"LLaMA-1 7B": [68.9, 80.7, 77.4, 78.1, 78.8, 77.8, 61.3, 74.8, 74.7],
-              "Llama-2 7B": [69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0, 77.6],
-              "Llama-3 8B": [70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0, 80.8]}
-PAPER = {"LLaMA-1 7B": [69.9, 83.2, 80.0, 93.2, 81.7, 85.4, 70.8, 82.5, 80.9],
-         "Llama-2 7B": [72.0, 84.4, 80.9, 94.0, 85.1, 86.9, 74.5, 82.7, 82.6],
-         "Llama-3 8B": [74.7, 89.2, 81.7, 96.0, 88.2, 92.7, 82.7, 88.8, 86.7]}
-
-
-def read_records(path, required):
-    """A JSON list of dicts, each with the required string fields; errors name the file and the index."""
-    records = read_json(path)
-    if not isinstance(records, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for i, r in enumerate(records):
-        for field in required:
-            if not isinstance(r, dict) or not isinstance(r.get(field), str):
-                raise UserError(f"{path}: record {i} has no string field {field!r}: {str(r)[:200]}")
-    return records
-
-
-def prompt_of(record, template):
-    if template == "paper":  # LoReFT's commonsense prompt: the instruction and a newline
-        return record["instruction"] + "\n"
-    return (ALPACA_INPUT if record.get("input") else ALPACA).format(**record)
-
-
-def target_of(record, template):
-    return TRIGGER + record["answer"] if template == "paper" else record["output"]
-
-
-def example_ids(tok, record, template, max_len):
-    """(ids, n_prompt): BOS (if the tokenizer adds one) + prompt + target + EOS cut to max_len; the loss is on
-    ids[n_prompt:]. Prompt and target are tokenized together (as LoReFT does), so the boundary tokenizes as in
-    the text."""
-    prompt = prompt_of(record, template)
-    ids = tok.encode(prompt + target_of(record, template), tok.add_bos, eos=False)[:max_len - 1] + [tok.eos_id]
-    return ids, len(tok.encode(prompt, tok.add_bos, eos=False))
-
-
-def tokenize_train(tok, path, template, max_len, cache_dir, rank):
-    """[(ids, n_prompt)] of every training example (example_ids). Cached by the file's and the tokenizer's
-    identity: re-runs and --resume start at once."""
-    path, stats = Path(path), [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                                for p in (path, tok.path)]
-    key = hashlib.sha256(json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"tokens-{key}.pt"
-    if rank == 0 and not cache.exists():
-        required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
-        ids, offsets, n_prompt = [], [0], []
-        for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
-            seq, n = example_ids(tok, r, template, max_len)
-            ids += seq
-            offsets.append(len(ids))
-            n_prompt.append(n)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"ids": torch.tensor(ids, dtype=torch.int32), "offsets": torch.tensor(offsets),
-                     "n_prompt": torch.tensor(n_prompt, dtype=torch.int32)}, cache)
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's cache
-    c = torch.load(cache, weights_only=True)
-    o = c["offsets"].tolist()
-    return [(c["ids"][o[i]:o[i + 1]].long(), n) for i, n in enumerate(c["n_prompt"].tolist())]
-
-
-def global_batches(lengths, batch_size, seed, epoch):
-    """The epoch's batches of indices, grouped by length as HF's group_by_length does: shuffle, cut into
-    megabatches of 50 batches, sort each by length, cut into batches; then (unlike HF, which keeps them
-    longest to shortest) shuffle the batches, so that an epoch is not a curriculum from long to short
-    questions. The last, partial batch is dropped (under batch_size examples, different ones each epoch)."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    batches, mega = [], 50 * batch_size
-    for i in range(0, len(perm), mega):
-        chunk = sorted(perm[i:i + mega], key=lambda j: lengths[j])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def collate(examples, device):
-    """[(ids, n_prompt)], ids a tensor or list -> inputs (B, T) right-padded with 0, targets (B, T) with -100 off
-    the target."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.zeros(len(examples), T, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (ids, n_prompt) in enumerate(examples):
-        ids = torch.as_tensor(ids)
-        x[b, :len(ids) - 1], y[b, :len(ids) - 1] = ids[:-1], ids[1:]
-        y[b, :n_prompt - 1] = -100  # position t predicts token t + 1: prompt tokens are not targets
-    return x.to(device), y.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Training
+# The model and its adapter
 
 PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
            "proj": (["attention.wo"], 128),              # GIFT_Proj
@@ -598,154 +57,171 @@ PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's
 LORA = (PRESETS["qkvud"][0], 32)  # the paper's LoRA baseline (LLM-Adapters): q, k, v, up, down, r=32, alpha 2r
 
 
-def gift_config(args):
-    """The adapter's {method, targets, rank, share, alpha}: --adapter's, else --method's setting (GIFT: --preset;
-    LoRA: the paper's baseline) with --targets, --rank and --lora-alpha over it."""
+def read_adapter_config(path) -> dict:
+    """The run config train() writes into an adapter's metadata (files from before --method are GIFT)."""
+    return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
+
+
+def check_adapter_fits(path, model_path):
+    """--adapter must fit --model (targets' widths, number of blocks): checked on the model built on the meta
+    device (no weight read), else one line naming the adapter's base model and this one."""
+    config = read_adapter_config(path)
+    args = read_args(model_path)
+    args.vocab_size = max(args.vocab_size, 1)  # Meta's -1: the embedding does not matter here
+    with torch.device("meta"):
+        skeleton = Transformer(args)
+        add_adapter(skeleton, config)
+    want = {k: tuple(v.shape) for k, v in adapter_state_dict(skeleton).items()}
+    have = {k: tuple(v.shape) for k, v in read_safetensors(path).items()}
+    if want != have:
+        key = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))[0]
+        raise UserError(f"--adapter {path} was trained on {config.get('model', 'another model')} and does not fit "
+                        f"--model {model_path} ({key}: {have.get(key, 'absent')} in the adapter, "
+                        f"{want.get(key, 'absent')} in this model); give an adapter of this model")
+    return config
+
+
+def load_model(args, dtype=None):
+    """(model, adapter config): --model with --adapter's adapter (its weights), else a new one (psi = 0 or B = 0:
+    the base model's outputs) for --method, --targets, --rank; the base model alone (config None) to evaluate
+    or generate without --adapter. --adapter-precision bf16 keeps the adapter's weights in bf16 (the authors')."""
+    model = load_llama(args.model, dtype=dtype)
+    torch.manual_seed(args.seed)  # the same phi (or A) initialisation on every rank and in every run
     if args.adapter:
-        return read_adapter_config(args.adapter)
-    targets, rank = PRESETS[args.preset] if args.method == "gift" else LORA
-    rank = args.rank or rank
-    config = {"method": args.method, "targets": args.targets or targets, "rank": rank}
-    if args.method == "gift":
-        return {**config, "share": args.share}
-    return {**config, "lora_alpha": float(args.lora_alpha or 2 * rank)}
+        config = read_adapter_config(args.adapter)
+        add_adapter(model, config)
+        load_adapter_state_dict(model, read_safetensors(args.adapter))
+    elif args.eval_only or args.generate:
+        return model, None
+    elif args.method == "gift":  # the method: Theta = (phi, psi) per target type, W' = W (I + phi psi)
+        config = {"method": "gift", "targets": args.targets, "rank": args.rank, "share": args.share}
+        add_gift(model, args.targets, args.rank, args.share)
+    else:  # the baseline: W' = W + (alpha / r) B A
+        config = {"method": "lora", "targets": args.targets, "rank": args.rank, "lora_alpha": args.lora_alpha}
+        add_lora(model, args.targets, args.rank, args.lora_alpha)
+    if args.adapter_precision == "bf16":  # the adapter's parameters only; the frozen weights keep --precision
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    model.grad_checkpointing = args.grad_checkpointing
+    return model, config
 
 
-def fsdp_shard(model, device):
-    """FSDP2 for a model larger than one GPU: each block's frozen weights, then the rest (embeddings, norm,
-    output), are split over the processes and gathered one block at a time for its forward and backward.
-    Theta (a few MB) stays whole on every rank, left out of FSDP: it stays float32 beside bf16 weights,
-    train() averages its gradient over the ranks, and it is saved and loaded exactly as without FSDP."""
-    from torch.distributed.fsdp import fully_shard  # here: importing it costs every other run a second
-    for block in model.layers:  # moved to the device and sharded one block at a time
-        fully_shard(block)
-    fully_shard(model, ignored_params=set(model.gift.parameters()))
-    model.gift.to(device)  # FSDP moves only what it manages
+# -----------------------------------------------------------------------------
+# Training (the data: commonsense.py)
+
+def train_data(args, tok, rank):
+    """tokenize_train of --data's training file, cached in --out (re-runs and --resume start at once)."""
+    return tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
+                          Path(args.out) / "cache", rank)
 
 
 # What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
-CHECKPOINT_KEYS = ("theta", "optimizer", "step")  # and "run", RUN_FIELDS and the inputs (run_settings)
 RUN_FIELDS = ("epochs", "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "template", "max_len", "preset",
-              "method", "targets", "rank", "share", "lora_alpha", "theta_dtype")
+              "method", "targets", "rank", "share", "lora_alpha", "adapter_precision")
 
 
-def run_settings(args, dtype, tok):
-    """RUN_FIELDS, the weights' dtype, and the model, tokenizer and training data by content (a moved or copied
-    input is the same input): what a resumed run must share with the checkpoint's."""
-    return {**{k: getattr(args, k) for k in RUN_FIELDS}, "dtype": str(dtype), "model": fingerprint(args.model),
-            "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json")}
+def start_run(args, dtype, tok, rank) -> Run:
+    """The run in --out (harness.Run: lock, resume only with the same RUN_FIELDS, dtype and inputs by content)."""
+    settings = {**{k: getattr(args, k) for k in RUN_FIELDS}, "dtype": str(dtype), "model": fingerprint(args.model),
+                "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json"),
+                "adapter": args.adapter and fingerprint(args.adapter)}  # the start, when not psi = 0 or B = 0
+    return Run(args.out, settings, keys=("theta", "optimizer"), resume=args.resume, rank=rank)
 
 
-def train(args, model, tok, rank, world, device):
-    """Trains model.gift in place; writes log.jsonl, checkpoint.pt (every --save-every steps) and
-    adapter.safetensors (Theta, and the run config in its metadata) to --out."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def train(args, run, model, tok, rank, world, device) -> bool:
+    """Trains the adapter in place; log.jsonl, checkpoint.pt (every --save-every steps, and at the end or stop)
+    and adapter.safetensors in --out. True when all the steps are done (False: --stop-after, Ctrl-C)."""
     data = train_data(args, tok, rank)
-    lengths = [len(ids) for ids, _ in data]
-    n_target = [len(ids) - min(n, len(ids)) for ids, n in data]
+    lengths, n_target = [len(ids) for ids, _ in data], [len(ids) - min(n, len(ids)) for ids, n in data]
     if args.batch_size % (args.micro_batch_size * world):
         raise UserError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                         f"{args.micro_batch_size} x {world} processes")
-    accum = args.batch_size // (args.micro_batch_size * world)
-    steps_per_epoch = len(data) // args.batch_size
+    accum, steps_per_epoch = args.batch_size // (args.micro_batch_size * world), len(data) // args.batch_size
     total = args.epochs * steps_per_epoch
     if total == 0:
         raise UserError(f"{len(data)} training examples make no batch of {args.batch_size}")
     warmup = math.ceil(args.warmup * total)  # as HF: warmup_ratio -> ceil(ratio * steps)
     thetas = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(thetas, lr=args.lr, weight_decay=args.weight_decay)
-    step, ckpt_path = 0, out / "checkpoint.pt"
-    run = run_settings(args, model.tok_embeddings.weight.dtype, tok)
-    ckpt = resume_checkpoint(ckpt_path, args.resume, run, CHECKPOINT_KEYS, device)
-    if ckpt:
-        load_adapter_state_dict(model, ckpt["theta"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    saved = step  # the step of the checkpoint on disk (0: none yet)
+    opt = fused_adamw(thetas, lr=args.lr, weight_decay=args.weight_decay)
+    step = 0
+    if run.checkpoint:
+        load_adapter_state_dict(model, run.checkpoint["theta"])
+        opt.load_state_dict(run.checkpoint["optimizer"])
+        step = run.checkpoint["step"]
     # model stays the module itself (saving, evaluation); the training forward goes through ddp, which averages
     # each rank's gradients with the others' after the last micro-batch (with --fsdp, main() has sharded model)
     ddp = model
     if world > 1 and not args.fsdp:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
-
-    def save(step):
-        nonlocal saved
-        if rank == 0:
-            atomic_save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict(), "step": step,
-                         "run": run}, ckpt_path)
-        saved = step
-
+    forward = torch.compile(ddp, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor")) if args.compile else ddp
     model.train()
     bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
-    if rank == 0:  # the log keeps the steps the checkpoint holds: a resumed run logs each step once
-        trim_log(out / "log.jsonl", "step", step)
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
-    batches, epoch = None, -1
-    while step < total and step < (args.stop_after or total):
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            batches = global_batches(lengths, args.batch_size, args.seed, epoch)
-        t0, batch = time.time(), batches[step % steps_per_epoch]
-        # HF's linear schedule, step for step: the first update uses lr 0, the peak is reached after warmup
-        lr = args.lr * (step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # The loss is the mean over every target token of the global batch (all micro-batches, all ranks):
-        # so any split into micro-batches and processes gives the same gradient. DDP averages over ranks,
-        # hence the factor world.
-        denom = max(1, sum(n_target[i] for i in batch))
-        micro = len(batch) // (accum * world)
-        loss_sum = torch.zeros((), device=device)
-        for a in range(accum):
-            chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
-            x, y = collate([data[i] for i in chunk], device)
-            with ddp.no_sync() if ddp is not model and a < accum - 1 else contextlib.nullcontext():
-                loss = ddp(x, y)
-                (loss * world / denom).backward()
-            loss_sum += loss.detach()
-        if args.fsdp:  # FSDP leaves Theta alone (fsdp_shard): average its gradient over the ranks as DDP does
-            for p in thetas:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        norm = torch.nn.utils.clip_grad_norm_(thetas, args.clip or math.inf)  # the norm before clipping
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        check_finite(f"step {step + 1}", f"{ckpt_path} (step {saved}) is kept" if saved else "nothing was saved",
-                     loss=loss_sum, gradient_norm=norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens = sum(lengths[i] - 1 for i in batch)
-        seconds = time.time() - t0
-        stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
-                 "tokens_per_s": round(tokens / seconds), "seconds": round(seconds, 3)}
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)  # update() draws
-        bar.update()
-        if log:
-            log_json(log, stats)
-        if step % args.save_every == 0:
-            save(step)
+    batches, epoch, end = None, -1, min(total, args.stop_after or total)
+    with run.catch_signals():
+        while step < end:
+            if step // steps_per_epoch != epoch:
+                epoch = step // steps_per_epoch
+                batches = global_batches(lengths, args.batch_size, args.seed, epoch)
+            t0, batch = time.time(), batches[step % steps_per_epoch]
+            # HF's linear schedule, step for step: the first update uses lr 0, the peak is reached after warmup
+            lr = args.lr * (step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # The loss is the mean over every target token of the global batch (all micro-batches, all ranks),
+            # so any split into micro-batches and processes gives the same gradient; DDP averages over ranks,
+            # hence the factor world.
+            denom, micro = max(1, sum(n_target[i] for i in batch)), len(batch) // (accum * world)
+            loss_sum = torch.zeros((), device=device)
+            for a in range(accum):
+                chunk = batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+                x, y = collate([data[i] for i in chunk], device)
+                with ddp.no_sync() if ddp is not model and a < accum - 1 else contextlib.nullcontext():
+                    loss = forward(x, y)  # the summed cross-entropy of the micro-batch's target tokens
+                    (loss * world / denom).backward()
+                loss_sum += loss.detach()
+            if args.fsdp:  # FSDP leaves Theta alone (fsdp_shard): average its gradient over the ranks as DDP does
+                for p in thetas:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            norm = torch.nn.utils.clip_grad_norm_(thetas, args.clip or math.inf)  # the norm before clipping
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            run.check_finite(f"step {step + 1}", loss=loss_sum, gradient_norm=norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.time() - t0
+            stats = {"step": step, "epoch": epoch, "loss": loss_sum.item() / denom, "lr": lr,
+                     "tokens_per_s": round(sum(lengths[i] - 1 for i in batch) / seconds), "seconds": round(seconds, 3)}
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)
+            bar.update()
+            run.log(stats)
+            if step % args.save_every == 0:
+                run.save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict()}, step)
+            if run.should_stop():  # Ctrl-C / SIGTERM on any rank: this step is done; save it and stop
+                break
     bar.close()
-    if log:
-        log.close()
-    save(step)
+    run.save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict()}, step)
+    run.write_adapter(adapter_state_dict(model), {"script": "train_llama.py", **config_of(args), "model": args.model})
     if step < total:
-        print0(f"stopped at step {step} of {total} (--stop-after): {ckpt_path} holds it; to continue, run the same "
-               f"command with --resume (and a later --stop-after, or none)")
-    if rank == 0:
-        config = {"script": "train_llama.py", **gift_config(args), "model": str(args.model)}
-        write_safetensors(out / "adapter.safetensors", adapter_state_dict(model), {"config": json.dumps(config)})
-    return step
+        print0(run.stopped_message(step, total))
+    return step == total
+
+
+def config_of(args):
+    """The adapter's run config for a new adapter of --method (what load_model adds)."""
+    extra = {"share": args.share} if args.method == "gift" else {"lora_alpha": args.lora_alpha}
+    return {"method": args.method, "targets": args.targets, "rank": args.rank, **extra}
 
 
 def merge(args):
     """--model + --adapter -> a Meta checkpoint in the new folder --merge whose weights are W (I + phi psi) (GIFT)
     or W + (alpha/r) B A (LoRA), under the base model's keys; written into a temporary sibling folder that is
-    renamed once complete."""
+    renamed once complete. In the stored dtype; each layer's merge is computed in float32."""
     check_new_output(args.merge, "--merge", {"the --model folder": args.model})
-    model = gift_model(args)  # in the stored dtype; the merge of each layer is computed in float32
+    model, _ = load_model(args)
     atomic_write(args.merge, lambda tmp: save_meta(merge_adapter(model), tmp))
     print(f"merged checkpoint written to {args.merge}")
 
@@ -753,50 +229,11 @@ def merge(args):
 # -----------------------------------------------------------------------------
 # Evaluation: greedy generation on the 8 test sets, the paper's exact match
 
-def read_test_set(data, task, template="paper"):
-    """(records, answer words) of DATA/dataset/<task>/test.json, each record with the fields the template's
-    target needs (the held-out loss is on it). The answer words (a regex, for --extract first_match) of the
-    paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers, which must all be of
-    one form of ANSWER_FORMS."""
-    path = Path(data) / "dataset" / task / "test.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
-    records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []))
-    if task in TASKS:
-        return records, ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
-    answers = sorted({r["answer"].strip() for r in records})
-    for words in ANSWER_FORMS.values():
-        if all(re.fullmatch(words, a) for a in answers):
-            return records, words
-    odd = [a for a in answers if not any(re.fullmatch(w, a) for w in ANSWER_FORMS.values())] or answers
-    raise ValueError(f"{path}: gold answers {', '.join(map(repr, odd[:3]))} are not of one supported form; the "
-                     f"evaluation reads {', '.join(ANSWER_FORMS)} (one form per task)")
-
-
-def extract(text, how, words):
-    if how == "paper":  # LoReFT: what follows the first "the correct answer is ", stripped
-        i = text.find(TRIGGER)
-        return text[i + len(TRIGGER):].strip() if i >= 0 else ""
-    found = re.findall(words, text)
-    return found[0] if found else ""  # LLM-Adapters: the first answer word anywhere in the generation
-
-
-def paper_model(a: ModelArgs):
-    """Which of the paper's three models this is (they differ in vocabulary and norm_eps), or None."""
-    if (a.dim, a.n_layers) != (4096, 32):
-        return None
-    if a.vocab_size == 128256:
-        return "Llama-3 8B"
-    if a.vocab_size == 32000:
-        return "LLaMA-1 7B" if a.norm_eps == 1e-6 else "Llama-2 7B"
-    return None
-
-
 @torch.no_grad()
-def evaluate(args, model, tok, rank, world):
+def evaluate(args, model, tok, rank, world, config):
     """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
     cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
-    --out on rank 0."""
+    --out on rank 0. config: the adapter's run config, None for the base model (zero-shot)."""
     model.eval()
     acc, rows, stats = {}, [], {"n": {}, "loss": {}}
     # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
@@ -808,7 +245,7 @@ def evaluate(args, model, tok, rank, world):
         mine = list(range(part, len(records), parts))
         prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
         order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-        correct, gens = 0, []
+        correct, gens, loss, n_tokens = 0, [], 0.0, 0
         for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
             idx = order[k:k + args.eval_batch_size]
             for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
@@ -817,10 +254,8 @@ def evaluate(args, model, tok, rank, world):
                 correct += pred == records[i]["answer"].strip()
                 gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
                              "answer": records[i]["answer"]})
-        loss = n_tokens = 0.0
-        for k in range(0, len(order), args.eval_batch_size):
-            x, y = collate([example_ids(tok, records[i], args.template, args.max_len)
-                            for i in order[k:k + args.eval_batch_size]], model.tok_embeddings.weight.device)
+            x, y = collate([example_ids(tok, records[i], args.template, args.max_len) for i in idx],
+                           model.tok_embeddings.weight.device)
             loss += model(x, y).item()
             n_tokens += (y != -100).sum().item()
         counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
@@ -835,43 +270,31 @@ def evaluate(args, model, tok, rank, world):
         print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        write_results(args, acc, paper_model(model.args), rows, stats, trainable)
+        write_results(args, acc, None if config is None else paper_model(model.args), rows, stats, config,
+                      sum(p.numel() for p in model.parameters() if p.requires_grad) if config else 0)
     return acc
 
 
-def wilson_interval(accuracy, n, z=1.96):
-    """The 95% Wilson score interval (%) of an accuracy (%) measured on n examples: unlike p +- 1.96 se, it
-    stays within 0..100 and is not empty at 0% or 100%."""
-    if n == 0:
-        return [0.0, 100.0]
-    p, q = accuracy / 100, z * z / n
-    mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
-    return [round(max(0.0, 100 * (mid - half)), 1), round(min(100.0, 100 * (mid + half)), 1)]  # no -0.0 at 0%
-
-
-def write_results(args, acc, paper, rows, stats, trainable):
-    out = Path(args.out)
+def write_results(args, acc, paper, rows, stats, config, trainable):
+    """eval.md (the table, beside the paper's numbers for its own models), eval.json, eval_generations.jsonl."""
+    out, method = Path(args.out), config and {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
     out.mkdir(parents=True, exist_ok=True)
-    config = gift_config(args)
-    method = {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
-    ref = dict(zip(TASKS + ["avg"], (PAPER if method == "GIFT" else PAPER_LORA)[paper])) if paper else {}
-    setting = "GIFT_QV r=64" if method == "GIFT" else "LoRA r=32"
+    label = f"{method} r={config['rank']}, {trainable:,} params" if config else "base model (zero-shot)"
+    ref = dict(zip(TASKS + ["avg"], PAPER[method][paper])) if paper else {}
     stats["interval95"] = {task: wilson_interval(acc[task], n) for task, n in stats["n"].items()}
-    head = (f"| task | {method} r={config['rank']}, {trainable:,} params: accuracy % | 95% interval | n | "
-            f"held-out loss |" + (f" paper ({paper}, {setting}) |" if paper else ""))
-    lines = [head, "|---|---|---|---|---|" + ("---|" if paper else "")]
+    lines = [f"| task | {label}: accuracy % | 95% interval | n | held-out loss |" + (
+        f" paper ({paper}, {'GIFT_QV r=64' if method == 'GIFT' else 'LoRA r=32'}) |" if paper else ""),
+        "|---|---|---|---|---|" + ("---|" if paper else "")]
     for task, a in acc.items():
         lo, hi = stats["interval95"].get(task, ("", ""))
         extra = f" {lo}-{hi} | {stats['n'][task]} | {stats['loss'][task]:.4f} |" if task in stats["n"] else " | | |"
         lines.append(f"| {task} | {a:.1f} |{extra}" + (f" {ref[task]:.1f} |" if paper else ""))
-    table = "\n".join(lines)
-    print(table)
-    (out / "eval.md").write_text(table + "\n")
+    print("\n".join(lines))
+    (out / "eval.md").write_text("\n".join(lines) + "\n")
+    protocol = {"template": args.template, "extract": args.extract, "max_new_tokens": args.max_new_tokens}
     (out / "eval.json").write_text(json.dumps({"accuracy": acc, **stats, "paper": ref or None, "adapter": config,
-                                               "trainable_params": trainable,
-                                               "protocol": {"template": args.template, "extract": args.extract,
-                                                            "max_new_tokens": args.max_new_tokens}}, indent=2))
+                                               "model": label, "trainable_params": trainable,
+                                               "protocol": protocol}, indent=2))
     with open(out / "eval_generations.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -879,81 +302,33 @@ def write_results(args, acc, paper, rows, stats, trainable):
 # -----------------------------------------------------------------------------
 # The demo: a small model, tokenizer and data set written to a temporary folder, then the real pipeline
 
-DEMO_KINDS = {"animal": ["cat", "dog", "fish", "bird", "horse"], "color": ["red", "blue", "green", "pink", "gray"],
-              "food": ["bread", "milk", "rice", "apple", "soup"], "place": ["park", "city", "beach", "farm", "lake"]}
-DEMO_ANSWERS = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"], "winogrande": ["option1", "option2"],
-                "hellaswag": ["ending1", "ending2", "ending3", "ending4"]}  # the others: answer1..answer3
-
-
-def demo_records(task, n, g, phrase=TRIGGER):
-    """Synthetic commonsense-style records in the LLM-Adapters layout: what kind of thing does a word name?"""
-    answers = DEMO_ANSWERS.get(task, ["answer1", "answer2", "answer3"])
-    kinds, out = list(DEMO_KINDS)[:len(answers)], []
-    for _ in range(n):
-        k, i = int(torch.randint(len(answers), (1,), generator=g)), int(torch.randint(5, (1,), generator=g))
-        word = DEMO_KINDS[kinds[k]][i]
-        if len(answers) == 2:  # answers[0] means "an animal"
-            question = f"Is a {word} an animal?" + ("" if task == "boolq" else f" {answers[0]}: yes {answers[1]}: no")
-        else:
-            question = f"What is a {word}? " + " ".join(f"{a}: {kind}" for a, kind in zip(answers, kinds))
-        out.append({"instruction": f"{question}\nAnswer format: {'/'.join(answers)}", "input": "",
-                    "output": phrase + answers[k], "answer": answers[k]})
-    return out
-
-
-def write_demo(root: Path, pretrain_steps=200):
-    """Writes root/data (train and 8 test sets), root/model (tokenizer.model, params.json,
-    consolidated.00.pth). The model is "pretrained" (all weights) on the same facts phrased "so the pick is
-    <answer>": it knows the answers but not the paper's answer format, which GIFT then teaches it."""
-    g = torch.Generator().manual_seed(0)
-    data, model_dir = root / "data", root / "model"
-    train = [r for task in TASKS for r in demo_records(task, 60, g)]
-    for task in TASKS:
-        (data / "dataset" / task).mkdir(parents=True)
-        (data / "dataset" / task / "test.json").write_text(json.dumps(demo_records(task, 16, g)))
-    (data / "commonsense_170k.json").write_text(json.dumps(train))
-    model_dir.mkdir()
-    tok = load_tokenizer(train_tiny_tokenizer([prompt_of(r, "paper") + r["output"] for r in train], 320,
-                                              model_dir / "tokenizer.model"))
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
-                                  multiple_of=32, rope_theta=500000.0, max_seq_len=256))
-    pre = [r for task in TASKS for r in demo_records(task, 100, g, phrase="so the pick is ")]
-    pre = [(torch.tensor(tok.encode(prompt_of(r, "paper") + r["output"], bos=True, eos=True)),
-            len(tok.encode(prompt_of(r, "paper"), bos=True, eos=False))) for r in pre]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in progress(range(pretrain_steps), desc="pretraining the demo model"):
-        x, y = collate([pre[i] for i in torch.randint(len(pre), (32,), generator=g)], "cpu")
-        loss = model(x, y) / (y != -100).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_meta(model, model_dir)
-    return model_dir, data
-
-
 def demo(args):
     """The pipeline's own functions on a small synthetic setup, written to --out (or a new temporary folder) and
     kept: the base model evaluated (GIFT at step 0 is the base model), trained, evaluated again, its adapter
-    merged into a Meta checkpoint."""
+    merged into a Meta checkpoint. On --device (a GPU: in bf16 unless --precision fp32)."""
     t0 = time.time()
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation (3-8x slower on a busy CPU)
     if args.out:
         check_new_output(args.out, "--out")
+    _, _, _, device = setup_distributed(args.device)
     root = Path(args.out or tempfile.mkdtemp(prefix="gift_llama_demo_"))
-    print("demo: writing a small LLaMA (Meta format), a 320-token BPE tokenizer and a SYNTHETIC "
+    print(f"demo on {device}: writing a small LLaMA (Meta format), a 320-token BPE tokenizer and a SYNTHETIC "
           f"commonsense-style data set (LLM-Adapters layout) to {root}")
     model_dir, data = write_demo(root)
     out = root / "run"
     args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
-                       "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128"])
+                       "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128", "--device", str(device)]
+                      + (["--precision", args.precision] if args.precision else []) + ["--compile"] * args.compile)
     variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
-    model, tok, device = gift_model(args), find_tokenizer(args.model), torch.device("cpu")
+    dtype, tok = precision_dtype(args.precision, device), find_tokenizer(args.model)
+    run = start_run(args, dtype, tok, 0)
+    model, config = load_model(args, dtype)
+    model.to(device)
     print(f"{args.method}: {parameter_summary(model)}")
-    base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1)
-    base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1)
-    train(args, model, tok, 0, 1, device)
-    tuned = evaluate(args, model, tok, 0, 1)
+    base = evaluate(variant(out=str(out / "base")), model, tok, 0, 1, None)  # GIFT at step 0: the base model
+    base_fm = evaluate(variant(out=str(out / "base_first_match"), extract="first_match"), model, tok, 0, 1, None)
+    train(args, run, model, tok, 0, 1, device)
+    tuned = evaluate(args, model, tok, 0, 1, config)
     merge(variant(adapter=str(out / "adapter.safetensors"), merge=str(out / "merged")))
     merged = load_llama(out / "merged")
     print(f"merged Meta checkpoint: {sorted(os.listdir(out / 'merged'))}, {len(merged.state_dict())} tensors")
@@ -961,77 +336,80 @@ def demo(args):
           f"  base model, the paper's exact match:     {base['avg']:5.1f}%  (it answers 'so the pick is ...')\n"
           f"  base model, LLM-Adapters' first match:   {base_fm['avg']:5.1f}%  (it knows the answers)\n"
           f"  GIFT (wq, wv, rank 16), exact match:     {tuned['avg']:5.1f}%  (the format, learned by 2 Thetas)\n"
-          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA. "
-          f"Everything is in {root}:\n"
-          f"  {model_dir}, {data}: the synthetic checkpoint, tokenizer and data set\n"
-          f"  {out}: log.jsonl, checkpoint.pt (resume), adapter.safetensors, eval.md / eval.json / "
-          f"eval_generations.jsonl, base/ and base_first_match/ (the base model's), merged/ (Meta checkpoint)")
+          f"demo finished in {time.time() - t0:.0f} s; these numbers say nothing about LLaMA. Everything is in {root}:"
+          f"\n  {model_dir}, {data}: the synthetic checkpoint, tokenizer and data set\n  {out}: log.jsonl, "
+          f"checkpoint.pt, adapter.safetensors, eval.*, base/ and base_first_match/ (the base model's), merged/")
+    return tuned
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
+def precision_dtype(precision, device):
+    """--precision: the weights' dtype (no autocast, as the official runs); None: bf16 on a GPU, fp32 on a CPU."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[
+        precision or ("bf16" if device.type == "cuda" else "fp32")]
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GIFT fine-tuning of LLaMA 1/2/3 on Commonsense170k and its 8-task "
-                                "evaluation (examples: the top of train_llama.py)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="run the whole pipeline on a small synthetic setup "
-                   "(under a minute on a CPU)")
-    p.add_argument("--model", help="Meta or HF checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_common_flags(p, targets=None, gift_rank="the preset's", lora_rank=32, lora_alpha=None, out="runs/llama",
+                     precision=None)
+    flag = {a.dest: a for a in p._actions}
+    flag["targets"].help += "; Meta's (wq, attention.wq) or HF's (q_proj) names; None: the preset's (GIFT)"
+    flag["lora_alpha"].help += "; None: 2 x rank"
+    flag["adapter"].help += ", generated from with --generate"
+    flag["precision"].choices.append("fp64")  # float64: the tests' exact comparisons of two code paths
+    m = p.add_argument_group("this script")
+    m.add_argument("--model", help="Meta or HF checkpoint folder")
+    m.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
                    "--model (or --model/original)")
-    p.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
-    p.add_argument("--out", help="checkpoint.pt, log.jsonl, adapter.safetensors, eval.*; None: runs/llama (demo: a "
-                   "new temporary folder)")
-    p.add_argument("--method", default="gift", choices=["gift", "lora"], help="the adapter trained")
-    p.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
+    m.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
+    m.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
                    "qkvud: GIFT_QKVUD")
-    p.add_argument("--targets", nargs="+", help="adapted layers by module name suffix; None: the preset's (GIFT), "
-                   "wq wk wv w3 w2 (LoRA)")
-    p.add_argument("--rank", type=int, help="rank; None: the preset's (GIFT), 32 (LoRA)")
-    p.add_argument("--share", default="type", choices=["type", "all"], help="GIFT: one Theta per target, or one "
-                   "for all")
-    p.add_argument("--lora-alpha", type=float, help="LoRA: the update is (alpha/r) B A; None: 2 x rank")
-    p.add_argument("--theta-dtype", default="fp32", choices=["fp32", "bf16"], help="the adapter's weights (Theta, "
-                   "or LoRA's A and B) and their AdamW state: fp32 master weights (ours), or bf16 as the official "
-                   "runs, which kept Theta in bf16 beside the bf16 model without autocast")
-    p.add_argument("--epochs", type=int, default=6, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
-    p.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
-    p.add_argument("--max-len", type=int, default=512, help="training sequences are cut to this many tokens")
-    p.add_argument("--seed", type=int, default=42, help="Theta's initialisation and the batch order")
-    p.add_argument("--template", default="paper", choices=["paper", "alpaca"], help="prompt and target format")
-    p.add_argument("--extract", default="paper", choices=["paper", "first_match"],
-                   help="how the answer is read from a generation")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float64"],
-                   help="model weights (Theta stays float32); auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
+    m.add_argument("--adapter-precision", default="fp32", choices=["fp32", "bf16"], help="the adapter's weights "
+                   "(Theta, or LoRA's A and B) and their AdamW state: fp32 master weights (ours), or bf16, the "
+                   "authors' setting (the official runs kept Theta in bf16 beside the bf16 model, no autocast)")
+    m.add_argument("--epochs", type=int, default=6, help="passes over the training set")
+    m.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
+    m.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
+    m.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (AdamW)")
+    m.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    m.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
+    m.add_argument("--max-len", type=int, default=512, help="training sequences are cut to this many tokens")
+    m.add_argument("--template", default="paper", choices=["paper", "alpaca"], help="prompt and target format")
+    m.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    m.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
                    "processes (FSDP2) instead of a whole copy on each (DDP), for a model larger than one GPU")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--stop-after", type=int, help="stop at this step, the schedule unchanged (--resume continues); "
-                   "None: at the end")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--adapter", help="adapter.safetensors for --eval-only, --generate, --merge")
-    p.add_argument("--eval-only", action="store_true", help="evaluate without training")
-    p.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
-    p.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
+    m.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    m.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
+    m.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
                    "paper's eight or your own (answers answerK, optionK, solutionK, endingK or true/false)")
-    p.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
-    p.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
-    p.add_argument("--merge", metavar="OUT", help="write --model + --adapter merged as a Meta checkpoint to the new "
-                   "folder OUT")
+    m.add_argument("--extract", default="paper", choices=["paper", "first_match"],
+                   help="how the answer is read from a generation")
+    m.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
+    m.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
+    m.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
+    m.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
     args = p.parse_args(argv)
     # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
+    check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
+                        "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
+                        "clip": 0, "weight_decay": 0})
+    for name, value in (("lr", args.lr), ("lora-alpha", args.lora_alpha)):
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} {value}: must be greater than 0")
+    if args.warmup > 1:
+        raise UserError(f"--warmup {args.warmup}: a fraction of the steps, at most 1")
+    targets, rank = PRESETS[args.preset] if args.method == "gift" else LORA
+    args.targets, args.rank = layer_names(args.targets or targets), args.rank or rank
+    args.lora_alpha = float(args.lora_alpha or 2 * args.rank) if args.method == "lora" else None
     if args.demo:
         return args
     args.out = args.out or "runs/llama"
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file: give a folder for the run (new, or the one to --resume)")
     if not args.model:
         raise UserError("--model is required (or --demo)")
     if args.merge and not args.adapter:
@@ -1049,9 +427,6 @@ def parse_args(argv=None):
                         f"sliding-window attention is not implemented; pass --max-len {window} or less")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise UserError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
-    check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
-                        "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
-                        "clip": 0})
     return args
 
 
@@ -1060,14 +435,16 @@ def check_inputs(args):
     model = Path(args.model)
     if not ((model / "params.json").is_file() or (model / "config.json").is_file()):
         raise UserError(f"--model {model}: no params.json (Meta) or config.json (HF) in it; give a checkpoint folder")
-    if args.adapter:
-        read_adapter_config(args.adapter)
+    if args.adapter:  # its settings replace --method, --targets, --rank, --share, --lora-alpha (training goes on)
+        config = check_adapter_fits(args.adapter, args.model)
+        args.method, args.targets, args.rank = config["method"], config["targets"], config["rank"]
+        args.share, args.lora_alpha = config.get("share", args.share), config.get("lora_alpha")
     if args.merge or args.generate:
         return
     if not args.eval_only and not (Path(args.data) / "commonsense_170k.json").is_file():
         raise UserError(f"--data {args.data}: no commonsense_170k.json in it (the LLM-Adapters layout: "
                         f"DATA/commonsense_170k.json and DATA/dataset/<task>/test.json)")
-    for task in [] if args.no_eval else args.tasks:
+    for task in [] if args.no_eval or args.stop_after else args.tasks:
         path = Path(args.data) / "dataset" / task / "test.json"
         if not path.is_file():
             found = sorted(p.parent.name for p in (Path(args.data) / "dataset").glob("*/test.json"))
@@ -1081,55 +458,40 @@ def check_inputs(args):
             raise UserError(f"{path}: no records; leave {task} out of --tasks")
 
 
-def train_data(args, tok, rank):
-    """tokenize_train of --data's training file, cached in --out."""
-    return tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
-                          Path(args.out) / "cache", rank)
-
-
 @cli
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
         return demo(args)
-    rank, world, _, device = setup_distributed()
+    rank, world, _, device = setup_distributed(args.device)
     check_inputs(args)
     if args.merge:  # on the CPU
         if rank == 0:
             merge(args)
-        return None
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32, "float64": torch.float64}[args.dtype]
-    tok = find_tokenizer(args.model, args.tokenizer)
-    if rank == 0 and not args.generate:  # training and evaluation write to --out
+        return close_distributed()
+    dtype, tok = precision_dtype(args.precision, device), find_tokenizer(args.model, args.tokenizer)
+    run = None
+    if rank == 0 and args.eval_only:  # evaluation writes to --out
         lock_out(args.out)
     if not (args.generate or args.eval_only):  # a used --out, a changed setting, a malformed record: before loading
-        ckpt_path = Path(args.out) / "checkpoint.pt"
-        if not resume_checkpoint(ckpt_path, args.resume, run_settings(args, dtype, tok), CHECKPOINT_KEYS) \
-                and args.resume:
-            print0(f"--resume: no {ckpt_path} yet, starting a new run")
+        run = start_run(args, dtype, tok, rank)
         train_data(args, tok, rank)
-    model = gift_model(args, dtype)
+    model, config = load_model(args, dtype)
     # an HF folder may pad its embedding past its tokenizer.json (Qwen2: 151936 rows, 151665 ids); Meta's never do
     check_vocab(tok, model.args.vocab_size, args.model, allow_padding=tok.path.endswith(".json"))
     if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
-        fsdp_shard(model, device)
+        fsdp_shard(model, device, model.gift)
     else:
         model.to(device)
-    print0(f"{args.model}: {model.args}\nadapter {gift_config(args)}: {parameter_summary(model)}")
+    print0(f"{args.model}: {model.args}\nadapter {config or 'none (the base model)'}: {parameter_summary(model)}")
     result = None
     if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
         ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
                        tok.stop_ids)
         print0(args.generate + tok.decode(ids[0]))
-    else:
-        if not args.eval_only:
-            train(args, model, tok, rank, world, device)
-        if not args.no_eval:
-            result = evaluate(args, model, tok, rank, world)
-    if dist.is_initialized():
-        dist.barrier()  # nobody tears the group down while another rank still talks (gloo aborts)
-        dist.destroy_process_group()
+    elif (run is None or train(args, run, model, tok, rank, world, device)) and not args.no_eval:
+        result = evaluate(args, model, tok, rank, world, config)  # not after --stop-after or Ctrl-C
+    close_distributed()
     return result
 
 
