@@ -70,7 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gift import add_gift, gift_layers, gift_state_dict, merge_gift
 from tokenizer import LLAMA3_PATTERN, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model
 from lora import add_lora
-from train_llama import ModelArgs, Transformer
+from llama import ModelArgs, Transformer
 from vit import ViT, ViTConfig
 
 

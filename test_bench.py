@@ -7,7 +7,7 @@ import torch
 
 from bench import LLAMA_SHAPES, VARIANTS, PeakTensorBytes, file_size
 from bench import main as bench_main
-from train_llama import ModelArgs, Transformer
+from llama import ModelArgs, Transformer
 from vit import ViT, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
