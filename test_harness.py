@@ -286,3 +286,16 @@ def test_run_overwrite_starts_anew(tmp_path):
     again = Run(tmp_path / "run", {"lr": 2}, keys=(), resume=False, overwrite=True)  # other settings: fine
     assert again.checkpoint is None and not again.checkpoint_path.exists()
     assert (tmp_path / "run" / "log.jsonl").read_text() == ""
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: the second process names the cause (CUDA mocked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"cuda:1: this machine has 1 GPU\(s\); start at most that many processes"):
+        setup_distributed(None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert setup_distributed(None)[3] == torch.device("cuda", 0)  # WORLD_SIZE 1: no process group
+    assert setup_distributed(torch.device("cpu"))[3] == torch.device("cpu")  # --device cpu: whatever the machine
