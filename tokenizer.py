@@ -70,16 +70,17 @@ def _is(value, kinds):
 
 
 class _Json:
-    """A JSON value with the file it came from and its place there (model.vocab["<s>"], added_tokens[3].id)."""
-    __slots__ = ("file", "where", "value")
+    """A JSON value with the file it came from and its place there (model.vocab["<s>"], added_tokens[3].id).
+    data_keys: the keys of this object are data (tokens), written in brackets even where they look like names."""
+    __slots__ = ("file", "where", "value", "data_keys")
 
     def __init__(self, file, value, where=""):
-        self.file, self.value, self.where = str(file), value, where
+        self.file, self.value, self.where, self.data_keys = str(file), value, where, False
 
     def path(self, key):  # the place of a field or an element
         if isinstance(key, int):
             return f"{self.where}[{key}]"
-        if re.fullmatch(r"[A-Za-z_]\w*", key):
+        if not self.data_keys and re.fullmatch(r"[A-Za-z_]\w*", key):
             return f"{self.where}.{key}" if self.where else key
         return f"{self.where}[{json.dumps(key, ensure_ascii=False)}]"
 
@@ -140,6 +141,7 @@ def _check_ids(vocab, listed):
     """vocab: a tokenizer.json's model.vocab (_Json, token: id); listed: how many tokens the file lists
     (vocabulary and added tokens). Each id must be an integer in [0, 2 * listed), no id twice; returns the bound."""
     bound = 2 * listed
+    vocab.data_keys = True
     vocab.each(int, lambda i: 0 <= i < bound, f"a token id, an integer in [0, {bound}) {_ID_BOUND}")
     ids = vocab.value.values()
     if len(set(ids)) != len(ids):
@@ -319,7 +321,8 @@ def _pb_get(fields, number, name, kind, default, what):
         except UnicodeDecodeError:
             raise UserError(f"{what}: {name} (field {number}) is not UTF-8: {value[:40]!r}") from None
     expected = {"varint": "a varint", "float": "a 4-byte float", "string": "a string", "bytes": "bytes"}[kind]
-    raise UserError(f"{what}: {name} (field {number}) is {value[:40]!r}; expected {expected} (corrupt protobuf)")
+    shown = repr(value[:40]) if isinstance(value, bytes) else f"the varint {value}"
+    raise UserError(f"{what}: {name} (field {number}) is {shown}; expected {expected} (corrupt protobuf)")
 
 
 def _pb_int32(value):  # varints hold negative int32s as 64-bit two's complement
@@ -372,7 +375,8 @@ class SentencePieceTokenizer(Tokenizer):
                                     bool(_pb_get(normalizer, 3, "add_dummy_prefix", "varint", 1, n)), True),
                                    ("remove_extra_whitespaces",
                                     bool(_pb_get(normalizer, 4, "remove_extra_whitespaces", "varint", 1, n)), False),
-                                   ("byte_fallback", bool(_pb_get(trainer, 35, "byte_fallback", "varint", 0, t)), True)):
+                                   ("byte_fallback",
+                                    bool(_pb_get(trainer, 35, "byte_fallback", "varint", 0, t)), True)):
             if value != llama:
                 raise UserError(f"{what}: SentencePiece {name} = {value}; only LLaMA's setting, {llama}, "
                                 f"is supported")
@@ -656,9 +660,9 @@ class HFTokenizer(Tokenizer):
         if unk is not None and unk not in self._id:
             raise UserError(f"{what}: unk_token {unk!r} is not in the vocabulary")
         self._unk_id = self._id.get(unk)
-        self._fuse_unk, self._ignore_merges = model.get("fuse_unk", bool, False), model.get("ignore_merges", bool, False)
-        self._byte_id = ({b: self._id.get(f"<0x{b:02X}>") for b in range(256)} if model.get("byte_fallback", bool, False)
-                         else {})
+        self._fuse_unk, self._ignore_merges = (model.get(f, bool, False) for f in ("fuse_unk", "ignore_merges"))
+        byte_fallback = model.get("byte_fallback", bool, False)
+        self._byte_id = {b: self._id.get(f"<0x{b:02X}>") for b in range(256)} if byte_fallback else {}
         self._normalizer = self._steps(spec.get("normalizer", dict, None), "normalizer")
         self._pre = self._steps(spec.get("pre_tokenizer", dict, None), "pre_tokenizer")
         self._decoder = self._steps(spec.get("decoder", dict, None), "decoder")
