@@ -84,12 +84,9 @@ class _Json:
             return f"{self.where}.{key}" if self.where else key
         return f"{self.where}[{json.dumps(key, ensure_ascii=False)}]"
 
-    def error(self, expected, key=None, value=_REQUIRED):
-        """The UserError for the field key (self if None) holding value (its own if not given)."""
-        where = self.where if key is None else self.path(key)
-        if value is _REQUIRED:
-            value = self.value if key is None else self.value[key]
-        return UserError(f"{self.file}: {where or 'the file'} is {_shown(value)}; expected {expected}")
+    def error(self, expected, key):
+        """The UserError for the field key: what it holds, and what is expected."""
+        return UserError(f"{self.file}: {self.path(key)} is {_shown(self.value[key])}; expected {expected}")
 
     def get(self, key, kinds, default=_REQUIRED, ok=None, expected=None):
         """The field key (a name in an object, an index in a list), checked: of one of kinds (a type or a tuple),
