@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import images
 import train_vit
 import vit
 from conftest import user_error
 from gift import add_gift
 from fileio import UserError, read_safetensors, write_safetensors
-from vit import ViT, ViTConfig, load_vit, read_split
+from images import read_split
+from vit import ViT, ViTConfig, load_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,9 +58,9 @@ def test_vit_cluster_map_png_written(_vit_demo):
     from PIL import Image
     pngs = sorted((_vit_demo["root"] / "run" / "cluster_maps").glob("*.png"))
     assert len(pngs) == 1
-    T, L = train_vit.TITLE, train_vit.LABEL
+    T, L = images.TITLE, images.LABEL
     with Image.open(pngs[0]) as im:  # title; 4 layers x (image, all clusters, 16 maps) in 128 px tiles; colour key
-        assert im.size == (18 * 128, T + 4 * (128 + L) + train_vit.LEGEND)
+        assert im.size == (18 * 128, T + 4 * (128 + L) + images.LEGEND)
         px = np.asarray(im.convert("RGB"), dtype=np.int64)
     image = px[T + L:T + L + 128, :128]
     zero = 0.4 * image + 0.6 * np.array([0, 0, 127.5])  # a map value zeroed under 0.5: jet(0) = dark blue
@@ -174,7 +176,7 @@ def test_vit_resume_compares_inputs_by_content(_vit_demo, tmp_path, capsys):
 
 def test_vit_augmentation_does_not_depend_on_workers(_vit_demo):
     samples, _ = read_split(_vit_demo["train"])
-    data = train_vit.ImageDataset([(p, y) for p, y, _ in samples[:12]], 32, "train", seed=0)
+    data = images.ImageDataset([(p, y) for p, y, _ in samples[:12]], 32, "train", seed=0)
 
     def batches(workers, epoch):
         data.epoch = epoch
