@@ -274,12 +274,12 @@ def adapter_model(args):
 
 def eval_only(args):
     """--eval-only: top-1 of --adapter on --test (beside the one stored in it; --visualize: its cluster maps), or
-    of the base model --model zero-shot with its own classifier head. Written to OUT/eval_<model>_on_<split>.json
-    (and _maps/): another evaluation's files are never replaced (--overwrite: they are)."""
+    of the base model --model zero-shot with its own classifier head. With --out (or --visualize): written to
+    OUT/eval_<model>_on_<split>.json (and _maps/); another evaluation's files are never replaced (--overwrite)."""
     rank, world, _, device = setup_distributed(args.device)
     tag = lambda p: re.sub(r"[^\w.-]+", "_", "-".join(Path(os.path.abspath(p)).with_suffix("").parts[-2:]))  # noqa
-    name = os.path.join(args.out, f"eval_{tag(args.adapter or args.model)}_on_{tag(args.test)}")
-    if not args.overwrite and (os.path.exists(name + ".json") or os.path.exists(name + "_maps")):
+    name = args.out and os.path.join(args.out, f"eval_{tag(args.adapter or args.model)}_on_{tag(args.test)}")
+    if name and not args.overwrite and (os.path.exists(name + ".json") or os.path.exists(name + "_maps")):
         raise UserError(f"{name}.json holds this evaluation already: add --overwrite to replace it, or another --out")
     if args.adapter:
         model, run, stored = adapter_model(args)
@@ -306,7 +306,7 @@ def eval_only(args):
     print0(f"{label} on {args.test}: top-1 {top1:.2f}% of {len(test_set)} images" + (
         f"; stored in the adapter: {stored:.2f}%" if stored is not None else "; stored in the adapter: none"
         if args.adapter else ""))
-    if rank == 0:
+    if rank == 0 and name:
         os.makedirs(args.out, exist_ok=True)
         result = {"model": label, "test": args.test, "images": len(test_set), "test_top1": top1, "stored": stored}
         atomic_write(name + ".json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
@@ -514,7 +514,7 @@ def parse_args(argv=None):
         raise UserError("--visualize draws GIFT's cluster maps; a LoRA run has none")
     args.rank = args.rank or {"gift": 16, "lora": 8}[args.method]
     args.weight_decay = PRESETS[args.preset] if args.weight_decay is None else args.weight_decay
-    args.out = args.out or (None if args.demo else "runs/vit")
+    args.out = args.out or (None if args.demo or args.eval_only and not args.visualize else "runs/vit")
     return args
 
 
