@@ -26,11 +26,17 @@ from vit import ViT, ViTConfig, load_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+def make_demo(root):
+    """The demo's files: its random ViT (Google .npz) and images of 4 classes. (checkpoint, train dir, test dir)"""
+    return vit.random_google_npz(os.path.join(root, "ViT-demo.npz")), *images.demo_images(root, np.random.default_rng(0))
+
+
 @pytest.fixture(scope="module")
 def _vit_demo(tmp_path_factory, one_thread):
     """The demo's synthetic npz checkpoint and image folders, and one 2-epoch run with cluster maps."""
     root = tmp_path_factory.mktemp("vit_demo")
-    ckpt, train_dir, test_dir = train_vit.make_demo(str(root))
+    ckpt, train_dir, test_dir = make_demo(str(root))
     args = ["--model", ckpt, "--train", train_dir, "--test", test_dir, "--epochs", "2", "--warmup", "0",
             "--batch-size", "16", "--lr", "3e-3", "--workers", "0", "--device", "cpu"]
     model = train_vit.train(train_vit.parse_args(args + ["--out", str(root / "run"), "--visualize", "1"]))
@@ -333,7 +339,7 @@ def test_vit_authors_adapter_converts_to_the_same_logits(tmp_path, capsys):
         merged = load_vit(str(tmp_path / "merged.safetensors")).double().eval()
         torch.testing.assert_close(merged(x), want, rtol=0, atol=1e-6)  # W (I + phi psi) summed and stored in fp32
     # the start of a fine-tuning run: its Theta (the demo's 4 classes need a new head); 0 epochs writes the start
-    ckpt, train_dir, test_dir = train_vit.make_demo(str(tmp_path / "demo"))
+    ckpt, train_dir, test_dir = make_demo(str(tmp_path / "demo"))
     train_vit.main(args + ["--train", train_dir, "--test", test_dir, "--epochs", "0", "--workers", "0", "--device", "cpu", "--out",
                            str(tmp_path / "ft")])
     start = read_safetensors(str(tmp_path / "ft" / "adapter.safetensors"))
@@ -450,8 +456,8 @@ def test_vit_eval_only_base_model_is_labelled_zero_shot(_vit_demo, tmp_path, cap
     train_vit.main(["--model", merged, *argv])  # its ViTConfig from the metadata, its head the adapter's
     out = capsys.readouterr().out
     assert "the base model" in out and "zero-shot (its own head)" in out and "gift" not in out.lower().split("top-1")[0]
-    _vit_user_error(capsys, ["--model", _vit_demo["ckpt"], *argv], r"--eval-only without --adapter evaluates the base "
-                    r"model zero-shot, with its own classifier head; .*ViT-demo.npz has none .*: give --adapter")
+    _vit_user_error(capsys, ["--model", _vit_demo["ckpt"], *argv], r"ViT-demo.npz has no usable classifier head "
+                    r"\(missing or all zeros, .*\), so it cannot be evaluated zero-shot: .* or give an adapter")
 
 
 def test_vit_compiled_run_matches_eager(_vit_demo, tmp_path, monkeypatch):

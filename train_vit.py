@@ -12,18 +12,16 @@ Run:
         --test CUB_200_2011/test.json --root CUB_200_2011/images --lr 1e-4 --out runs/cub --visualize 8
     python train_vit.py --model augreg_in21k.safetensors --preset vtab --train vtab-1k/dtd/train800val200.txt \\
         --test vtab-1k/dtd/test.txt --out runs/dtd --seeds 42 43 44    # runs/dtd/seed-N, runs/dtd/table.md
-    python train_vit.py --table runs/*/seed-*                          # VTAB-1k: per task, per group, mean of 19
+    python train_vit.py --table runs/*/seed-*                      # VTAB-1k: per task, per group, mean of 19
     torchrun --nproc_per_node=4 train_vit.py ...same flags...     # DDP; --batch-size stays the global batch
-    python train_vit.py ...same flags... --stop-after 50           # 50 steps, saved, no evaluation
-    python train_vit.py ...same flags... --resume                  # continue from runs/cub/checkpoint.pt, exactly
+    python train_vit.py ...same flags... --stop-after 50           # 50 steps, saved, no evaluation; then --resume
     python train_vit.py --adapter runs/cub/adapter.safetensors --eval-only --test CUB_200_2011/test.json \\
         --root CUB_200_2011/images --visualize 8 --out runs/evals  # top-1 and cluster maps into runs/evals
     python train_vit.py --adapter runs/cub/adapter.safetensors --merge runs/cub/merged.safetensors  # timm names
     python train_vit.py --adapter CUB_last.pth.tar --model augreg_in21k.safetensors --eval-only --test ...
 
-The checkpoint is written atomically after every epoch's training (before its evaluation), and mid-epoch on
-Ctrl-C / SIGTERM (the step in progress finishes; exit status 0) or --stop-after. Random numbers are reseeded per
-(epoch, step, rank), crops and flips per (seed, epoch, image): a resumed run repeats an uninterrupted one bit for bit.
+The checkpoint is written atomically after each epoch's training (before its evaluation), and on Ctrl-C / SIGTERM
+(the step finishes; exit status 0) or --stop-after; --resume repeats an uninterrupted run bit for bit.
 """
 import argparse
 import json
@@ -49,14 +47,13 @@ from harness import HelpFormatter, Run, adapter_state_dict, add_adapter, add_com
 from images import ImageDataset, check_labels, cluster_figure, demo_images, loader, read_split, read_splits, \
     split_id, vtab_table, vtab_task
 from lora import add_lora
-from vit import ViT, build_vit, check_adapter_shapes, load_vit, random_google_npz, read_adapter, read_vit, \
+from vit import build_vit, check_adapter_shapes, load_vit, random_google_npz, read_adapter, read_vit, \
     trained_on
 
 # Settings that fix the training trajectory: --resume refuses a checkpoint written with others, and with other
 # inputs (model, starting adapter, splits and classes: compared by content, so a moved input is the same).
-RESUME_FIELDS = ("preset", "image_size", "method", "targets", "rank", "share", "lora_alpha", "epochs", "warmup",
-                 "batch_size", "lr", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed",
-                 "precision")
+RESUME_FIELDS = ("preset", "image_size", "method", "targets", "rank", "share", "lora_alpha", "epochs", "warmup", "lr",
+                 "batch_size", "warmup_lr", "min_lr", "schedule", "weight_decay", "drop_path", "seed", "precision")
 
 
 def train(args):
@@ -69,7 +66,7 @@ def train(args):
         init, start_run, _ = read_adapter(args.adapter)
         for k in ("method", "targets", "rank", "share", "lora_alpha"):
             setattr(args, k, start_run.get(k, getattr(args, k)))
-        if init["head.weight"].shape[0] != num_classes:  # another task: the adapter alone, a new head
+        if init.get("head.weight") is None or init["head.weight"].shape[0] != num_classes:  # a new head
             init = {k: v for k, v in init.items() if not k.startswith("head.")}
     settings = {**{f: getattr(args, f) for f in RESUME_FIELDS}, "num_classes": num_classes,
                 "model": fingerprint(args.model), "adapter": args.adapter and fingerprint(args.adapter),
@@ -84,7 +81,8 @@ def train(args):
     # The model: the pretrained ViT with a new head, frozen, and the adapter (its only trainable part, with the head)
     w, config = read_vit(args.model)  # the architecture from the header: a starting adapter is checked against it
     if init is not None:
-        check_fits(init, start_run, replace(config, num_classes=num_classes), args.adapter, args.model)
+        check_adapter_shapes(init, start_run, replace(config, num_classes=num_classes), args.adapter, args.model,
+                             add_adapter, lambda m: adapter_state_dict(m, ["head"]))
     torch.manual_seed(args.seed)  # the same new head and Theta on every rank
     model = build_vit(args.model, w, config, num_classes, args.image_size, args.drop_path, log=print0)
     base = base_identity(model, skip=["head"])  # recorded in the adapter: it runs on this base only
@@ -219,18 +217,6 @@ def autocast_for(args, device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def check_fits(state, run, config, adapter, base):
-    """vit.check_adapter_shapes against the same adapter on a ViT of config, built on the meta device (shapes only,
-    no memory whatever the sizes): before the base model's weights are loaded."""
-    try:
-        with torch.device("meta"):
-            shell = ViT(config)
-            add_adapter(shell, run)
-    except ValueError as e:  # targets that name no layer of this ViT, or Thetas that cannot be shared
-        raise UserError(f"{adapter}: its run config does not fit {base}: {e}") from None
-    check_adapter_shapes(state, adapter_state_dict(shell, ["head"]), run, config, adapter, base)
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: top-1 accuracy, an adapter (or the base model) on a split, merging, the paper's cluster maps, tables
 
@@ -264,7 +250,7 @@ def adapter_model(args):
     if state.get("head.weight") is None or state["head.weight"].dim() != 2:
         raise UserError(f"{args.adapter}: no classifier head (head.weight, classes x dim) in it")
     config = replace(config, num_classes=state["head.weight"].shape[0])
-    check_fits(state, run, config, args.adapter, base)
+    check_adapter_shapes(state, run, config, args.adapter, base, add_adapter, lambda m: adapter_state_dict(m, ["head"]))
     model = build_vit(base, w, config, config.num_classes, config.image_size, log=print0)
     check_adapter_base(args.adapter, run, model, base, ["head"], args.any_base)
     add_adapter(model, run)
@@ -284,14 +270,8 @@ def eval_only(args):
     if args.adapter:
         model, run, stored = adapter_model(args)
         label = f"{args.adapter} ({run['method']} r={run['rank']})"
-    else:
-        try:
-            model = load_vit(args.model, image_size=args.image_size, log=print0)
-        except UserError as e:
-            if "no usable classifier head" not in str(e):
-                raise
-            raise UserError(f"--eval-only without --adapter evaluates the base model zero-shot, with its own "
-                            f"classifier head; {args.model} has none (missing or all zeros): give --adapter") from None
+    else:  # the base model, with its own head: e.g. one written by --merge
+        model = load_vit(args.model, image_size=args.image_size, log=print0)
         run, stored, label = {"preset": args.preset}, None, f"the base model {args.model}, zero-shot (its own head)"
     model.to(device)
     samples, classes = read_split(args.test, args.root, run.get("classes"))
@@ -340,28 +320,26 @@ def draw(model, dataset, args, method, out_dir):
     a layer: its output tokens y (N, d_out), CLS dropped, times column k of C = W phi (d_out, r)."""
     if method != "gift":
         raise UserError(f"--visualize draws GIFT's cluster maps; this is a {method or 'base'} model")
-    c, device, layers = model.config, next(model.parameters()).device, args.vis_layers
-    chosen = [(name, layer) for name, layer in gift_layers(model)
-              if name.startswith("blocks.") and (layers is None or int(name.split(".")[1]) in layers)]
+    chosen = [(name, layer) for name, layer in gift_layers(model) if name.startswith("blocks.") and (
+        args.vis_layers is None or int(name.split(".")[1]) in args.vis_layers)]
     if not chosen:
-        raise UserError(f"--vis-layers {layers}: no GIFT layer there; {[name for name, _ in gift_layers(model)]}")
-    outputs, heads = {}, {name: cluster_head(layer) for name, layer in chosen}
-    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
-             for name, layer in chosen]
+        raise UserError(f"--vis-layers {args.vis_layers}: no GIFT layer there; {[n for n, _ in gift_layers(model)]}")
+    outputs, heads, g = {}, {name: cluster_head(layer) for name, layer in chosen}, model.config.image_size // \
+        model.config.patch_size
+    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name, layer in
+             chosen]
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
-    written, g = [], c.image_size // c.patch_size
+    written, r = [], max(h.shape[1] for h in heads.values())
     for i in np.random.default_rng(0).permutation(len(dataset)).tolist():  # a fixed sample across classes
         if len(written) == args.visualize:
             break
         x, y = dataset[i]
-        if model(x[None].to(device)).argmax(1).item() != y:
-            continue
-        rows = [(name, (outputs[name][0, 1:].float() @ heads[name]).T.reshape(-1, g, g).cpu()) for name, _ in chosen]
-        r = max(h.shape[1] for h in heads.values())
-        written.append(os.path.join(out_dir, f"test{i:05d}_label{y}.png"))
-        cluster_figure(x, rows, f"GIFT cluster maps, rank {r}: test image {i} (label {y}); a row per layer").save(
-            written[-1])
+        if model(x[None].to(next(model.parameters()).device)).argmax(1).item() == y:
+            rows = [(n, (outputs[n][0, 1:].float() @ heads[n]).T.reshape(-1, g, g).cpu()) for n, _ in chosen]
+            written.append(os.path.join(out_dir, f"test{i:05d}_label{y}.png"))
+            cluster_figure(x, rows, f"GIFT cluster maps, rank {r}: test image {i} (label {y}); a row per layer").save(
+                written[-1])
     for hook in hooks:
         hook.remove()
     print(f"cluster maps of {len(written)} correctly classified test images: {out_dir if written else 'none'}")
@@ -377,8 +355,8 @@ def table(runs):
         folder = os.path.basename(os.path.dirname(os.path.abspath(run.get("train") or out)))
         task, seed = vtab_task(folder) or folder, run.get("seed")
         if top1 is None or seed in scores.get(task, {}):
-            raise UserError(f"--table {out}: " + ("no test top-1 in its adapter (trained 0 epochs?)" if top1 is None
-                            else f"a second run of {task} with seed {seed}; give each run once"))
+            raise UserError(f"--table {out}: " + (f"a second run of {task} with seed {seed}" if top1 is not None else
+                                                  "no test top-1 in its adapter (trained 0 epochs?)"))
         scores.setdefault(task, {})[seed] = top1
     return vtab_table(scores)
 
@@ -386,21 +364,15 @@ def table(runs):
 # -----------------------------------------------------------------------------
 # Demo: a synthetic checkpoint and data set, then the real pipeline
 
-def make_demo(root):
-    """A random ViT (dim 64, depth 4, patch 8, 64 px) in Google's .npz layout and generated images of 4
-    coloured-square classes in class folders (images.demo_images). Returns (checkpoint, train dir, test dir)."""
-    return random_google_npz(os.path.join(root, "ViT-demo.npz")), *demo_images(root, np.random.default_rng(0))
-
-
 def demo(args):
-    t0 = time.time()
     if args.out:
         check_new_output(args.out, "--out")
-    root = args.out or tempfile.mkdtemp(prefix="gift_vit_demo_")
-    print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight ViT written in "
-          "Google's .npz format,\ngenerated 80 px pictures of 4 coloured-square classes). Accuracies say nothing "
-          f"about real tasks.\nFiles: {root}\n" + "=" * 100)
-    checkpoint, train_dir, test_dir = make_demo(root)
+    t0, root = time.time(), args.out or tempfile.mkdtemp(prefix="gift_vit_demo_")
+    print("=" * 100 + "\nDEMO: the checkpoint and the data are SYNTHETIC (a random-weight ViT written in Google's .npz "
+          f"format,\ngenerated 80 px pictures of 4 coloured-square classes): accuracies say nothing about real tasks."
+          f"\nFiles: {root}\n" + "=" * 100)
+    checkpoint = random_google_npz(os.path.join(root, "ViT-demo.npz"))  # dim 64, depth 4, patch 8, 64 px
+    train_dir, test_dir = demo_images(root, np.random.default_rng(0))
     # a tiny model on a small shared CPU: one compute thread, so that it never contends with the decoding
     # workers (oversubscribed OpenMP threads can slow these small matmuls down 10x)
     torch.set_num_threads(1)
@@ -412,23 +384,9 @@ def demo(args):
                       "--visualize", "2", *same]))
     merge(parse_args(["--adapter", os.path.join(run, "adapter.safetensors"), "--merge",
                       os.path.join(run, "merged.safetensors")]))
-    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). Everything is in {root}:\n"
-          f"  {checkpoint}, {train_dir}, {test_dir}: the synthetic checkpoint and images\n"
-          f"  {run}: log.jsonl (one line per epoch), checkpoint.pt (resume), adapter.safetensors, "
-          f"merged.safetensors, cluster_maps/*.png")
-
-
-def seeds(args):
-    """--seeds A B ...: the recipe once per seed into OUT/seed-N, then one table (mean +- std) in OUT/table.md."""
-    runs = [os.path.join(args.out, f"seed-{seed}") for seed in args.seeds]
-    for seed, out in zip(args.seeds, runs):
-        train(argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "seeds": None}))
-        if not os.path.exists(os.path.join(out, "adapter.safetensors")):
-            return  # stopped (Ctrl-C, --stop-after): --resume continues this seed, then the next ones
-    if int(os.environ.get("RANK", 0)) == 0:
-        text = table(runs)
-        atomic_write(os.path.join(args.out, "table.md"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        print(f"{text}written to {os.path.join(args.out, 'table.md')}")
+    print(f"demo done in {time.time() - t0:.0f} s (SYNTHETIC data). In {root}: ViT-demo.npz, train/, test/ (the "
+          f"synthetic checkpoint and images); run/: log.jsonl, checkpoint.pt, adapter.safetensors, merged.safetensors, "
+          f"cluster_maps/*.png")
 
 
 # -----------------------------------------------------------------------------
@@ -475,9 +433,8 @@ def parse_args(argv=None):
                         "stop_after": 1, "num_classes": 2, "image_size": 1, "warmup_lr": 0, "min_lr": 0,
                         "weight_decay": 0, "drop_path": 0})
     for name, bad, want in (("lr", args.lr <= 0, "> 0"), ("lora-alpha", args.lora_alpha <= 0, "> 0"),
-                            ("drop-path", args.drop_path >= 1, "< 1"), ("seeds", len(set(args.seeds or [])) < len(
-                                args.seeds or []), "different"), ("vis-layers", min(args.vis_layers or [0]) < 0,
-                                                                  "block indices >= 0")):
+                            ("drop-path", args.drop_path >= 1, "< 1"), ("vis-layers", min(args.vis_layers or [0]) < 0,
+                                                                        "block indices >= 0")):
         if bad:
             raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))}: must be {want}")
     for target in args.targets:  # a name suffix of a block's Linear layer: qkv, attn.proj, blocks.3.mlp.fc1, ...
@@ -486,32 +443,26 @@ def parse_args(argv=None):
                             f"(or their last part, e.g. proj; one block's: blocks.N.attn.proj)")
     if args.out and os.path.isfile(args.out):
         raise UserError(f"--out {args.out} is a file: give a folder (new, or a run's to --resume)")
-    for flag, bad, text in (
-            ("merge", args.merge and not args.adapter, "--merge OUT needs --adapter FILE"),
-            ("eval", args.eval_only and (args.train or not args.test or not (args.adapter or args.model)),
-             "--eval-only needs --test and --adapter (or --model, a base model with its own head); not --train"),
-            ("adapter", args.adapter and args.test and not (args.train or args.eval_only or args.merge),
-             "--adapter with --test alone: add --eval-only to evaluate it, or --train to start from it"),
-            ("what", not (args.demo or args.merge or args.eval_only or args.table or (args.model and args.train and
-                                                                                       args.test)),
-             "give --model, --train and --test (or --adapter FILE with --eval-only --test or --merge OUT, --table "
-             "RUN..., or --demo)"),
-            ("seeds", args.seeds and (args.eval_only or args.merge), "--seeds runs training: not with --eval-only or "
-                                                                    "--merge")):
-        if bad:
-            raise UserError(text)
+    if args.merge and not args.adapter:
+        raise UserError("--merge OUT needs --adapter FILE")
+    if args.eval_only and (args.train or not args.test or not (args.adapter or args.model)):
+        raise UserError("--eval-only needs --test and --adapter (or --model, a base model with its own head); "
+                        "not --train")
+    if args.adapter and args.test and not (args.train or args.eval_only or args.merge):
+        raise UserError("--adapter with --test alone: add --eval-only to evaluate it, or --train to start from it")
+    if not (args.demo or args.merge or args.eval_only or args.table or (args.model and args.train and args.test)):
+        raise UserError("give --model, --train and --test (or --adapter FILE with --eval-only --test or --merge OUT, "
+                        "--table RUN..., or --demo)")
     for flag, want in (("train", "a folder of class folders, a VPT .json or a `path label` .txt"), ("test", "the "
                        "same"), ("root", "a folder"), ("model", "a ViT checkpoint"), ("adapter", "an adapter file")):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)} does not exist (expected {want})")
-    for run in args.table or []:
-        if not os.path.isfile(os.path.join(run, "adapter.safetensors")):
-            raise UserError(f"--table {run}: no adapter.safetensors there (not a finished run of train_vit.py)")
     if args.adapter and not args.model and open(args.adapter, "rb").read(4) == b"PK\x03\x04":
         raise UserError(f"--adapter {args.adapter} is a torch file (the GIFT authors' format), which names no base "
                         f"weights: give --model (vit_base_patch16_224.augreg_in21k for theirs)")
     if args.visualize and args.method == "lora" and args.train:
         raise UserError("--visualize draws GIFT's cluster maps; a LoRA run has none")
+    args.seeds = args.seeds and list(dict.fromkeys(args.seeds))  # each seed once: one run folder each
     args.rank = args.rank or {"gift": 16, "lora": 8}[args.method]
     args.weight_decay = PRESETS[args.preset] if args.weight_decay is None else args.weight_decay
     args.out = args.out or (None if args.demo or args.eval_only and not args.visualize else "runs/vit")
@@ -529,8 +480,16 @@ def main(argv=None):
         merge(args)
     elif args.eval_only:
         eval_only(args)
-    elif args.seeds:
-        seeds(args)
+    elif args.seeds:  # the recipe once per seed into OUT/seed-N, then one table (mean +- std) in OUT/table.md
+        runs = [os.path.join(args.out, f"seed-{seed}") for seed in args.seeds]
+        for seed, out in zip(args.seeds, runs):
+            train(argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "seeds": None}))
+            if not os.path.exists(os.path.join(out, "adapter.safetensors")):
+                return  # stopped (Ctrl-C, --stop-after): --resume continues this seed, then the next ones
+        if int(os.environ.get("RANK", 0)) == 0:
+            text = table(runs)
+            atomic_write(os.path.join(args.out, "table.md"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            print(f"{text}written to {os.path.join(args.out, 'table.md')}")
     else:
         train(args)
 

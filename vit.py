@@ -387,7 +387,8 @@ def build_vit(path, w, config: ViTConfig, num_classes: int | None = None, image_
     sd, unused = _to_timm(w, path)
     head = sd.get("head.weight")
     if num_classes is None and (head is None or not head.any()):
-        raise UserError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
+        raise UserError(f"{path} has no usable classifier head (missing or all zeros, as in the ImageNet-21k files), "
+                        f"so it cannot be evaluated zero-shot: pass num_classes for a new head, or give an adapter")
     image_size = image_size or config.image_size
     if image_size % config.patch_size or image_size > MAX_IMAGE:
         raise UserError(f"image size {image_size}: must be a multiple of the patch size {config.patch_size} and at "
@@ -530,9 +531,18 @@ def trained_on(run):
         f", dim {vit.dim}, depth {vit.depth}" if vit else "")
 
 
-def check_adapter_shapes(state, want, run, config, adapter, base):
-    """An adapter's tensors (state) must have the shapes of want, the same adapter on a ViT of config (a head may
-    be absent from state: a new one is attached); else one line naming the adapter's base and this one."""
+def check_adapter_shapes(state, run, config: ViTConfig, adapter, base, adapt, adapter_state):
+    """An adapter's tensors (state) must have the shapes of the same adapter on a ViT of config (read from the
+    base's header, nothing loaded yet), built on the meta device (shapes only, no memory whatever the sizes):
+    adapt(model, run) adds it (harness.add_adapter), adapter_state(model) lists its tensors. A head may be absent
+    from state (a new one is attached). Else one line naming the adapter's base and this one."""
+    try:
+        with torch.device("meta"):
+            shell = ViT(config)
+            adapt(shell, run)
+    except ValueError as e:  # targets that name no layer of this ViT, or Thetas that cannot be shared
+        raise UserError(f"{adapter}: its run config does not fit {base}: {e}") from None
+    want = adapter_state(shell)
     bad = [k for k in sorted(state.keys() | want.keys()) if (k in state) != (k in want) and not k.startswith("head.")
            or k in state and k in want and state[k].shape != want[k].shape]
     if bad:
