@@ -80,3 +80,38 @@ def test_vit_image_costs_are_capped(tmp_path, name, make, match):
         images.load_image(str(tmp_path / name), 32, "train", np.random.default_rng(0))
 
 
+
+
+@pytest.mark.parametrize("content,match", [  # issue 22 class 5: no label that is not a class id, named by record
+    ('{"a.png": NaN}', r"x.json: entry 'a.png': label nan is not an integer"),
+    ('{"a.png": Infinity}', r"x.json: entry 'a.png': label inf is not an integer"),
+    ('{"a.png": true}', r"x.json: entry 'a.png': label True is not an integer"),
+    ('{"a.png": 3.0}', r"x.json: entry 'a.png': label 3.0 is not an integer"),
+    ('{"a.png": [1]}', r"x.json: entry 'a.png': label \[1\] is not an integer"),
+    ("a.png 1\na.png nan\n", r"x.txt:2: label 'nan' is not an integer"),
+    ("a.png inf\n", r"x.txt:1: label 'inf' is not an integer"),
+    ("a.png 1e3\n", r"x.txt:1: label '1e3' is not an integer")])
+def test_non_finite_or_non_integer_labels_are_refused(tmp_path, content, match):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    spec = tmp_path / ("x.json" if content.startswith("{") else "x.txt")
+    spec.write_text(content)
+    with pytest.raises(UserError, match=match):
+        read_split(str(spec))
+
+
+def test_vtab_task_names_and_table():
+    assert sum(len(t) for t in images.VTAB_GROUPS.values()) == 19
+    for folder, task in (("cifar", "cifar100"), ("CIFAR-100", "cifar100"), ("clevr_count", "clevr_count"),
+                         ("dsprites_loc", "dsprites_loc"), ("smallnorb_azi", "smallnorb_azi"),
+                         ("oxford_iiit_pet", "oxford_iiit_pet"), ("diabetic_retinopathy", "diabetic_retinopathy"),
+                         ("Camelyon", "patch_camelyon"), ("clevr_closest_object_distance", "clevr_dist"),
+                         ("CUB_200_2011", None)):
+        assert images.vtab_task(folder) == task, folder
+    text = images.vtab_table({"cifar100": {42: 70.0, 43: 72.0}, "dtd": {42: 60.0, 43: 64.0}, "eurosat": {42: 95.5},
+                              "CUB": {42: 89.0}})
+    assert "| natural | cifar100 | 71.00 ± 1.41% | 2 |" in text          # sample std over seeds (n - 1)
+    assert "| natural | **mean of 2 of 7** | 66.50 ± 2.12% | |" in text  # per-seed means 65, 68
+    assert "| specialized | eurosat | 95.50% | 1 |" in text and "| other | CUB | 89.00% | 1 |" in text
+    assert "| VTAB-1k | **mean of 3 of 19 tasks** | 76.17% | |" in text  # (71 + 62 + 95.5) / 3; seeds differ: no std
+    assert "GIFT 74.09%, LoRA 73.95%" in text and "missing: caltech101, clevr_count," in text

@@ -2,6 +2,7 @@
 their checks of every field and shape before a model is built, and the adapter readers (ours, the GIFT authors').
 Tiny models, CPU."""
 import argparse
+import json
 import os
 from dataclasses import replace
 
@@ -265,3 +266,104 @@ def test_vit_authors_adapter_bad_files_refused(tmp_path):
     for path, match in cases:
         with pytest.raises(ValueError, match=match):
             vit.read_adapter(path)
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: every reader checks what it reads, before any model is built
+
+def _hf_folder(tmp_path, name="hf", **changes):
+    """An HF ViT folder (config.json + model.safetensors) of _vit_cfg's weights; changes edit config.json."""
+    _, hf = _vit_timm_and_hf(_vit_google_arrays())
+    folder = tmp_path / name
+    folder.mkdir()
+    write_safetensors(str(folder / "model.safetensors"), hf)
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": 16, "patch_size": 4, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(folder)
+
+
+def test_vit_hf_folder_reads_its_config(tmp_path):
+    model = load_vit(_hf_folder(tmp_path))  # heads from config.json: dim 32 is no standard size
+    assert model.config == _vit_cfg
+    ref = load_vit(_vit_save_npz(tmp_path / "g.npz", _vit_google_arrays()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert load_vit(_hf_folder(tmp_path, "eps", layer_norm_eps=1e-12)).blocks[0].norm1.eps == 1e-12  # HF's own
+
+
+@pytest.mark.parametrize("changes,match", [  # class 2: types and ranges of config.json's fields
+    ({"hidden_size": 430.0}, r"config.json: field 'hidden_size' is 430.0; expected an integer >= 1"),
+    ({"num_hidden_layers": 2.5}, r"field 'num_hidden_layers' is 2.5; expected an integer >= 1"),
+    ({"num_attention_heads": "4"}, r"field 'num_attention_heads' is '4'; expected an integer >= 1"),
+    ({"intermediate_size": 0}, r"field 'intermediate_size' is 0; expected an integer >= 1"),
+    ({"num_attention_heads": 5}, r"dim 32 of heads 5"),
+    ({"image_size": 10 ** 9}, r"field 'image_size' is 1000000000; expected an integer >= 1 <= 4096"),
+    ({"layer_norm_eps": -1}, r"field 'layer_norm_eps' is -1; expected a number >= 0 <= 1"),
+    ({"hidden_act": "gelu_new"}, r"field 'hidden_act' is 'gelu_new'; expected one of 'gelu'"),
+    ({"qkv_bias": False}, r"field 'qkv_bias' is False; expected one of True"),
+    ({"hidden_size": True}, r"field 'hidden_size' is True; expected an integer"),
+    ({"num_hidden_layers": 10 ** 6}, r"holds a ViT of dim 32, depth 2, .*says dim 32, depth 1000000"),  # class 3
+])
+def test_vit_hf_config_fields_are_checked(tmp_path, changes, match):
+    with pytest.raises(UserError, match=match):
+        load_vit(_hf_folder(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("vit_meta,match", [  # a merged model's ViTConfig in its metadata
+    ({"depth": 10 ** 6}, r"holds a ViT of dim 32, depth 2, .*stored with it says dim 32, depth 1000000"),  # class 3
+    ({"dim": 10 ** 7, "heads": 1}, r"holds a ViT of dim 32, .*says dim 10000000"),
+    ({"depth": "2"}, r"metadata config 'vit': field 'depth' is '2'; expected an integer >= 1"),
+    ({"mlp": 64}, r"metadata config 'vit': unknown field\(s\) mlp"),
+    ({"drop_path": 5}, r"field 'drop_path' is 5; expected a number >= 0 <= 0.99"),
+])
+def test_vit_stored_config_is_checked_before_building(tmp_path, monkeypatch, vit_meta, match):
+    timm, _ = _vit_timm_and_hf(_vit_google_arrays())
+    path = str(tmp_path / "merged.safetensors")
+    write_safetensors(path, timm, {"config": json.dumps({"vit": {**vars(_vit_cfg), **vit_meta}})})
+    monkeypatch.setattr(vit, "ViT", None)  # no model may be built before the check
+    with pytest.raises(UserError, match=match):
+        load_vit(path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "npz"])
+def test_vit_integer_weights_are_refused(tmp_path, fmt):  # class 1: I32 read as integers would train silently
+    w = _vit_google_arrays()
+    timm, _ = _vit_timm_and_hf(w)
+    timm["blocks.1.attn.proj.weight"] = timm["blocks.1.attn.proj.weight"].view(torch.int32)  # same bytes
+    w["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = w[
+        "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"].view(np.int32)
+    path = str(tmp_path / f"m.{fmt}")
+    {"safetensors": lambda: write_safetensors(path, timm), "pth": lambda: torch.save(timm, path),
+     "npz": lambda: np.savez(path, **w)}[fmt]()
+    with pytest.raises(UserError, match=r"tensor '.*(attn.proj|Dense_0/kernel).*' is stored as torch.int32, but a "
+                                        r"model weight is floating point"):
+        load_vit(path, _vit_cfg)
+
+
+@pytest.mark.parametrize("config,match", [  # class 2: an adapter's run config, every field
+    ([1, 2], r"run config is list \[1, 2\]; expected a JSON object"),
+    ({"targets": ["attn.proj"], "rank": "16"}, r"run config: field 'rank' is '16'; expected an integer >= 1"),
+    ({"targets": ["attn.proj"], "rank": 0}, r"field 'rank' is 0; expected an integer >= 1"),
+    ({"targets": ["attn.proj"], "rank": 4, "method": "dora"}, r"field 'method' is 'dora'; expected one of 'gift', "),
+    ({"targets": "attn.proj", "rank": 4}, r"field 'targets' is 'attn.proj'; expected a list"),
+    ({"targets": [], "rank": 4}, r"field 'targets' is \[\]; expected a list of layer names"),
+    ({"targets": ["attn.proj"], "rank": 4, "method": "lora", "lora_alpha": 0}, r"'lora_alpha' is 0; expected a num"),
+    ({"targets": ["attn.proj"], "rank": 4, "share": "some"}, r"field 'share' is 'some'; expected one of 'type', 'all'"),
+    ({"targets": ["attn.proj"], "rank": 4, "vit": {**vars(_vit_cfg), "heads": 2.5}}, r"field 'vit': field 'heads' is"),
+    ({"targets": ["attn.proj"], "rank": 4, "test_top1": "90"}, r"field 'test_top1' is '90'; expected a number"),
+    ({"targets": ["attn.proj"], "rank": 4, "seed": 4.2}, r"field 'seed' is 4.2; expected an integer"),
+    ({"script": "train_glue.py", "targets": ["query"], "rank": 4}, r"is an adapter of train_glue.py, not of train_vit"),
+])
+def test_vit_adapter_run_config_is_checked(tmp_path, config, match):
+    path = str(tmp_path / "adapter.safetensors")
+    write_safetensors(path, {"gift.attn_proj.phi.weight": torch.zeros(4, 32)}, {"config": json.dumps(config)})
+    with pytest.raises(UserError, match=match):
+        vit.read_adapter(path)
+
+
+def test_vit_adapter_integer_tensors_are_refused(tmp_path):  # class 1
+    path = str(tmp_path / "adapter.safetensors")
+    write_safetensors(path, {"gift.attn_proj.phi.weight": torch.zeros(4, 32, dtype=torch.int32)},
+                      {"config": json.dumps({"targets": ["attn.proj"], "rank": 4})})
+    with pytest.raises(UserError, match=r"'gift.attn_proj.phi.weight' is stored as torch.int32"):
+        vit.read_adapter(path)
