@@ -15,20 +15,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import images
 import train_vit
 import vit
 from conftest import user_error
 from gift import add_gift
 from fileio import UserError, read_safetensors, write_safetensors
-from vit import ViT, ViTConfig, load_vit, read_split
+from images import read_split
+from vit import ViT, ViTConfig, load_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_demo(root):
+    """The demo's files: its random ViT (Google .npz) and images of 4 classes. (checkpoint, train dir, test dir)"""
+    return vit.random_google_npz(os.path.join(root, "ViT-demo.npz")), *images.demo_images(root, np.random.default_rng(0))
+
 
 @pytest.fixture(scope="module")
 def _vit_demo(tmp_path_factory, one_thread):
     """The demo's synthetic npz checkpoint and image folders, and one 2-epoch run with cluster maps."""
     root = tmp_path_factory.mktemp("vit_demo")
-    ckpt, train_dir, test_dir = train_vit.make_demo(str(root))
+    ckpt, train_dir, test_dir = make_demo(str(root))
     args = ["--model", ckpt, "--train", train_dir, "--test", test_dir, "--epochs", "2", "--warmup", "0",
             "--batch-size", "16", "--lr", "3e-3", "--workers", "0", "--device", "cpu"]
     model = train_vit.train(train_vit.parse_args(args + ["--out", str(root / "run"), "--visualize", "1"]))
@@ -56,9 +64,9 @@ def test_vit_cluster_map_png_written(_vit_demo):
     from PIL import Image
     pngs = sorted((_vit_demo["root"] / "run" / "cluster_maps").glob("*.png"))
     assert len(pngs) == 1
-    T, L = train_vit.TITLE, train_vit.LABEL
+    T, L = images.TITLE, images.LABEL
     with Image.open(pngs[0]) as im:  # title; 4 layers x (image, all clusters, 16 maps) in 128 px tiles; colour key
-        assert im.size == (18 * 128, T + 4 * (128 + L) + train_vit.LEGEND)
+        assert im.size == (18 * 128, T + 4 * (128 + L) + images.LEGEND)
         px = np.asarray(im.convert("RGB"), dtype=np.int64)
     image = px[T + L:T + L + 128, :128]
     zero = 0.4 * image + 0.6 * np.array([0, 0, 127.5])  # a map value zeroed under 0.5: jet(0) = dark blue
@@ -100,7 +108,8 @@ def test_vit_resume_equals_uninterrupted(_vit_demo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b")]))
     monkeypatch.setattr(train_vit, "evaluate", evaluate)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6  # epoch 1
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # epoch 2's training, saved before its
+    assert (ckpt["step"], ckpt["epoch"], ckpt["in_epoch"]) == (12, 1, 6)       # evaluation failed (issue 22.5)
     train_vit.train(train_vit.parse_args(args + ["--out", str(tmp_path / "b"), "--resume"]))
     a, b = (read_safetensors(str(tmp_path / d / "adapter.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -174,7 +183,7 @@ def test_vit_resume_compares_inputs_by_content(_vit_demo, tmp_path, capsys):
 
 def test_vit_augmentation_does_not_depend_on_workers(_vit_demo):
     samples, _ = read_split(_vit_demo["train"])
-    data = train_vit.ImageDataset([(p, y) for p, y, _ in samples[:12]], 32, "train", seed=0)
+    data = images.ImageDataset([(p, y) for p, y, _ in samples[:12]], 32, "train", seed=0)
 
     def batches(workers, epoch):
         data.epoch = epoch
@@ -330,7 +339,7 @@ def test_vit_authors_adapter_converts_to_the_same_logits(tmp_path, capsys):
         merged = load_vit(str(tmp_path / "merged.safetensors")).double().eval()
         torch.testing.assert_close(merged(x), want, rtol=0, atol=1e-6)  # W (I + phi psi) summed and stored in fp32
     # the start of a fine-tuning run: its Theta (the demo's 4 classes need a new head); 0 epochs writes the start
-    ckpt, train_dir, test_dir = train_vit.make_demo(str(tmp_path / "demo"))
+    ckpt, train_dir, test_dir = make_demo(str(tmp_path / "demo"))
     train_vit.main(args + ["--train", train_dir, "--test", test_dir, "--epochs", "0", "--workers", "0", "--device", "cpu", "--out",
                            str(tmp_path / "ft")])
     start = read_safetensors(str(tmp_path / "ft" / "adapter.safetensors"))
@@ -436,7 +445,7 @@ def test_vit_adapter_of_another_model_is_one_line(_vit_demo, tmp_path, capsys): 
     adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
     _vit_user_error(capsys, ["--adapter", adapter, "--model", other, "--eval-only", "--test", _vit_demo["test"],
                              "--device", "cpu"], r"adapter.safetensors was trained on .*ViT-demo.npz, dim 64, depth 4 "
-                    r"and does not fit .*wide.npz: .*'cls_token' has shape \(1, 1, 96\), expected \(1, 1, 64\)")
+                    r"and does not fit .*wide.npz: .*wide.npz holds a ViT of dim 96, .*the config given says dim 64")
 
 
 def test_vit_eval_only_base_model_is_labelled_zero_shot(_vit_demo, tmp_path, capsys):  # row 6
@@ -447,8 +456,8 @@ def test_vit_eval_only_base_model_is_labelled_zero_shot(_vit_demo, tmp_path, cap
     train_vit.main(["--model", merged, *argv])  # its ViTConfig from the metadata, its head the adapter's
     out = capsys.readouterr().out
     assert "the base model" in out and "zero-shot (its own head)" in out and "gift" not in out.lower().split("top-1")[0]
-    _vit_user_error(capsys, ["--model", _vit_demo["ckpt"], *argv], r"--eval-only without --adapter evaluates the base "
-                    r"model zero-shot, with its own classifier head; .*ViT-demo.npz has none .*: give --adapter")
+    _vit_user_error(capsys, ["--model", _vit_demo["ckpt"], *argv], r"ViT-demo.npz has no usable classifier head "
+                    r"\(missing or all zeros, .*\), so it cannot be evaluated zero-shot: .* or give an adapter")
 
 
 def test_vit_compiled_run_matches_eager(_vit_demo, tmp_path, monkeypatch):
@@ -485,3 +494,92 @@ def test_vit_gift_step0_is_the_base_model_and_merge_matches_in_bf16(_vit_demo):
         # bf16 matmuls of W x and of W (I + phi psi) x round differently: a few bf16 ulps of logits of size ~1
         torch.testing.assert_close(merged(x).float(), trained(x).float(), rtol=0, atol=0.1)
     _vit_demo["model"].cpu()
+
+
+# -----------------------------------------------------------------------------
+# Issue 22 (classes 1, 4, 6) and issue 19 (the VTAB preset, the table, seeds)
+
+def test_vit_adapter_on_another_base_is_refused(_vit_demo, tmp_path, capsys):  # class 1: never silently wrong
+    adapter = str(_vit_demo["root"] / "run" / "adapter.safetensors")
+    merged = train_vit.merge(train_vit.parse_args(["--adapter", adapter, "--merge", str(tmp_path / "m.safetensors")]))
+    argv = ["--adapter", adapter, "--eval-only", "--test", _vit_demo["test"], "--workers", "0", "--device", "cpu"]
+    _vit_user_error(capsys, argv + ["--model", merged], r"adapter.safetensors was trained on .*ViT-demo.npz \(identity "
+                    r"[0-9a-f]{16}\), not on .*m.safetensors \(identity [0-9a-f]{16}\).*add --any-base")
+    other = vit.random_google_npz(str(tmp_path / "other.npz"), seed=1)  # the same shapes, other weights
+    _vit_user_error(capsys, argv + ["--model", other], r"not on .*other.npz .*--any-base")
+    _vit_user_error(capsys, ["--adapter", adapter, "--model", other, "--merge", str(tmp_path / "x.safetensors")],
+                    r"not on .*other.npz")
+    assert train_vit.main(argv + ["--model", other, "--any-base"]) is None  # the user knows: applied
+
+
+def test_vit_adapter_shapes_checked_before_the_base_loads(_vit_demo, tmp_path, capsys, monkeypatch):  # class 4
+    path = str(tmp_path / "wide.safetensors")
+    write_safetensors(path, {"gift.attn_proj.phi.weight": torch.zeros(16, 96), "gift.attn_proj.psi.weight":
+                             torch.zeros(96, 16), "head.weight": torch.zeros(4, 96), "head.bias": torch.zeros(4)},
+                      {"config": json.dumps({"targets": ["attn.proj"], "rank": 16, "model": "wide.npz"})})
+    monkeypatch.setattr(train_vit, "build_vit", None)  # loading the base's weights would fail the test
+    argv = ["--adapter", path, "--model", _vit_demo["ckpt"], "--device", "cpu", "--workers", "0"]
+    for mode in (["--eval-only", "--test", _vit_demo["test"]], ["--train", _vit_demo["train"], "--test",
+                                                                  _vit_demo["test"], "--out", str(tmp_path / "r")]):
+        _vit_user_error(capsys, argv + mode, r"wide.safetensors was trained on wide.npz and does not fit .*ViT-demo.npz "
+                        r"\(dim 64, depth 4\): gift.attn_proj.phi.weight is \(16, 96\) there, \(16, 64\) here")
+
+
+def test_vit_finished_runs_and_evaluations_are_never_replaced(_vit_demo, tmp_path, capsys):  # class 6
+    shutil.copytree(_vit_demo["root"] / "run", tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    _vit_user_error(capsys, _vit_demo["args"] + ["--out", str(tmp_path / "run")], r"holds a run \(log.jsonl, "
+                    r"adapter.safetensors, cluster_maps\): add --resume to continue it, --overwrite to replace it")
+    argv = ["--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--eval-only", "--test", _vit_demo["test"],
+            "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    train_vit.main(argv)
+    result = json.loads((tmp_path / "run" / "eval_run-adapter_on_vit_demo0-test.json").read_text())
+    assert result["images"] == 48 and result["test_top1"] == pytest.approx(result["stored"], abs=1e-3)
+    _vit_user_error(capsys, argv, r"eval_run-adapter_on_vit_demo0-test.json holds this evaluation already: add "
+                    r"--overwrite")
+    train_vit.main(argv + ["--overwrite"])
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "adapter.safetensors", "cluster_maps",
+                                                    "eval_run-adapter_on_vit_demo0-test.json", "log.jsonl"]
+
+
+def test_vit_presets_set_the_protocol():  # issue 19: VTAB-1k's data handling and weight decay 0
+    base = ["--model", "m", "--train", "t", "--test", "t"]
+    fgvc, vtab = (train_vit.parse_args(["--demo", "--preset", p]) for p in ("fgvc", "vtab"))
+    assert (fgvc.weight_decay, vtab.weight_decay) == (1e-4, 0.0)
+    assert train_vit.parse_args(["--demo", "--preset", "vtab", "--weight-decay", "0.01"]).weight_decay == 0.01
+    assert (vtab.lr, vtab.epochs, vtab.warmup, vtab.batch_size, vtab.drop_path, vtab.precision) == (
+        1e-4, 100, 10, 32, 0.1, "fp32")
+    with pytest.raises(UserError, match="does not exist"):
+        train_vit.parse_args(base)
+
+
+def _fake_run(folder, train, seed, top1):
+    os.makedirs(folder)
+    write_safetensors(os.path.join(folder, "adapter.safetensors"), {"head.bias": torch.zeros(2)}, {"config": json.dumps(
+        {"script": "train_vit.py", "targets": ["attn.proj"], "rank": 16, "train": train, "seed": seed,
+         "test_top1": top1})})
+    return str(folder)
+
+
+def test_vit_table_of_vtab_runs(tmp_path, capsys):  # issue 19: per task, per group, the mean of 19, over seeds
+    runs = [_fake_run(tmp_path / f"{task}-{seed}", f"/data/vtab-1k/{task}/train800val200.txt", seed, top1)
+            for task, seed, top1 in (("cifar", 42, 70.0), ("cifar", 43, 72.0), ("clevr_count", 42, 80.0),
+                                     ("Camelyon", 42, 85.0))]
+    train_vit.main(["--table", *runs])
+    out = capsys.readouterr().out
+    assert "| natural | cifar100 | 71.00 ± 1.41% | 2 |" in out and "| structured | clevr_count | 80.00% | 1 |" in out
+    assert "| specialized | patch_camelyon | 85.00% | 1 |" in out and "mean of 3 of 19 tasks** | 78.67% |" in out
+    assert "missing: caltech101," in out and "GIFT 74.09%, LoRA 73.95%" in out
+    _vit_user_error(capsys, ["--table", runs[0], runs[0]], r"a second run of cifar100 with seed 42")
+    _vit_user_error(capsys, ["--table", str(tmp_path)], r"adapter .*adapter.safetensors does not exist")
+
+
+def test_vit_seeds_run_once_each_and_write_one_table(_vit_demo, tmp_path, capsys):  # issue 19
+    out = tmp_path / "runs"
+    train_vit.main(_vit_demo["args"] + ["--epochs", "1", "--out", str(out), "--seeds", "42", "43"])
+    logs = {s: json.loads((out / f"seed-{s}" / "log.jsonl").read_text()) for s in (42, 43)}
+    assert logs[42]["train_loss"] != logs[43]["train_loss"]  # another seed: another head, order, crops
+    table = (out / "table.md").read_text()
+    top1 = [logs[s]["test_top1"] for s in (42, 43)]
+    assert f"| other | vit_demo0 | {np.mean(top1):.2f} ± {np.std(top1, ddof=1):.2f}% | 2 |" in table
+    assert table in capsys.readouterr().out

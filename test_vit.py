@@ -1,10 +1,9 @@
 """Tests for vit.py: the ViT against raw kernels and transformers, the checkpoint readers (Google npz, timm, HF),
-the input (images, split files), and the adapter readers (ours, the GIFT authors'). Tiny models, CPU."""
+their checks of every field and shape before a model is built, and the adapter readers (ours, the GIFT authors').
+Tiny models, CPU."""
 import argparse
 import json
 import os
-import struct
-import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import vit
 from fileio import UserError, write_safetensors
 from gift import add_gift
-from vit import ViT, ViTConfig, load_vit, read_split, resize_pos_embed
+from vit import ViT, ViTConfig, load_vit, resize_pos_embed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,12 +194,13 @@ def test_vit_bad_checkpoints_raise(tmp_path):
     open(tmp_path / "cut.safetensors", "wb").write(data[:-100])
     with pytest.raises(ValueError, match="cut.safetensors: tensor .* outside the"):
         load_vit(str(tmp_path / "cut.safetensors"), _vit_cfg)
-    with pytest.raises(ValueError, match=r"'blocks.0.mlp.fc1.weight' has shape \(64, 32\), expected \(48, 32\)"):
+    # a config that does not describe the file: refused from the shapes, before any model is built
+    with pytest.raises(UserError, match=r"g.npz holds a ViT of dim 32, depth 2, mlp_dim 64, patch_size 4, heads 4; the "
+                                        r"config given says dim 32, depth 2, mlp_dim 48, patch_size 4, heads 4: it does"):
         load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_dim=48))
-    with pytest.raises(ValueError, match="backbone weight 'blocks.2.norm1.weight' is missing"):
+    with pytest.raises(UserError, match="config given says dim 32, depth 3,"):
         load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=3, heads=4, mlp_dim=64))
-    with pytest.raises(UserError, match=r"g.npz: 12 tensors have no place in a ViT of .*depth=1.* \(blocks.1.attn.proj"
-                                        r".bias, .*\): this config does not describe the checkpoint"):
+    with pytest.raises(UserError, match="config given says dim 32, depth 1,"):
         load_vit(good, ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, heads=4, mlp_dim=64))  # never cut short
     write_safetensors(str(tmp_path / "fc_norm.safetensors"), {**timm, "fc_norm.weight": torch.ones(32)})
     with pytest.raises(UserError, match=r"1 tensors have no place .*\(fc_norm.weight\)"):
@@ -214,52 +214,6 @@ def test_vit_bad_checkpoints_raise(tmp_path):
     with pytest.raises(ValueError, match="no usable classifier head"):
         load_vit(_vit_save_npz(tmp_path / "z.npz", w))
     assert load_vit(str(tmp_path / "z.npz"), num_classes=3).head.weight.shape == (3, 32)
-
-
-def test_vit_bad_splits_raise(tmp_path):
-    from PIL import Image
-    (tmp_path / "img").mkdir()
-    Image.new("RGB", (20, 30), (9, 99, 199)).save(tmp_path / "img" / "a b.png")
-    (tmp_path / "ok.txt").write_text("img/a b.png 1\n\nimg/a b.png 0\n")
-    samples, classes = read_split(str(tmp_path / "ok.txt"))
-    assert classes is None and [(os.path.basename(p), y) for p, y, _ in samples] == [("a b.png", 1), ("a b.png", 0)]
-    (tmp_path / "folders" / "cat").mkdir(parents=True)
-    (tmp_path / "folders" / "dog").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "folders" / "dog" / "1.jpg")
-    Image.new("RGB", (8, 8)).save(tmp_path / "folders" / "cat" / "2.jpg")
-    samples, classes = read_split(str(tmp_path / "folders"))
-    assert classes == ["cat", "dog"] and [y for _, y, _ in samples] == [0, 1]
-    with pytest.raises(ValueError, match=r"dog.1.jpg: class 'dog' is not among the training split's classes"):
-        read_split(str(tmp_path / "folders"), classes=["ant", "cat"])
-    (tmp_path / "nolabel.txt").write_text("img/a b.png 1\nimg/a.png\n")
-    with pytest.raises(ValueError, match=r"nolabel.txt:2: expected `relative/path label`, got 'img/a.png'"):
-        read_split(str(tmp_path / "nolabel.txt"))
-    (tmp_path / "word.txt").write_text("img/a b.png cat\n")
-    with pytest.raises(ValueError, match=r"word.txt:1: label 'cat' is not an integer"):
-        read_split(str(tmp_path / "word.txt"))
-    (tmp_path / "missing.txt").write_text("img/a b.png 1\nimg/gone.png 0\n")
-    with pytest.raises(UserError, match=r"missing.txt:2: image .*gone.png does not exist"):
-        read_split(str(tmp_path / "missing.txt"))
-    Image.new("RGB", (20, 30)).save(tmp_path / "img" / "c.png")
-    (tmp_path / "train.json").write_text(json.dumps({"img/a b.png": 12, "img/c.png": 3}))  # VPT: ids mapped 0..C-1
-    samples, classes = read_split(str(tmp_path / "train.json"))
-    assert classes == [3, 12] and [y for _, y, _ in samples] == [1, 0]
-    (tmp_path / "test.json").write_text(json.dumps({"img/c.png": 12, "img/a b.png": 5}))
-    with pytest.raises(ValueError, match=r"test.json: entry 'img/a b.png': class 5 is not among the training"):
-        read_split(str(tmp_path / "test.json"), classes=classes)
-    with pytest.raises(ValueError, match=r"train.json: entry 'img/a b.png': label 1 outside \[0, 1\)"):
-        vit.check_labels(samples, 1)
-    (tmp_path / "range.txt").write_text("img/a b.png 0\nimg/a b.png -1\n")
-    with pytest.raises(ValueError, match=r"range.txt:2: label -1 outside \[0, 3\)"):
-        vit.check_labels(read_split(str(tmp_path / "range.txt"))[0], 3)
-    xs, ys = np.meshgrid(np.arange(18), np.arange(27))  # 18 x 27: Resize(round(16 * 256 / 224) = 18) keeps it
-    Image.fromarray(np.stack([xs * 10, ys * 5, xs * 0 + 7], -1).astype(np.uint8)).save(tmp_path / "grid.png")
-    x = vit.load_image(str(tmp_path / "grid.png"), 16, "test")  # CenterCrop(16): left 1, top round(5.5) = 6
-    assert x.shape == (3, 16, 16)
-    torch.testing.assert_close(x[:, 0, 0], torch.tensor([10.0, 30.0, 7.0]) / 127.5 - 1)
-    torch.testing.assert_close(x[:, 15, 15], torch.tensor([160.0, 105.0, 7.0]) / 127.5 - 1)
-    x = vit.load_image(str(tmp_path / "grid.png"), 9, "resize")  # VTAB: straight to 9 x 9
-    assert x.shape == (3, 9, 9)
 
 
 def test_vit_standard_sizes_and_paper_parameter_count():
@@ -283,26 +237,6 @@ def test_vit_drop_path_stays_on_with_frozen_backbone():
         with torch.no_grad():
             assert not torch.equal(model.train()(x), model(x))  # a fresh stochastic depth mask per call
             assert torch.equal(model.eval()(x), model(x))
-
-
-def _png_header(path, w, h):
-    """A PNG whose header says w x h pixels (the data is cut off: the size alone must be refused)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
-                     chunk(b"IDAT", b""))
-
-
-@pytest.mark.parametrize("name,make,match", [
-    ("strip.png", lambda p: __import__("PIL.Image").Image.new("RGB", (1, 20000)).save(p),
-     r"image .*strip.png: 1 x 20000 pixels is over the limit of 67108864 pixels and an aspect ratio of 20:1"),
-    ("huge.png", lambda p: _png_header(p, 9000, 9000), r"image .*huge.png: 9000 x 9000 pixels is over the limit"),
-    ("cut.png", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), r"cannot decode image .*cut.png"),
-    ("text.jpg", lambda p: p.write_text("not an image"), r"cannot decode image .*text.jpg")])
-def test_vit_image_costs_are_capped(tmp_path, name, make, match):
-    make(tmp_path / name)
-    with pytest.raises(UserError, match=match):
-        vit.load_image(str(tmp_path / name), 32, "train", np.random.default_rng(0))
 
 
 def test_vit_authors_adapter_bad_files_refused(tmp_path):
@@ -332,3 +266,104 @@ def test_vit_authors_adapter_bad_files_refused(tmp_path):
     for path, match in cases:
         with pytest.raises(ValueError, match=match):
             vit.read_adapter(path)
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: every reader checks what it reads, before any model is built
+
+def _hf_folder(tmp_path, name="hf", **changes):
+    """An HF ViT folder (config.json + model.safetensors) of _vit_cfg's weights; changes edit config.json."""
+    _, hf = _vit_timm_and_hf(_vit_google_arrays())
+    folder = tmp_path / name
+    folder.mkdir()
+    write_safetensors(str(folder / "model.safetensors"), hf)
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": 16, "patch_size": 4, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True}
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(folder)
+
+
+def test_vit_hf_folder_reads_its_config(tmp_path):
+    model = load_vit(_hf_folder(tmp_path))  # heads from config.json: dim 32 is no standard size
+    assert model.config == _vit_cfg
+    ref = load_vit(_vit_save_npz(tmp_path / "g.npz", _vit_google_arrays()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert load_vit(_hf_folder(tmp_path, "eps", layer_norm_eps=1e-12)).blocks[0].norm1.eps == 1e-12  # HF's own
+
+
+@pytest.mark.parametrize("changes,match", [  # class 2: types and ranges of config.json's fields
+    ({"hidden_size": 430.0}, r"config.json: field 'hidden_size' is 430.0; expected an integer >= 1"),
+    ({"num_hidden_layers": 2.5}, r"field 'num_hidden_layers' is 2.5; expected an integer >= 1"),
+    ({"num_attention_heads": "4"}, r"field 'num_attention_heads' is '4'; expected an integer >= 1"),
+    ({"intermediate_size": 0}, r"field 'intermediate_size' is 0; expected an integer >= 1"),
+    ({"num_attention_heads": 5}, r"dim 32 of heads 5"),
+    ({"image_size": 10 ** 9}, r"field 'image_size' is 1000000000; expected an integer >= 1 <= 4096"),
+    ({"layer_norm_eps": -1}, r"field 'layer_norm_eps' is -1; expected a number >= 0 <= 1"),
+    ({"hidden_act": "gelu_new"}, r"field 'hidden_act' is 'gelu_new'; expected one of 'gelu'"),
+    ({"qkv_bias": False}, r"field 'qkv_bias' is False; expected one of True"),
+    ({"hidden_size": True}, r"field 'hidden_size' is True; expected an integer"),
+    ({"num_hidden_layers": 10 ** 6}, r"holds a ViT of dim 32, depth 2, .*says dim 32, depth 1000000"),  # class 3
+])
+def test_vit_hf_config_fields_are_checked(tmp_path, changes, match):
+    with pytest.raises(UserError, match=match):
+        load_vit(_hf_folder(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("vit_meta,match", [  # a merged model's ViTConfig in its metadata
+    ({"depth": 10 ** 6}, r"holds a ViT of dim 32, depth 2, .*stored with it says dim 32, depth 1000000"),  # class 3
+    ({"dim": 10 ** 7, "heads": 1}, r"holds a ViT of dim 32, .*says dim 10000000"),
+    ({"depth": "2"}, r"metadata config 'vit': field 'depth' is '2'; expected an integer >= 1"),
+    ({"mlp": 64}, r"metadata config 'vit': unknown field\(s\) mlp"),
+    ({"drop_path": 5}, r"field 'drop_path' is 5; expected a number >= 0 <= 0.99"),
+])
+def test_vit_stored_config_is_checked_before_building(tmp_path, monkeypatch, vit_meta, match):
+    timm, _ = _vit_timm_and_hf(_vit_google_arrays())
+    path = str(tmp_path / "merged.safetensors")
+    write_safetensors(path, timm, {"config": json.dumps({"vit": {**vars(_vit_cfg), **vit_meta}})})
+    monkeypatch.setattr(vit, "ViT", None)  # no model may be built before the check
+    with pytest.raises(UserError, match=match):
+        load_vit(path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "npz"])
+def test_vit_integer_weights_are_refused(tmp_path, fmt):  # class 1: I32 read as integers would train silently
+    w = _vit_google_arrays()
+    timm, _ = _vit_timm_and_hf(w)
+    timm["blocks.1.attn.proj.weight"] = timm["blocks.1.attn.proj.weight"].view(torch.int32)  # same bytes
+    w["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = w[
+        "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"].view(np.int32)
+    path = str(tmp_path / f"m.{fmt}")
+    {"safetensors": lambda: write_safetensors(path, timm), "pth": lambda: torch.save(timm, path),
+     "npz": lambda: np.savez(path, **w)}[fmt]()
+    with pytest.raises(UserError, match=r"tensor '.*(attn.proj|Dense_0/kernel).*' is stored as torch.int32, but a "
+                                        r"model weight is floating point"):
+        load_vit(path, _vit_cfg)
+
+
+@pytest.mark.parametrize("config,match", [  # class 2: an adapter's run config, every field
+    ([1, 2], r"run config is list \[1, 2\]; expected a JSON object"),
+    ({"targets": ["attn.proj"], "rank": "16"}, r"run config: field 'rank' is '16'; expected an integer >= 1"),
+    ({"targets": ["attn.proj"], "rank": 0}, r"field 'rank' is 0; expected an integer >= 1"),
+    ({"targets": ["attn.proj"], "rank": 4, "method": "dora"}, r"field 'method' is 'dora'; expected one of 'gift', "),
+    ({"targets": "attn.proj", "rank": 4}, r"field 'targets' is 'attn.proj'; expected a list"),
+    ({"targets": [], "rank": 4}, r"field 'targets' is \[\]; expected a list of layer names"),
+    ({"targets": ["attn.proj"], "rank": 4, "method": "lora", "lora_alpha": 0}, r"'lora_alpha' is 0; expected a num"),
+    ({"targets": ["attn.proj"], "rank": 4, "share": "some"}, r"field 'share' is 'some'; expected one of 'type', 'all'"),
+    ({"targets": ["attn.proj"], "rank": 4, "vit": {**vars(_vit_cfg), "heads": 2.5}}, r"field 'vit': field 'heads' is"),
+    ({"targets": ["attn.proj"], "rank": 4, "test_top1": "90"}, r"field 'test_top1' is '90'; expected a number"),
+    ({"targets": ["attn.proj"], "rank": 4, "seed": 4.2}, r"field 'seed' is 4.2; expected an integer"),
+    ({"script": "train_glue.py", "targets": ["query"], "rank": 4}, r"is an adapter of train_glue.py, not of train_vit"),
+])
+def test_vit_adapter_run_config_is_checked(tmp_path, config, match):
+    path = str(tmp_path / "adapter.safetensors")
+    write_safetensors(path, {"gift.attn_proj.phi.weight": torch.zeros(4, 32)}, {"config": json.dumps(config)})
+    with pytest.raises(UserError, match=match):
+        vit.read_adapter(path)
+
+
+def test_vit_adapter_integer_tensors_are_refused(tmp_path):  # class 1
+    path = str(tmp_path / "adapter.safetensors")
+    write_safetensors(path, {"gift.attn_proj.phi.weight": torch.zeros(4, 32, dtype=torch.int32)},
+                      {"config": json.dumps({"targets": ["attn.proj"], "rank": 4})})
+    with pytest.raises(UserError, match=r"'gift.attn_proj.phi.weight' is stored as torch.int32"):
+        vit.read_adapter(path)

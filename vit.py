@@ -1,16 +1,21 @@
 """A Vision Transformer with timm's module names, and its checkpoint readers: Google's .npz (Flax), timm's .pth /
-.safetensors and HF's ViT safetensors, read key by key with shape checks into one model; and the adapter files
-train_vit.py writes (adapter.safetensors) or the GIFT authors released (.pth.tar).
+.safetensors and HF's ViT (a config.json + model.safetensors folder, or the file), read key by key with shape checks
+into one model; and the adapter files train_vit.py writes (adapter.safetensors) or the GIFT authors released
+(.pth.tar). Every reader checks what it reads (the dtype of each weight, the type and range of each config field,
+the config against the tensors' shapes before any model is built) and names the file of a mistake (UserError).
 
     x (B, 3, H, W) -> patches (B, N, D) -> [CLS; patches] + pos (B, 1 + N, D) -> depth x Block -> LayerNorm
     Block: x + attn(norm1(x)), then x + mlp(norm2(x))  (pre-norm; drop_path on both branches when training)
     logits (B, num_classes) = head(CLS token)
 
-Numerics as timm and HF run these weights: LayerNorm eps 1e-6, exact (erf) GELU (Google's Flax code used the tanh
-approximation, which differs by at most 5e-4 per activation). Inputs are normalised with mean = std = 0.5.
+Numerics as timm and HF run these weights: LayerNorm eps 1e-6 (HF folders: their layer_norm_eps), exact (erf)
+GELU (Google's Flax code used the tanh approximation, which differs by at most 5e-4 per activation). Inputs are
+normalised with mean = std = 0.5.
 
-    from vit import load_vit, ViTConfig, ViT
+    from vit import build_vit, load_vit, read_vit, ViTConfig, ViT
     model = load_vit("augreg_in21k.safetensors", num_classes=200, drop_path=0.1)  # architecture from the shapes
+    w, config = read_vit("augreg_in21k.safetensors")      # the header alone: check an adapter against it first
+    model = build_vit("augreg_in21k.safetensors", w, config, num_classes=200)
     with torch.device("meta"): model = ViT(ViTConfig.from_name("B/16"))        # an empty ViT-B/16
 
 Run (the training script; this file only defines the model):
@@ -23,14 +28,14 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fileio import UserError, read_safetensors, read_safetensors_metadata, utf8_text
+from fileio import UserError, check_float, read_json, read_safetensors, read_safetensors_metadata
 
 # -----------------------------------------------------------------------------
 # The model: a Vision Transformer with timm's module names, so timm state dicts load as they are
@@ -49,6 +54,7 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_classes: int = 1000
     drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (depth - 1)
+    eps: float = 1e-6       # LayerNorm's: timm's and Google's; HF's config.json states its own
 
     @classmethod
     def from_name(cls, name: str, **kw):
@@ -93,7 +99,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: ViTConfig, drop_path_rate: float):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(c.dim, eps=1e-6), nn.LayerNorm(c.dim, eps=1e-6)
+        self.norm1, self.norm2 = nn.LayerNorm(c.dim, eps=c.eps), nn.LayerNorm(c.dim, eps=c.eps)
         self.attn, self.mlp, self.drop_path = Attention(c.dim, c.heads), Mlp(c.dim, c.mlp_dim), drop_path_rate
 
     def forward(self, x):  # pre-norm residual block
@@ -122,7 +128,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n, c.dim) * 0.02)  # learned, CLS first
         rates = [c.drop_path * i / max(1, c.depth - 1) for i in range(c.depth)]  # timm's linear rule
         self.blocks = nn.ModuleList(Block(c, r) for r in rates)
-        self.norm = nn.LayerNorm(c.dim, eps=1e-6)
+        self.norm = nn.LayerNorm(c.dim, eps=c.eps)
         self.head = nn.Linear(c.dim, c.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)  # a new head's init, as timm
         nn.init.zeros_(self.head.bias)
@@ -148,130 +154,108 @@ def resize_pos_embed(pos, grid: int):
 
 
 # -----------------------------------------------------------------------------
-# The input: image files, preprocessed as the paper did, and the split files that list them (FGVC, VTAB-1k)
+# Checked fields: a config, a run config or a model's metadata is read field by field, each of its type and range
 
-# What one image may cost before resizing: Resize(256) of a 1 x 20000 strip (138 bytes as a PNG) would make it
-# 256 x 5 million pixels. Pillow's own guard counts pixels only, and only refuses past 179 million.
-MAX_PIXELS, MAX_ASPECT = 1 << 26, 20
+MAX_IMAGE = 4096  # pixels a side: a 256 x 256 patch grid at patch 16, far past any ViT checkpoint's
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+          dict: "an object"}
 
 
-def load_image(path, size: int, mode: str, rng=None):
-    """The paper's preprocessing, in Pillow, to a (3, size, size) tensor in [-1, 1] (mean = std = 0.5).
-    mode "train": Resize(256) RandomCrop(224) HFlip, the crop and flip drawn from rng (a numpy Generator);
-    "test": Resize(256) CenterCrop(224) (FGVC, 256/224 of size in general); "resize": straight to size x size
-    (VTAB-1k). An image over MAX_PIXELS or MAX_ASPECT is refused before it is decoded."""
-    from PIL import Image  # imported here: importing this module stays cheap
-    try:
-        with Image.open(path) as im:  # reads the header only
-            w, h = im.size
-            if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * min(w, h):
-                raise UserError(f"image {path}: {w} x {h} pixels is over the limit of {MAX_PIXELS} pixels and an "
-                                f"aspect ratio of {MAX_ASPECT}:1 (what decoding and resizing it may cost); shrink "
-                                f"or crop it, or leave it out of the split")
-            im = im.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot decode image {path}: {e}") from None
-    if mode == "resize":
-        im = im.resize((size, size), Image.BILINEAR)
+def field(d, key, kind, where, minimum=None, maximum=None, above=None, choices=None, default=_REQUIRED):
+    """d[key], checked: of type kind (int: not a bool, not 2.5 or 430.0 or "16"; float: any finite number), within
+    [minimum, maximum] (above: an exclusive lower bound) or among choices; missing: default (none: an error).
+    A mistake is one UserError naming where, the field, the value found and what was expected."""
+    if key not in d:
+        if default is _REQUIRED:
+            raise UserError(f"{where}: no field {key!r}")
+        return default
+    v = d[key]
+    if kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     else:
-        short, (w, h) = round(size * 256 / 224), im.size
-        w, h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's Resize(int)
-        im = im.resize((w, h), Image.BILINEAR)
-        if mode == "train":
-            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-        else:
-            top, left = round((h - size) / 2), round((w - size) / 2)
-        im = im.crop((left, top, left + size, top + size))
-        if mode == "train" and rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (3, size, size)
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+    ok = ok and (minimum is None or v >= minimum) and (maximum is None or v <= maximum) and (
+        above is None or v > above) and (choices is None or v in choices)
+    if not ok:
+        want = (f"one of {', '.join(map(repr, choices))}" if choices else _KINDS[kind] + "".join(
+            f" {op} {b}" for op, b in ((">=", minimum), ("<=", maximum), (">", above)) if b is not None))
+        raise UserError(f"{where}: field {key!r} is {v!r}; expected {want}")
+    return float(v) if kind is float else v
 
 
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def read_split(spec, root=None, classes=None):
-    """[(image path, label, where)] and the classes of one split; `where` names the record for errors.
-
-    spec: a directory with one sub-folder per class (classes: the folder names); a VPT .json
-    {relative_path: label} (classes: the sorted labels, mapped to 0..C-1 as VPT does, since FGVC ids need not
-    start at 0 or be contiguous); or a VTAB-1k text file of `relative/path label` lines, labels already
-    0..C-1 (classes: None). root: where relative paths start (default: the split file's folder).
-    classes: the training split's, so that the test split maps to the same labels."""
-    if os.path.isdir(spec):
-        names = sorted(d for d in os.listdir(spec) if os.path.isdir(os.path.join(spec, d)))
-        samples = [(os.path.join(dirpath, f), name, os.path.join(dirpath, f)) for name in names
-                   for dirpath, _, files in sorted(os.walk(os.path.join(spec, name)))
-                   for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        empty = sorted(set(names) - {label for _, label, _ in samples})
-        if empty and classes is None:  # the training split: a folder without images would be a class never seen
-            raise UserError(f"{spec}: the class folder(s) {', '.join(empty[:5])} hold no images "
-                            f"({' '.join(IMAGE_EXTENSIONS)}): remove them, or add images")
-        classes = classes or names
-    elif not os.path.isfile(spec):
-        raise UserError(f"split {spec} does not exist (give a class-folder directory, .json or .txt)")
-    else:
-        root, samples, items = root or os.path.dirname(spec), [], []
-        with open(spec, encoding="utf-8") as f, utf8_text(spec):
-            if spec.endswith(".json"):
-                try:
-                    items = [(f"{spec}: entry {k!r}", k, v) for k, v in json.load(f).items()]
-                except (json.JSONDecodeError, AttributeError) as e:
-                    raise UserError(f"{spec}: not a JSON object {{relative_path: label}} ({e})") from None
-            for i, line in enumerate([] if items else f, 1):
-                if len(parts := line.strip().rsplit(maxsplit=1)) == 1:
-                    raise UserError(f"{spec}:{i}: expected `relative/path label`, got {line.strip()!r}")
-                items += [(f"{spec}:{i}", *parts)] if parts else []
-        for where, rel, label in items:
-            if not isinstance(label, int) and not re.fullmatch(r"\s*[-+]?\d+\s*", str(label)):
-                raise UserError(f"{where}: label {label!r} is not an integer")
-            if not os.path.isfile(os.path.join(root, rel)):
-                raise UserError(f"{where}: image {os.path.join(root, rel)} does not exist")
-            samples.append((os.path.join(root, rel), int(label), where))
-        if spec.endswith(".json"):
-            classes = classes or sorted({label for _, label, _ in samples})
-    if not samples:
-        flat = os.path.isdir(spec) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(spec))
-        raise UserError(f"{spec}: no images{' in class folders (its images lie directly in it)' if flat else ''}; "
-                        f"a split is a folder with one sub-folder of images per class, a VPT .json "
-                        f"{{relative_path: label}} or a .txt of `relative/path label` lines")
-    index = {c: i for i, c in enumerate(classes or [])}
-    for _, label, where in samples if classes else []:
-        if label not in index:
-            raise UserError(f"{where}: class {label!r} is not among the training split's classes")
-    return ([(path, index[label], where) for path, label, where in samples] if classes else samples), classes
+def vit_config(d, where) -> ViTConfig:
+    """A ViTConfig from a dict (a run config's or a merged model's "vit"), every field checked."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where} is {d!r}; expected an object of ViTConfig's fields")
+    unknown = sorted(set(d) - {f.name for f in fields(ViTConfig)})
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; ViTConfig has "
+                        f"{', '.join(f.name for f in fields(ViTConfig))}")
+    c = ViTConfig(**{k: field(d, k, int, where, minimum=1, maximum=MAX_IMAGE if k == "image_size" else None)
+                     for k in ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim")},
+                  num_classes=field(d, "num_classes", int, where, minimum=1, default=1000),
+                  drop_path=field(d, "drop_path", float, where, minimum=0, maximum=0.99, default=0.0),
+                  eps=field(d, "eps", float, where, minimum=0, maximum=1, default=1e-6))
+    if c.image_size % c.patch_size or c.dim % c.heads:
+        raise UserError(f"{where}: image_size {c.image_size} must be a multiple of patch_size {c.patch_size}, and "
+                        f"dim {c.dim} of heads {c.heads}")
+    return c
 
 
-def check_labels(samples, num_classes):
-    """[(path, label)] of read_split's samples; a label outside [0, num_classes) is an error naming its record."""
-    for _, label, where in samples:
-        if not 0 <= label < num_classes:
-            raise UserError(f"{where}: label {label} outside [0, {num_classes})")
-    return [(path, label) for path, label, _ in samples]
+def hf_vit_config(path) -> ViTConfig:
+    """The ViTConfig of an HF ViT config.json (hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size, image_size, patch_size, layer_norm_eps), each field checked; what this ViT cannot run (an
+    activation other than exact GELU, no qkv bias, other than 3 channels) is refused, not silently changed."""
+    hc = read_json(path)
+    if not isinstance(hc, dict):
+        raise UserError(f"{path}: not a JSON object")
+    names = {"hidden_size": "dim", "num_hidden_layers": "depth", "num_attention_heads": "heads",
+             "intermediate_size": "mlp_dim", "image_size": "image_size", "patch_size": "patch_size"}
+    d = {ours: field(hc, k, int, path, minimum=1, maximum=MAX_IMAGE if k == "image_size" else None,
+                     default={"image_size": 224, "patch_size": 16}.get(k, _REQUIRED)) for k, ours in names.items()}
+    field(hc, "hidden_act", str, path, choices=("gelu",), default="gelu")
+    field(hc, "qkv_bias", bool, path, choices=(True,), default=True)
+    field(hc, "num_channels", int, path, choices=(3,), default=3)
+    return vit_config({**d, "eps": field(hc, "layer_norm_eps", float, path, minimum=0, maximum=1, default=1e-12)},
+                      path)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: Google .npz, timm .pth / .safetensors, HF safetensors -> timm names, key by key
+# Checkpoints: Google .npz, timm .pth / .safetensors, HF folders and safetensors -> timm names, key by key
 
 def _read_checkpoint(path):
-    """{key: tensor} from a file, whatever its container: safetensors, npz (a zip of .npy), torch zip/pickle."""
+    """({key: tensor}, the ViTConfig stored with it or None) from a file or an HF folder (config.json +
+    model.safetensors), whatever the container: safetensors and zip-format torch files are mapped, not read (the
+    header's shapes are checked before any page loads), npz read. Every tensor must be floating point."""
+    if os.path.isdir(path):  # an HF model folder
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise UserError(f"{path}: a folder without model.safetensors (an HF ViT folder holds config.json and "
+                            f"model.safetensors)")
+        stored = hf_vit_config(os.path.join(path, "config.json"))
+        path = os.path.join(path, "model.safetensors")
+        return check_float(path, read_safetensors(path)), stored
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
         if f.read(9)[8:] == b"{":  # safetensors: 8-byte length, then the JSON header
-            return read_safetensors(path)
+            w, meta = read_safetensors(path), read_safetensors_metadata(path)
+            try:  # a model written by --merge records its ViTConfig; any other metadata is not ours to check
+                vit = json.loads(meta["config"])["vit"]
+            except (KeyError, TypeError, json.JSONDecodeError):
+                return check_float(path, w), None
+            return check_float(path, w), vit_config(vit, f"{path}: metadata config 'vit'")
     try:
         if zipfile.is_zipfile(path) and all(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
             with np.load(path) as z:
-                return {k: torch.from_numpy(z[k]) for k in z.files}
-        state = torch.load(path, map_location="cpu", weights_only=True)
+                return check_float(path, {k: torch.from_numpy(z[k]) for k in z.files}), None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip, numpy and pickle each raise their own errors for a broken file
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); expected Google .npz, "
                         f"a timm state dict (.pth, .safetensors) or HF ViT safetensors (truncated file?)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a plain state dict {{name: tensor}}")
-    return state
+    return check_float(path, state), None
 
 
 def _taker(w, path):
@@ -285,6 +269,64 @@ def _taker(w, path):
 
 def _depth(keys, pattern):
     return len({k.split(pattern, 1)[1].split("/")[0].split(".")[0] for k in keys if pattern in k})
+
+
+# Where each format keeps what fixes the architecture: (patch kernel, its layout), block prefix, first MLP kernel
+# and whether its rows (not columns) are mlp_dim, the position embedding
+_LAYOUT = {"google": ("embedding/kernel", "PPID", "Transformer/encoderblock_", "Transformer/encoderblock_0/MlpBlock_3/"
+                      "Dense_0/kernel", False, "Transformer/posembed_input/pos_embedding"),
+           "hf": ("embeddings.patch_embeddings.projection.weight", "DIPP", "encoder.layer.",
+                  "encoder.layer.0.intermediate.dense.weight", True, "embeddings.position_embeddings"),
+           "timm": ("patch_embed.proj.weight", "DIPP", "blocks.", "blocks.0.mlp.fc1.weight", True, "pos_embed")}
+
+
+def read_vit(path, config: ViTConfig | None = None):
+    """(the checkpoint's tensors, its ViTConfig), before any model is built: the architecture read from the
+    tensors' shapes (a safetensors header; nothing else is read) and compared with config, or with the config
+    stored with the weights (HF config.json, a merged model's metadata); when neither is given, the one the shapes
+    describe (the number of heads from Google's kernels, else from the standard sizes)."""
+    w, stored = _read_checkpoint(path)
+    w = {k.removeprefix("opt/target/").removeprefix("params/"): v for k, v in w.items()}
+    fmt = next((f for f, lay in _LAYOUT.items() if any(k.endswith(lay[0]) for k in w)), None)
+    if fmt is None:
+        raise UserError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
+    p = "vit." if fmt == "hf" and any(k.startswith("vit.") for k in w) else ""
+    patch_key, layout, blocks, mlp_key, rows, pos_key = _LAYOUT[fmt]
+    take = _taker(dict(w), path)
+
+    def shape(key, ndim):
+        if len(s := tuple(take(p + key).shape)) != ndim:
+            raise UserError(f"{path}: {p + key!r} has shape {s}; expected {ndim} dimensions")
+        return s
+    kernel, mlp, pos = shape(patch_key, 4), shape(mlp_key, 2), shape(pos_key, 3)
+    dim, patch = kernel[layout.index("D")], kernel[layout.index("P")]
+    grid, q = math.isqrt(pos[1] - 1), w.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
+    heads = q.shape[1] if fmt == "google" and q is not None and q.dim() == 3 else 0  # (D, heads, hd)
+    found = dict(dim=dim, depth=_depth(w, p + blocks), mlp_dim=mlp[0 if rows else 1], patch_size=patch)
+    if grid * grid != pos[1] - 1 or pos[2] != dim:
+        raise UserError(f"{path}: position embedding of shape {pos}: not 1 + a square grid of {dim}-vectors")
+    config, given = config or stored, "given" if config else "stored with it"
+    if config is None:
+        heads = heads or {s[0]: s[2] for s in SIZES.values()}.get(dim)
+        if not heads:
+            raise UserError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
+        return w, ViTConfig(image_size=grid * patch, heads=heads, **found)
+    if any(getattr(config, k) != v for k, v in found.items()) or heads and heads != config.heads:
+        what = lambda d: ", ".join(f"{k} {d[k]}" for k in [*found, "heads"] if k in d)  # noqa: E731
+        raise UserError(f"{path} holds a ViT of {what({**found, **({'heads': heads} if heads else {})})}; the config "
+                        f"{given} says {what(asdict(config))}: it does not describe this checkpoint")
+    return w, config
+
+
+def _to_timm(w, path):
+    """(state under timm names, unused tensors) of a checkpoint in any of the three formats."""
+    if any(k.endswith("embedding/kernel") for k in w):
+        sd, _, unused = _google_to_timm(dict(w), path)
+    elif any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in w):
+        sd, _, unused = _hf_to_timm(dict(w), path)
+    else:
+        sd, unused = dict(w), {}
+    return sd, unused
 
 
 def _google_to_timm(w, path):
@@ -337,41 +379,21 @@ def _hf_to_timm(w, path):
     return sd, 0, w
 
 
-def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = None,
-             image_size: int | None = None, drop_path: float = 0.0, log=print) -> ViT:
-    """A ViT with the weights of `path` (format detected from the file), ready for add_gift.
-
-    The architecture comes from `config` or, when None, from the weights' shapes (the number of heads from
-    Google's kernels, else from the standard sizes). num_classes=None keeps the checkpoint's head (an error
-    if it has none or it is all zeros, like the ImageNet-21k files); a number attaches a new head.
-    image_size resizes the position embeddings; drop_path sets stochastic depth for training. A missing or
-    misshapen backbone weight is an error, and so is an unused one; only the keys of a replaced head (and
-    pre_logits / pooler) may be left out, and they are reported (through log). A model merged by train_vit.py
-    records its ViTConfig in its metadata: it loads without a config."""
-    w = _read_checkpoint(path)
-    if config is None and str(path).endswith(".safetensors"):
-        vit = json.loads(read_safetensors_metadata(path).get("config", "{}")).get("vit")
-        config = ViTConfig(**vit) if isinstance(vit, dict) else None
-    if any(k.endswith("embedding/kernel") for k in w):
-        sd, heads, unused = _google_to_timm(w, path)
-    elif any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in w):
-        sd, heads, unused = _hf_to_timm(w, path)
-    elif "patch_embed.proj.weight" in w:
-        sd, heads, unused = dict(w), 0, {}
-    else:
-        raise UserError(f"{path}: no ViT patch embedding under Google, timm or HF names; keys: {sorted(w)[:8]}")
-    if config is None:
-        dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
-        heads = heads or {s[0]: s[2] for s in SIZES.values()}.get(dim)
-        if not heads or "blocks.0.mlp.fc1.weight" not in sd:
-            raise UserError(f"{path}: cannot infer the number of heads (dim {dim} is no standard size); pass config")
-        config = ViTConfig(image_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch, patch_size=patch, dim=dim,
-                           depth=_depth(sd, "blocks."), heads=heads, mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0])
+def build_vit(path, w, config: ViTConfig, num_classes: int | None = None, image_size: int | None = None,
+              drop_path: float = 0.0, log=print) -> ViT:
+    """The ViT of read_vit's (w, config), its weights copied key by key with shape checks. num_classes=None keeps
+    the checkpoint's head (an error if it has none or it is all zeros, like the ImageNet-21k files); a number
+    attaches a new head. image_size resizes the position embeddings; drop_path sets stochastic depth."""
+    sd, unused = _to_timm(w, path)
     head = sd.get("head.weight")
     if num_classes is None and (head is None or not head.any()):
-        raise UserError(f"{path} has no usable classifier head (missing or all zeros): pass num_classes")
-    config = replace(config, num_classes=num_classes or head.shape[0], image_size=image_size or config.image_size,
-                     drop_path=drop_path)
+        raise UserError(f"{path} has no usable classifier head (missing or all zeros, as in the ImageNet-21k files), "
+                        f"so it cannot be evaluated zero-shot: pass num_classes for a new head, or give an adapter")
+    image_size = image_size or config.image_size
+    if image_size % config.patch_size or image_size > MAX_IMAGE:
+        raise UserError(f"image size {image_size}: must be a multiple of the patch size {config.patch_size} and at "
+                        f"most {MAX_IMAGE}")
+    config = replace(config, num_classes=num_classes or head.shape[0], image_size=image_size, drop_path=drop_path)
     model = ViT(config)
     own = model.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -388,16 +410,24 @@ def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = No
                                 f"for {config}")
             param.copy_(t)
     # only a replaced head and the layer before one (Google's pre_logits, HF's pooler) may be left out: any
-    # other tensor means that the config does not describe this checkpoint (a deeper one would be cut short)
+    # other tensor means that the config does not describe this checkpoint
     unused = sorted(unused) + sorted(sd)
     backbone = [k for k in unused if not (k.startswith(("head.", "pre_logits")) or "pooler" in k)]
     if backbone:
         raise UserError(f"{path}: {len(backbone)} tensors have no place in a ViT of {config} ({', '.join(backbone[:3])}"
                         f"{', ...' if len(backbone) > 3 else ''}): this config does not describe the checkpoint")
     log(f"loaded {path}: {len(own) - 2 * (num_classes is not None)} tensors"
-           f"{f'; new head for {num_classes} classes' if num_classes is not None else ''}"
-           f"; unused: {', '.join(unused) if unused else 'none'}")
+        f"{f'; new head for {num_classes} classes' if num_classes is not None else ''}"
+        f"; unused: {', '.join(unused) if unused else 'none'}")
     return model
+
+
+def load_vit(path, config: ViTConfig | None = None, num_classes: int | None = None,
+             image_size: int | None = None, drop_path: float = 0.0, log=print) -> ViT:
+    """A ViT with the weights of `path` (format detected from the file), ready for add_gift: read_vit, then
+    build_vit. A missing or misshapen backbone weight is an error, and so is an unused one; only the keys of a
+    replaced head (and pre_logits / pooler) may be left out, and they are reported (through log)."""
+    return build_vit(path, *read_vit(path, config), num_classes, image_size, drop_path, log)
 
 
 def random_google_npz(path, dim=64, depth=4, heads=4, mlp_dim=128, patch=8, image_size=64, seed=0):
@@ -494,25 +524,79 @@ def read_authors_adapter(path):
     return state, run, float(metric) if isinstance(metric, (int, float)) else None
 
 
+def trained_on(run):
+    """The base model an adapter's run config names, for messages."""
+    vit = run.get("vit")
+    return (run.get("model") or run.get("checkpoint") or run.get("arch") or "an unnamed model") + (
+        f", dim {vit.dim}, depth {vit.depth}" if vit else "")
+
+
+def check_adapter_shapes(state, run, config: ViTConfig, adapter, base, adapt, adapter_state):
+    """An adapter's tensors (state) must have the shapes of the same adapter on a ViT of config (read from the
+    base's header, nothing loaded yet), built on the meta device (shapes only, no memory whatever the sizes):
+    adapt(model, run) adds it (harness.add_adapter), adapter_state(model) lists its tensors. A head may be absent
+    from state (a new one is attached). Else one line naming the adapter's base and this one."""
+    try:
+        with torch.device("meta"):
+            shell = ViT(config)
+            adapt(shell, run)
+    except ValueError as e:  # targets that name no layer of this ViT, or Thetas that cannot be shared
+        raise UserError(f"{adapter}: its run config does not fit {base}: {e}") from None
+    want = adapter_state(shell)
+    bad = [k for k in sorted(state.keys() | want.keys()) if (k in state) != (k in want) and not k.startswith("head.")
+           or k in state and k in want and state[k].shape != want[k].shape]
+    if bad:
+        shape = lambda d: tuple(d[bad[0]].shape) if bad[0] in d else "absent"  # noqa: E731
+        raise UserError(f"{adapter} was trained on {trained_on(run)} and does not fit {base} (dim {config.dim}, "
+                        f"depth {config.depth}): {bad[0]} is {shape(state)} there, {shape(want)} here")
+
+
+def adapter_run(run, path) -> dict:
+    """An adapter's run config with every field this repository reads checked: method gift or lora, targets a
+    list of names, rank an integer >= 1, share, lora_alpha > 0, vit a ViTConfig, classes a list, test_top1 a
+    percentage, model a path; the names of the files it came from are strings. Returns it, "vit" as a ViTConfig."""
+    where = f"{path}: run config"
+    if not isinstance(run, dict):
+        raise UserError(f"{where} is {type(run).__name__} {str(run)[:40]}; expected a JSON object")
+    other = field(run, "script", str, where, default="train_vit.py")  # older ViT adapters have none
+    if other != "train_vit.py":
+        raise UserError(f"{path} is an adapter of {other}, not of train_vit.py; give one written by train_vit.py")
+    if "targets" not in run or "rank" not in run:
+        raise UserError(f"{path}: no run config (targets, rank) in its metadata; give an adapter.safetensors "
+                        f"written by train_vit.py")
+    opt = lambda k, kind, **kw: None if run.get(k) is None else field(run, k, kind, where, **kw)  # noqa: E731
+    run = {**run, "method": field(run, "method", str, where, choices=("gift", "lora"), default="gift"),
+           "targets": field(run, "targets", list, where), "rank": field(run, "rank", int, where, minimum=1),
+           "share": field(run, "share", str, where, choices=("type", "all"), default="type"),
+           "classes": opt("classes", list), "test_top1": opt("test_top1", float, minimum=0, maximum=100),
+           "seed": opt("seed", int), **{k: opt(k, str) for k in ("model", "checkpoint", "base", "train", "test",
+                                                                  "preset")}}
+    if not run["targets"] or not all(isinstance(t, str) and t for t in run["targets"]):
+        raise UserError(f"{where}: field 'targets' is {run['targets']!r}; expected a list of layer names")
+    if run["method"] == "lora":
+        run["lora_alpha"] = field(run, "lora_alpha", float, where, above=0)
+    if "vit" in run:
+        run["vit"] = vit_config(run["vit"], f"{where}: field 'vit'")
+    return run
+
+
 def read_adapter(path):
     """(state, run config, the test top-1 stored in it or None) of an adapter: an adapter.safetensors written by
-    train() (GIFT or LoRA, the run config in its metadata), or a GIFT authors' .pth.tar (a torch zip)."""
+    train_vit.py (GIFT or LoRA, the run config in its metadata, checked by adapter_run), or a GIFT authors'
+    .pth.tar (a torch zip). Its tensors must be floating point."""
     if not os.path.isfile(path):
         raise UserError(f"adapter {path} does not exist")
     with open(path, "rb") as f:
         if f.read(4) == b"PK\x03\x04":  # a zip archive: torch.save's container, the authors' files
-            return read_authors_adapter(path)
+            state, run, metric = read_authors_adapter(path)
+            return check_float(path, state), run, metric
     if not str(path).endswith(".safetensors"):
         raise UserError(f"{path}: not an adapter.safetensors (a run of train_vit.py writes OUT/adapter.safetensors)")
+    meta = read_safetensors_metadata(path)
     try:
-        run = json.loads(read_safetensors_metadata(path)["config"])
-    except (KeyError, json.JSONDecodeError):
-        run = None
-    other = run.get("script", "train_vit.py") if isinstance(run, dict) else "train_vit.py"  # older ViT ones: none
-    if other != "train_vit.py":
-        raise UserError(f"{path} is an adapter of {other}, not of train_vit.py; give one written by train_vit.py")
-    if not isinstance(run, dict) or not {"targets", "rank"} <= run.keys():
+        run = json.loads(meta["config"])
+    except (KeyError, TypeError, json.JSONDecodeError):
         raise UserError(f"{path}: no run config (targets, rank) in its metadata; give an adapter.safetensors "
-                        f"written by train_vit.py")
-    return read_safetensors(path), {"method": "gift", **run}, run.get("test_top1")
-
+                        f"written by train_vit.py") from None
+    run = adapter_run(run, path)
+    return check_float(path, read_safetensors(path)), run, run["test_top1"]
