@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import encoder as enc
+import glue_data as gd
 import train_glue as tg
 from test_encoder import TOL, _batch, tokenizers_pinned
 from conftest import user_error
@@ -66,26 +67,26 @@ GLUE_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("task", list(tg.TASKS))
+@pytest.mark.parametrize("task", list(gd.TASKS))
 def test_read_tsv_official_layouts(tmp_path, task):
     path = tmp_path / "train.tsv"
     path.write_text(GLUE_SAMPLES[task], encoding="utf-8")
-    assert tg.read_tsv(path, tg.TASKS[task]) == GLUE_EXPECTED[task]
+    assert gd.read_tsv(path, gd.TASKS[task]) == GLUE_EXPECTED[task]
 
 
 def test_read_tsv_errors_name_file_and_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match=r"dev.tsv:3: label 'maybe'"):
-        tg.read_tsv(path, tg.TASKS["rte"])
+        gd.read_tsv(path, gd.TASKS["rte"])
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\textra\tentailment\n")
     with pytest.raises(ValueError, match=r"dev.tsv:2: 5 tab-separated fields, expected 4"):
-        tg.read_tsv(path, tg.TASKS["rte"])
+        gd.read_tsv(path, gd.TASKS["rte"])
     with pytest.raises(ValueError, match=r"columns .* expected"):  # an RTE file given as QNLI
-        tg.read_tsv(path, tg.TASKS["qnli"])
+        gd.read_tsv(path, gd.TASKS["qnli"])
     path.write_text(GLUE_SAMPLES["stsb"].replace("3.800", "n/a"))
     with pytest.raises(ValueError, match=r"dev.tsv:3: score 'n/a'"):
-        tg.read_tsv(path, tg.TASKS["stsb"])
+        gd.read_tsv(path, gd.TASKS["stsb"])
 
 
 def test_metrics_against_references():
@@ -93,11 +94,11 @@ def test_metrics_against_references():
     y = rng.integers(0, 2, 200)
     p = np.where(rng.random(200) < 0.7, y, 1 - y)
     # Matthews' coefficient of two binary vectors is their Pearson correlation (the phi coefficient)
-    assert tg.score("mcc", p.tolist(), y.tolist()) == pytest.approx(100 * np.corrcoef(p, y)[0, 1], abs=1e-9)
-    assert tg.score("mcc", [1] * 10, [0, 1] * 5) == 0.0  # a constant prediction scores 0, as sklearn
-    assert tg.score("accuracy", p.tolist(), y.tolist()) == 100 * np.mean(p == y)
+    assert gd.score("mcc", p.tolist(), y.tolist()) == pytest.approx(100 * np.corrcoef(p, y)[0, 1], abs=1e-9)
+    assert gd.score("mcc", [1] * 10, [0, 1] * 5) == 0.0  # a constant prediction scores 0, as sklearn
+    assert gd.score("accuracy", p.tolist(), y.tolist()) == 100 * np.mean(p == y)
     a, b = rng.standard_normal(50), rng.standard_normal(50)
-    assert tg.score("pearson", a.tolist(), (a + b).tolist()) == pytest.approx(100 * np.corrcoef(a, a + b)[0, 1],
+    assert gd.score("pearson", a.tolist(), (a + b).tolist()) == pytest.approx(100 * np.corrcoef(a, a + b)[0, 1],
                                                                             abs=1e-9)
 
 
@@ -110,7 +111,7 @@ def test_lr_schedule_is_hf_linear():
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
     """The demo's random RoBERTa folder (HF format) and generated SST-2-style data."""
-    return tg.make_demo(tmp_path_factory.mktemp("glue_demo"))
+    return gd.make_demo(tmp_path_factory.mktemp("glue_demo"))
 
 
 def _train_args(demo_files, out, *extra):
@@ -133,14 +134,14 @@ def gift_run(demo_files, tmp_path_factory, one_thread):
 def test_demo_tokenization_matches_tokenizers(demo_files):
     tokenizers = tokenizers_pinned()
     model_dir, data = demo_files
-    tok, cls, sep = tg.load_text_tokenizer(model_dir, tg.read_config(model_dir))
+    tok, cls, sep = enc.load_text_tokenizer(model_dir, enc.read_config(model_dir))
     ref = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    rows = tg.read_tsv(data / "dev.tsv", tg.TASKS["sst2"])
+    rows = gd.read_tsv(data / "dev.tsv", gd.TASKS["sst2"])
     for max_len in (512, 9):
         ref.enable_truncation(max_len)
         for (a, _, _), (b, _, _) in zip(rows[:40], rows[40:80]):
-            assert tg.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
-            assert tg.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
+            assert enc.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
+            assert enc.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
 
 
 def test_training_learns_and_writes_its_files(gift_run):
@@ -162,7 +163,7 @@ def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files, caps
     run, state = tg.read_adapter_config(out / "adapter.safetensors"), read_safetensors(out / "adapter.safetensors")
     assert (run["method"], run["targets"], run["rank"], run["encoder"]["num_labels"]) == ("gift", ["query", "value"],
                                                                                            32, 2)
-    model = tg.load_model(model_dir, num_labels=2)
+    model = enc.load_model(model_dir, num_labels=2)
     add_gift(model, run["targets"], run["rank"], run["share"])
     load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
     assert set(state) == set(gift_state_dict(model, ["classifier"]))
@@ -178,7 +179,7 @@ def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_f
     merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary sibling left
     _, unmerged = tg.model_with_adapter(out / "best.safetensors")
-    ours = tg.load_model(merged)
+    ours = enc.load_model(merged)
     assert list(ours.state_dict()) == [k for k in unmerged.state_dict() if not k.startswith("gift.")]
     ids, types, mask = _batch(ours.config.vocab_size, 1, [12, 5, 30])
     with torch.no_grad():
@@ -203,7 +204,7 @@ def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
     _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
     ids, types, mask = _batch(unmerged.config.vocab_size, 1, [7, 19])
     with torch.no_grad():
-        torch.testing.assert_close(tg.load_model(merged).eval()(ids, types * 0, mask),
+        torch.testing.assert_close(enc.load_model(merged).eval()(ids, types * 0, mask),
                                    unmerged.eval()(ids, types * 0, mask), atol=TOL, rtol=0)
     assert history[0]["epoch"] == 1
 
@@ -282,6 +283,20 @@ def _edit_config(**fields):  # None: the field removed
     return change
 
 
+def _small_embedding(folder):  # a model of 100 embedding rows: the demo's tokenizer has more ids
+    _edit_config(vocab_size=100)(folder)
+    state = read_safetensors(folder / "model.safetensors")
+    state["roberta.embeddings.word_embeddings.weight"] = state["roberta.embeddings.word_embeddings.weight"][:100]
+    write_safetensors(folder / "model.safetensors", state)
+
+
+def _narrow(folder):  # another model that takes the same tokenizer: 32 wide, its own weights
+    _edit_config(hidden_size=32, intermediate_size=64)(folder)
+    model = enc.SequenceClassifier(enc.read_config(folder))
+    write_safetensors(folder / "model.safetensors", {k: v for k, v in model.state_dict().items()
+                                                     if not k.startswith("classifier.")})
+
+
 def _nan_weight(folder, key="roberta.encoder.layer.1.output.dense.weight"):  # one NaN in a base weight
     state = read_safetensors(folder / "model.safetensors")
     state[key] = state[key].clone()
@@ -331,7 +346,9 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
             p / "config.json").write_text('{"model_type": "roberta",'))),
         "config_no_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=None))),
         "config_bad_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size="64"))),
-        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(vocab_size=100))),
+        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _small_embedding)),
+        "config_vocab_not_the_files": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(
+            vocab_size=100))),
         "tsv_not_utf8": lambda: bad_tsv(b"sentence\tlabel\ncaf\xe9\t1\n"),
         "tsv_bad_label": lambda: bad_tsv(b"sentence\tlabel\ngood\t1\nbad\tmaybe\n"),
         "out_used": lambda: (used_out(), train())[1],
@@ -363,7 +380,7 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
         "weight_decay_negative": lambda: train("--weight-decay", "-0.1"),
         "warmup_over_1": lambda: train("--warmup", "1.5"),
         "adapter_other_widths": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--model", str(
-            _copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=32, intermediate_size=64)))],
+            _copy_with(model_dir, tmp_path / "m", _narrow))],
         "out_is_file": lambda: ((tmp_path / "out").write_text("notes\n"), train())[1],
         "no_data_folder": lambda: train(data=tmp_path / "SST2"),
         "stop_after_reached": lambda: (used_out(), train("--resume", "--stop-after", "5"))[1],
@@ -388,8 +405,10 @@ FAULTS = [
     ("no_train_tsv", r"--data .*: no train.tsv \(give a task's folder of the GLUE download"),
     ("config_not_json", r"m.config.json: not valid JSON \(Expecting"),
     ("config_no_field", r"m.config.json: no field 'hidden_size'"),
-    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64', a positive number is expected"),
+    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64' \(str\), expected an integer >= 1"),
     ("tokenizer_too_large", r"the tokenizer .*tokenizer.json \(\d+ ids\) does not fit the model .*m \(100 "),
+    ("config_vocab_not_the_files", r"model.safetensors: 'roberta.embeddings.word_embeddings.weight' has shape "
+                                   r"\(\d+, 64\); config.json's vocab_size 100 and hidden_size 64 need \(100, 64\)"),
     ("tsv_not_utf8", r"train.tsv: not UTF-8 text \(invalid continuation byte at byte 18\)"),
     ("tsv_bad_label", r"train.tsv:3: label 'maybe' is not one of \('0', '1'\)"),
     ("out_used", r"out.checkpoint.pt exists: add --resume to continue that run, or choose another --out"),
@@ -465,15 +484,28 @@ def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, 
             assert ckpt["step"] == 21 and all(t.isfinite().all() for t in ckpt["adapter"].values())
 
 
-def test_table_averages_six_tasks(tmp_path):
-    for i, (task, value) in enumerate(zip(tg.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0])):
-        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):
-            run = tmp_path / f"{task}-{seed}"
-            run.mkdir()
-            (run / "results.json").write_text(json.dumps({"task": task, "method": "gift", "backbone": "RoBERTa-Base",
-                                                          "model": "m", "best": value + delta}))
-    text = tg.table(sorted(tmp_path.iterdir()))
-    assert "| RoBERTa-Base | gift | 90.0 | 88.0 | 60.0 | 92.0 | 75.0 | 90.0 | 82.5 | 85.1 |" in text  # medians
+def _results(folder, task, best, seed, rank=32, method="gift", backbone="RoBERTa-Base"):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"task": task, "method": method, "backbone": backbone,
+                                                     "model": "m", "best": best, "seed": seed, "rank": rank}))
+    return folder
+
+
+def test_table_mean_and_std_over_seeds(tmp_path):
+    """Issue 19: each cell the mean +- sample std over the seeds (and their number), the average beside the paper's;
+    rows split by rank, a run counted twice is refused."""
+    for task, value in zip(gd.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0]):
+        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):  # mean value - 1/3, sample std sqrt(7/3) = 1.53
+            _results(tmp_path / f"{task}-{seed}", task, value + delta, seed)
+    _results(tmp_path / "r16", "rte", 70.0, 42, rank=16)
+    text = gd.table(sorted(tmp_path.iterdir()))
+    assert ("| RoBERTa-Base | gift | 32 | 89.7 ± 1.5 (n=3) | 87.7 ± 1.5 (n=3) | 59.7 ± 1.5 (n=3) | 91.7 ± 1.5 (n=3) | "
+            "74.7 ± 1.5 (n=3) | 89.7 ± 1.5 (n=3) | 82.2 | 85.1 |") in text
+    assert "| RoBERTa-Base | gift | 16 | - | - | - | - | 70.0 ± 0.0 (n=1) | - | - | - |" in text  # not the paper's r
+    assert "SST-2 (%)" in text and "| avg (%) | paper avg (%) |" in text
+    _results(tmp_path / "again", "sst2", 91.0, 42)
+    with pytest.raises(ValueError, match=r"again.results.json and .*sst2-42.results.json are both sst2 seed 42"):
+        gd.table(sorted(tmp_path.iterdir()))
 
 
 def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread, torchrun):
@@ -557,7 +589,7 @@ def test_cuda_demo(tmp_path):
 def test_cuda_bf16_gift_step_0_is_the_base_model(demo_files):
     """psi = 0: x + (x psi^T) phi^T adds an exact 0, so under bf16 autocast the logits are the base model's."""
     model_dir, data = demo_files
-    base = tg.load_model(model_dir, num_labels=2).cuda().eval()
+    base = enc.load_model(model_dir, num_labels=2).cuda().eval()
     ids, types, mask = (t.cuda() for t in _batch(base.config.vocab_size, 1, [12, 5, 30]))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         expected = base(ids, types * 0, mask)
@@ -572,7 +604,7 @@ def test_cuda_bf16_merged_equals_unmerged(gift_run, tmp_path):
     out, _ = gift_run
     merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(out / "best.safetensors")
-    ours, unmerged = tg.load_model(merged).cuda().eval(), unmerged.cuda().eval()
+    ours, unmerged = enc.load_model(merged).cuda().eval(), unmerged.cuda().eval()
     ids, types, mask = (t.cuda() for t in _batch(ours.config.vocab_size, 1, [12, 5, 30]))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         torch.testing.assert_close(ours(ids, types * 0, mask), unmerged(ids, types * 0, mask), rtol=0, atol=5e-2)
