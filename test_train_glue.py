@@ -20,7 +20,7 @@ import train_glue as tg
 from test_encoder import TOL, _batch, tokenizers_pinned
 from conftest import user_error
 from gift import add_gift, gift_state_dict, load_gift_state_dict
-from fileio import read_safetensors, write_safetensors
+from fileio import read_safetensors, read_safetensors_metadata, write_safetensors
 
 def test_paper_parameter_counts():
     """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (the paper's counts)."""
@@ -297,6 +297,24 @@ def _narrow(folder):  # another model that takes the same tokenizer: 32 wide, it
                                                      if not k.startswith("classifier.")})
 
 
+def _weights(change):  # a folder change: model.safetensors' tensors edited by change(state)
+    def edit(folder):
+        state = dict(read_safetensors(folder / "model.safetensors"))
+        change(state)
+        write_safetensors(folder / "model.safetensors", state)
+    return edit
+
+
+def _adapter_copy(src, dst, config=None, tensors=None, meta=None):
+    """A copy of the adapter file src with its run config's fields updated (config), tensors changed, or the whole
+    metadata replaced (meta)."""
+    run = json.loads(read_safetensors_metadata(src)["config"])
+    state = dict(read_safetensors(src))
+    (tensors or (lambda st: None))(state)
+    write_safetensors(dst, state, meta or {"config": json.dumps({**run, **(config or {})})})
+    return str(dst)
+
+
 def _nan_weight(folder, key="roberta.encoder.layer.1.output.dense.weight"):  # one NaN in a base weight
     state = read_safetensors(folder / "model.safetensors")
     state[key] = state[key].clone()
@@ -322,6 +340,25 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
     def bad_tsv(text):
         return train(data=_copy_with(data, tmp_path / "data", lambda p: (p / "train.tsv").write_bytes(text)))
 
+    q = "roberta.encoder.layer.0.attention.self.query.weight"
+
+    def scores(text):  # an STS-B folder whose train.tsv is text
+        folder = tmp_path / "STS-B"
+        folder.mkdir()
+        for split in ("train", "dev"):
+            (folder / f"{split}.tsv").write_text(GLUE_SAMPLES["stsb"])
+        (folder / "train.tsv").write_text(text)
+        return [*train(data=folder), "--task", "stsb"]
+
+    def merged():
+        return str(tg.main(["--adapter", adapter(), "--merge", str(tmp_path / "merged")]))
+
+    def theta(change):  # the GIFT run's adapter with its query phi changed
+        return ["--adapter", _adapter_copy(adapter(), tmp_path / "adapter.safetensors", tensors=lambda st: st.update(
+            {"gift.query.phi.weight": change(st["gift.query.phi.weight"])})), "--data", str(data), "--eval-only"]
+    evaluate = lambda path: ["--adapter", path, "--data", str(data), "--eval-only"]  # noqa: E731
+    meta = lambda **kw: evaluate(_adapter_copy(adapter(), tmp_path / "adapter.safetensors", **kw))  # noqa: E731
+    config = lambda **kw: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(**kw)))  # noqa: E731
     if kind == "nan_at_step_25":  # a diverging run: the loss of step 25 (epoch 2) is NaN
         loss_fn, calls = tg.loss_fn, []
 
@@ -386,6 +423,37 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
         "stop_after_reached": lambda: (used_out(), train("--resume", "--stop-after", "5"))[1],
         "nan_in_weight": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _nan_weight)),
         "nan_at_step_25": lambda: train(),
+        "weight_i32": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _weights(
+            lambda st: st.update({q: st[q].view(torch.int32)})))),  # the same bytes, read as integers
+        "adapter_on_its_merged_model": lambda: [*evaluate(adapter()), "--model", merged()],
+        "adapter_other_weights": lambda: [*evaluate(adapter()), "--model", str(_copy_with(
+            model_dir, tmp_path / "m", _weights(lambda st: st.update({q: st[q] * 1.5}))))],
+        "merge_onto_other_weights": lambda: ["--adapter", adapter(), "--merge", str(tmp_path / "merged"), "--model",
+                                             str(_copy_with(model_dir, tmp_path / "m", _weights(
+                                                 lambda st: st.update({q: st[q] * 1.5}))))],
+        "config_vocab_float": lambda: config(vocab_size=430.0),
+        "config_layers_fraction": lambda: config(num_hidden_layers=2.5),
+        "config_dropout_5": lambda: config(hidden_dropout_prob=5),
+        "config_id2label_int": lambda: config(id2label=3),
+        "config_heads_negative": lambda: config(num_attention_heads=-4),
+        "config_eps_string": lambda: config(layer_norm_eps="1e-5"),
+        "config_pad_outside": lambda: config(pad_token_id=430),
+        "config_act_unknown": lambda: config(hidden_act="swish"),
+        "tokenizer_special_id": lambda: train(model=_copy_with(model_dir, tmp_path / "m", lambda p: (
+            p / "tokenizer.json").write_text((p / "tokenizer.json").read_text().replace(
+                '"id": 2, "content": "</s>"', '"id": "2", "content": "</s>"')))),
+        "adapter_meta_list": lambda: meta(meta={"config": "[1, 2]"}),
+        "adapter_rank_string": lambda: meta(config={"rank": "32"}),
+        "adapter_method_unknown": lambda: meta(config={"method": "dora"}),
+        "config_vocab_1e12": lambda: config(vocab_size=10 ** 12),
+        "config_layers_1e6": lambda: config(num_hidden_layers=10 ** 6),
+        "adapter_tensor_shape": lambda: theta(lambda t: t[:16]),
+        "adapter_tensor_i32": lambda: theta(lambda t: t.view(torch.int32)),
+        "stsb_nan_score": lambda: scores(GLUE_SAMPLES["stsb"].replace("3.800", "nan")),
+        "stsb_inf_score": lambda: scores(GLUE_SAMPLES["stsb"].replace("5.000", "inf")),
+        "out_finished_run": lambda: ((used_out() / "checkpoint.pt").unlink(), train())[1],
+        "out_is_the_model": lambda: [*train(), "--out", str(model_dir)],
+        "seeds_repeated": lambda: train("--seeds", "1", "1"),
     }[kind]()
 
 
@@ -446,7 +514,47 @@ FAULTS = [
     ("stop_after_reached", r"--stop-after 5: .*checkpoint.pt is at step 60 already$"),
     ("nan_in_weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
     ("nan_at_step_25", r"step 25: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 21\) is kept"),
+    # issue 22, class 1 (silently wrong): integer weights, an adapter on another base (its own merged model, other
+    # weights) -- the base is compared by its weights, so these two load the model first
+    ("weight_i32", r"model.safetensors: tensor 'roberta.encoder.layer.0.attention.self.query.weight' is stored as "
+                   r"torch.int32, but a model weight is floating point"),
+    ("adapter_on_its_merged_model", r"adapter.safetensors was trained on .*model \(identity [0-9a-f]{16}\), not on "
+                                    r".*merged \(identity [0-9a-f]{16}\): a merged model, .*add --any-base"),
+    ("adapter_other_weights", r"adapter.safetensors was trained on .*model \(identity .*\), not on .*m \(identity"),
+    ("merge_onto_other_weights", r"adapter.safetensors was trained on .*model \(identity .*\), not on .*m "),
+    # class 2 (types and ranges: file, field, value, what was expected)
+    ("config_vocab_float", r"config.json: field 'vocab_size' is 430.0 \(float\), expected an integer >= 1$"),
+    ("config_layers_fraction", r"config.json: field 'num_hidden_layers' is 2.5 \(float\), expected an integer >= 1"),
+    ("config_dropout_5", r"config.json: field 'hidden_dropout_prob' is 5 \(int\), expected a number >= 0 < 1"),
+    ("config_id2label_int", r"config.json: field 'id2label' is 3 \(int\), expected a JSON object"),
+    ("config_heads_negative", r"config.json: field 'num_attention_heads' is -4 \(int\), expected an integer >= 1"),
+    ("config_eps_string", r"config.json: field 'layer_norm_eps' is '1e-5' \(str\), expected a number > 0"),
+    ("config_pad_outside", r"config.json: field 'pad_token_id' is 430 \(int\), expected an integer >= 0 < 430"),
+    ("config_act_unknown", r"config.json: field 'hidden_act' is 'swish' \(str\), expected one of \['gelu', "),
+    ("tokenizer_special_id", r"tokenizer.json: added token '</s>' has id"),  # tokenizer.py's reader or ours
+    ("adapter_meta_list", r"adapter.safetensors: its metadata config is not a JSON object"),
+    ("adapter_rank_string", r"adapter.safetensors \(its run config\): field 'rank' is '32' \(str\), expected an "
+                            r"integer >= 1"),
+    ("adapter_method_unknown", r"\(its run config\): field 'method' is 'dora' \(str\), expected one of \['gift', "
+                               r"'lora'\]"),
+    # class 3 (sizes against the files before building) and 4 (the adapter's tensors before the base's weights)
+    ("config_vocab_1e12", r"model.safetensors: 'roberta.embeddings.word_embeddings.weight' has shape \(\d+, 64\); "
+                          r"config.json's vocab_size 1000000000000 "),
+    ("config_layers_1e6", r"model.safetensors: holds layers 0..1; config.json's num_hidden_layers 1000000 needs "
+                          r"0..999999"),
+    ("adapter_tensor_shape", r"adapter.safetensors: tensor 'gift.query.phi.weight' is \(16, 64\); its run config "
+                             r"\(gift r=32 on query value\) on .*model needs \(32, 64\)"),
+    ("adapter_tensor_i32", r"adapter.safetensors: tensor 'gift.query.phi.weight' is stored as torch.int32"),
+    # class 5 (non-finite labels, file:line) and 6 (a finished run's folder, the model's folder)
+    ("stsb_nan_score", r"train.tsv:3: score 'nan' is not a finite number"),
+    ("stsb_inf_score", r"train.tsv:2: score 'inf' is not a finite number"),
+    ("out_finished_run", r"--out .*out holds a run \(log.jsonl, adapter.safetensors, results.json, best.safetensors\): "
+                         r"add --resume to continue it, --overwrite to replace it"),
+    ("out_is_the_model", r"--out .*model is the base model: the run's files would mix with it"),
+    ("seeds_repeated", r"--seeds 1 1: distinct seeds, for training runs"),
 ]
+LOADS = {"nan_in_weight", "nan_at_step_25", "adapter_on_its_merged_model", "adapter_other_weights",
+         "merge_onto_other_weights"}  # the faults found only once weights are read (identity; a NaN in training)
 
 
 @pytest.mark.parametrize("kind,match", FAULTS, ids=[k for k, _ in FAULTS])
@@ -472,7 +580,7 @@ def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, 
     printed = capsys.readouterr()
     assert e.value.code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
     assert re.search(match, printed.err), printed.err
-    assert ("loaded " in printed.out) == kind.startswith("nan"), printed.out  # the others: before loading weights
+    assert ("loaded " in printed.out) == (kind in LOADS), printed.out  # the others: before loading weights
     assert {p.name: p.read_bytes() for p in demo_files[0].iterdir()} == model_files  # never touched
     out = tmp_path / "out"
     if kind.startswith("nan"):  # the log stays strict JSON with the finished epochs; no Theta after the NaN saved
