@@ -727,3 +727,84 @@ def test_cuda_compile_gives_the_eager_losses(demo_files, tmp_path):
     assert compiled["loss_sum"][0] == pytest.approx(eager["loss_sum"][0], rel=1e-4)
     for k in eager["adapter"]:
         torch.testing.assert_close(compiled["adapter"][k].cpu(), eager["adapter"][k].cpu(), rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- issues 19 and 22
+def test_any_base_applies_an_adapter_to_its_merged_model(gift_run, demo_files, tmp_path, capsys):
+    """Issue 22.1: refused without the flag (the fault table); with it the edit is applied twice and scored."""
+    out, _ = gift_run
+    _, data = demo_files
+    merged = tg.main(["--adapter", str(out / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
+    value = tg.main(["--adapter", str(out / "adapter.safetensors"), "--model", str(merged), "--data", str(data),
+                     "--eval-only", "--any-base", "--device", "cpu"])
+    assert 0 <= value <= 100 and "dev accuracy" in capsys.readouterr().out
+
+
+def test_evaluation_crash_keeps_the_epoch_and_resume_repeats_the_run(demo_files, gift_run, tmp_path, monkeypatch,
+                                                                       one_thread):
+    """Issue 22.5: a crash in the evaluation of epoch 2 finds epoch 2's training on disk; --resume evaluates it
+    and ends as the uninterrupted run."""
+    full, history = gift_run
+    real, calls = tg.evaluate, []
+
+    def crash_at_2(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("evaluation crashed")
+        return real(*a)
+    monkeypatch.setattr(tg, "evaluate", crash_at_2)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        _train(demo_files, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 40 and len(ckpt["history"]) == 1  # trained through epoch 2, evaluated through epoch 1
+    monkeypatch.setattr(tg, "evaluate", real)
+    resumed = _train(demo_files, tmp_path, "--resume")
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(resumed) == drop(history)
+    a, b = read_safetensors(full / "adapter.safetensors"), read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overwrite_replaces_a_finished_run(demo_files, gift_run, tmp_path, one_thread):
+    out = shutil.copytree(gift_run[0], tmp_path / "out")
+    (out / "checkpoint.pt").unlink()
+    history = _train(demo_files, out, "--overwrite", "--epochs", "1")
+    assert len(history) == 1 and json.loads((out / "results.json").read_text())["epochs"] == 1
+
+
+def test_seeds_run_each_seed_then_write_the_table(demo_files, tmp_path, capsys, one_thread):
+    """Issue 19: --seeds runs the recipe once per seed (OUT/seed-N), then the mean +- std table of them."""
+    runs = _train(demo_files, tmp_path, "--seeds", "1", "2", "--epochs", "1")
+    assert runs == [str(tmp_path / "seed-1"), str(tmp_path / "seed-2")]
+    assert [json.loads((tmp_path / f"seed-{s}" / "results.json").read_text())["seed"] for s in (1, 2)] == [1, 2]
+    table = (tmp_path / "table.md").read_text()
+    assert re.search(r"\| gift \| 32 \| \d+\.\d ± \d+\.\d \(n=2\) \| - \|", table), table
+    assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("hidden,layers,expected", [
+    (768, 12, ("RoBERTa-Base", {"sst2": 60, "mrpc": 30, "cola": 80, "qnli": 25, "rte": 80, "stsb": 40}, 64, 512)),
+    (1024, 24, ("RoBERTa-Large", {"sst2": 10, "mrpc": 20, "cola": 20, "qnli": 10, "rte": 20, "stsb": 10}, 128, 128))])
+def test_size_presets(hidden, layers, expected):
+    """Issue 19: Large has its own epochs (the LoRA paper's roberta-large runs), batch 128, length 128."""
+    cfg = enc.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                            intermediate_size=4 * hidden)
+    name, epochs, batch, max_len = expected
+    for task, n in epochs.items():
+        assert gd.preset(cfg, gd.TASKS[task])[:4] == (name, n, batch, max_len)
+    assert "Hu et al. 2021" in gd.preset(cfg, gd.TASKS["rte"])[4]
+
+
+def test_preset_is_printed_and_given_flags_win(demo_files, tmp_path):
+    args = tg.parse_args(_train_args(demo_files, tmp_path / "out", "--max-len", "20"))  # --epochs 3, batch 32 given
+    tg.check_args(args)
+    assert (args.epochs, args.batch_size, args.max_len) == (3, 32, 20)
+    assert args.preset.startswith("preset RoBERTa-Base (hidden size 64): 60 epochs, batch 64, max length 64 (epochs: "
+                                  "the LoRA paper") and args.preset.endswith(
+        "; given, and used instead: --epochs 3, --batch-size 32, --max-len 20")
+
+
+def test_adapter_help_says_training_starts_anew(capsys):
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--help"])
+    assert "training always starts a new adapter and head" in " ".join(capsys.readouterr().out.split())
