@@ -230,7 +230,7 @@ def test_targets_checked_on_a_weightless_model():
             enc.check_targets(cfg, bad)
 
 
-# ----------------------------------------------------------------------------------------------- hostile files (issue 22)
+# ----------------------------------------------------------------------------------- hostile files (issue 22)
 @pytest.mark.parametrize("change,match", [
     ({"vocab_size": 50.0}, "field 'vocab_size' is 50.0 (float), expected an integer >= 1"),
     ({"num_hidden_layers": True}, "field 'num_hidden_layers' is True (bool), expected an integer >= 1"),
@@ -244,8 +244,8 @@ def test_targets_checked_on_a_weightless_model():
     ({"label2id": []}, "field 'label2id' is [] (list), expected a JSON object"),
     ({"finetuning_task": 5}, "field 'finetuning_task' is 5 (int), expected a string"),
     ({"hidden_act": 1}, "field 'hidden_act' is 1 (int), expected one of ['gelu', 'gelu_new', 'gelu_pytorch_tanh']"),
-    ({"max_position_embeddings": 4}, "max_position_embeddings 4 leaves 2 positions for tokens (pad_token_id 1); at least 5 "
-                                     "are needed"),
+    ({"max_position_embeddings": 4}, "max_position_embeddings 4 leaves 2 positions for tokens (pad_token_id 1); "
+                                     "at least 5 are needed"),
     ({"hidden_size": None}, "no field 'hidden_size'"),
 ])
 def test_config_fields_are_checked(tmp_path, change, match):
