@@ -21,14 +21,14 @@ files: their pretraining heads are reported and left out).
 """
 import json
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fileio import UserError, atomic_write, read_json, read_safetensors, write_safetensors
+from fileio import UserError, atomic_write, check_float, read_json, read_safetensors, write_safetensors
 from tokenizer import load_tokenizer
 
 
@@ -64,13 +64,6 @@ def paper_size(c: EncoderConfig):
     """Which of the GIFT paper's two backbones this is (RoBERTa-Base or -Large), or None."""
     if c.model_type == "roberta" and c.vocab_size == 50265:
         return {(768, 12): "RoBERTa-Base", (1024, 24): "RoBERTa-Large"}.get((c.hidden_size, c.num_hidden_layers))
-
-
-def paper_defaults(c: EncoderConfig):
-    """(batch size, max length) of the paper's GLUE runs: 64 and 512 for Base, 128 and 128 for Large (hidden size
-    >= 1024); the length capped at what the model takes."""
-    large = c.hidden_size >= 1024
-    return (128 if large else 64), min(128 if large else 512, max_tokens(c))
 
 
 class Embeddings(nn.Module):
@@ -186,16 +179,43 @@ class SequenceClassifier(nn.Module):
 OTHER_HEADS = {"roberta": ("lm_head.", "roberta.pooler."), "bert": ("cls.",)}
 
 
+_REQUIRED = object()
+
+
+def field(cfg: dict, path, name, kind, default=_REQUIRED, ge=None, gt=None, lt=None, choices=None):
+    """cfg[name] checked for type and range, else a UserError naming file, field, value and what is expected.
+    kind: int (a bool or a float such as 430.0 is not an int), float (an int is fine), str, dict or list; ge / gt /
+    lt: bounds; choices: the allowed values. Absent (or null): default, else an error."""
+    value = cfg.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"{path}: no field {name!r}" + (" (or null)" if name in cfg else ""))
+        return default
+    ok = isinstance(value, kind) and not isinstance(value, bool) or kind is float and isinstance(value, int) and \
+        not isinstance(value, bool)
+    if ok and kind in (int, float):
+        ok = not (ge is not None and value < ge or gt is not None and value <= gt or lt is not None and value >= lt)
+    if ok and choices is not None:
+        ok = value in choices
+    if not ok:
+        want = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object", list: "a list"}[kind]
+        want += "".join(f" {op} {b}" for op, b in ((">=", ge), (">", gt), ("<", lt)) if b is not None)
+        want = f"one of {list(choices)}" if choices is not None else want
+        raise UserError(f"{path}: field {name!r} is {value!r} ({type(value).__name__}), expected {want}")
+    return value
+
+
 def read_config(folder, complete=False) -> EncoderConfig:
-    """folder/config.json, every field the forward uses checked; num_labels from its id2label (else 2).
-    complete: the folder must also hold tokenizer.json and the weights (checked first)."""
+    """folder/config.json, every field the forward uses checked for type and range; num_labels from its id2label
+    (else 2). complete: the folder must also hold tokenizer.json and the weights (checked first), and the sizes
+    must be those of the weights (read_weights: the tensors' shapes in the file's header, nothing allocated)."""
     path = Path(folder) / "config.json"
     missing = [f for f in ("config.json", "tokenizer.json") if complete and not (Path(folder) / f).is_file()]
     if complete and not any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         missing.append("model.safetensors")
     if missing:
         raise UserError(f"{folder}: no {' or '.join(missing)} (an HF model folder is expected)")
-    hf = read_json(path)  # a missing field is an error naming the file and the field
+    hf = read_json(path)
     if not isinstance(hf, dict):
         raise UserError(f"{path}: not an HF config (a JSON object is expected)")
     kind = hf.get("model_type")
@@ -203,37 +223,52 @@ def read_config(folder, complete=False) -> EncoderConfig:
         raise UserError(f"{path}: model_type {kind!r}; this script runs 'roberta' and 'bert' encoders")
     if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
         raise UserError(f"{path}: only absolute position embeddings and encoders (is_decoder false) are supported")
-    if hf.get("hidden_act", "gelu") not in GELU:
-        raise UserError(f"{path}: hidden_act {hf['hidden_act']!r} is not one of {sorted(GELU)}")
-    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
-        if not isinstance(hf[k], (int, float)) or isinstance(hf[k], bool) or hf[k] <= 0:
-            raise UserError(f"{path}: field {k!r} is {hf[k]!r}, a positive number is expected")
-    if hf["hidden_size"] % hf["num_attention_heads"]:
-        raise UserError(f"{path}: hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads "
-                        f"{hf['num_attention_heads']}")
-    known = {f.name for f in fields(EncoderConfig)} - {"num_labels"}
-    c = EncoderConfig(**{k: v for k, v in hf.items() if k in known and v is not None})
-    c.pad_token_id = hf.get("pad_token_id") if hf.get("pad_token_id") is not None else (1 if kind == "roberta" else 0)
-    c.num_labels = len(hf["id2label"]) if "id2label" in hf else 2  # a classifier's own head; else replaced
+    c = EncoderConfig(model_type=kind, hidden_act=field(hf, path, "hidden_act", str, "gelu", choices=sorted(GELU)),
+                      **{k: field(hf, path, k, int, ge=1) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size")})
+    c.layer_norm_eps = field(hf, path, "layer_norm_eps", float, gt=0)
+    c.pad_token_id = field(hf, path, "pad_token_id", int, 1 if kind == "roberta" else 0, ge=0, lt=c.vocab_size)
+    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        setattr(c, k, field(hf, path, k, float, 0.1, ge=0, lt=1))
+    c.classifier_dropout = field(hf, path, "classifier_dropout", float, None, ge=0, lt=1)
+    c.initializer_range = field(hf, path, "initializer_range", float, 0.02, gt=0)
+    if c.hidden_size % c.num_attention_heads:
+        raise UserError(f"{path}: hidden_size {c.hidden_size} is not a multiple of num_attention_heads "
+                        f"{c.num_attention_heads}")
+    if max_tokens(c) < 5:  # <s> A </s></s> B </s>: RoBERTa's positions start after pad_token_id
+        raise UserError(f"{path}: max_position_embeddings {c.max_position_embeddings} leaves {max_tokens(c)} "
+                        f"positions for tokens (pad_token_id {c.pad_token_id}); at least 5 are needed")
+    labels = field(hf, path, "id2label", dict, {})  # a classifier's own head; else replaced
+    c.num_labels = len(labels) or 2
+    field(hf, path, "label2id", dict, {}), field(hf, path, "finetuning_task", str, None)
+    if complete:
+        read_weights(folder, c)
     return c
 
 
-def read_weights(folder) -> dict:
+def read_weights(folder, config: EncoderConfig = None) -> dict:
     """{key: tensor} with HF's current names: BERT's old LayerNorm gamma / beta renamed, the model-type prefix
-    added to a bare RobertaModel / BertModel file, and the position_ids / token_type_ids buffers dropped."""
+    added to a bare RobertaModel / BertModel file, and the position_ids / token_type_ids buffers dropped. Every
+    tensor must be floating point (an I32 header over float bytes would be read as integers). config: its sizes
+    must be those of the file's embeddings and layers (checked on the mapped file, before any model is built)."""
     folder = Path(folder)
     if (folder / "model.safetensors").is_file():
-        w = read_safetensors(folder / "model.safetensors")
+        path = folder / "model.safetensors"
+        w = read_safetensors(path)  # mapped: the tensors' pages are read only when used
     elif (folder / "pytorch_model.bin").is_file():
+        path = folder / "pytorch_model.bin"
         try:
-            w = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            try:
+                w = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a file of the legacy (pre-zip) format cannot be mapped
+                w = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a broken zip, pickle or storage each raise their own error
-            raise UserError(f"{folder / 'pytorch_model.bin'}: cannot read it ({type(e).__name__}); truncated?") \
-                from None
+            raise UserError(f"{path}: cannot read it ({type(e).__name__}); truncated?") from None
+        if not isinstance(w, dict) or not all(isinstance(t, torch.Tensor) for t in w.values()):
+            raise UserError(f"{path}: not a state dict of tensors")
     else:
         raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded files: not supported)")
-    kind = read_config(folder).model_type
+    kind = (config or read_config(folder)).model_type
     out = {}
     for key, t in w.items():
         if key.endswith((".position_ids", ".token_type_ids")):
@@ -243,7 +278,36 @@ def read_weights(folder) -> dict:
         if "LayerNorm." in key or "layer_norm." in key:
             key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
         out[key] = t
+    check_float(path, out)
+    if config:
+        check_sizes(path, config, out)
     return out
+
+
+def check_sizes(path, c: EncoderConfig, w: dict):
+    """config.json's sizes against the tensors (their shapes only): the embeddings, the first layer's MLP and the
+    number of layers. A config asking for 10^12 embedding rows or 10^6 layers fails here, before allocating."""
+    k, D = c.model_type, c.hidden_size
+    want = {f"{k}.embeddings.word_embeddings.weight": ("vocab_size", c.vocab_size),
+            f"{k}.embeddings.position_embeddings.weight": ("max_position_embeddings", c.max_position_embeddings),
+            f"{k}.embeddings.token_type_embeddings.weight": ("type_vocab_size", c.type_vocab_size),
+            f"{k}.encoder.layer.0.intermediate.dense.weight": ("intermediate_size", c.intermediate_size)}
+    for key, (name, rows) in want.items():
+        if key not in w:
+            raise UserError(f"{path}: weight {key!r} is missing")
+        if tuple(w[key].shape) != (rows, D):
+            raise UserError(f"{path}: {key!r} has shape {tuple(w[key].shape)}; config.json's {name} {rows} and "
+                            f"hidden_size {D} need {(rows, D)}")
+    prefix = f"{k}.encoder.layer."
+    found = {int(n[len(prefix):].split(".")[0]) for n in w if n.startswith(prefix) and n[len(prefix)].isdigit()}
+    if found != set(range(c.num_hidden_layers)):
+        raise UserError(f"{path}: holds layers {_span(found)}; config.json's num_hidden_layers {c.num_hidden_layers} "
+                        f"needs 0..{c.num_hidden_layers - 1}")
+
+
+def _span(ids):
+    ids = sorted(ids)
+    return "none" if not ids else f"{ids[0]}..{ids[-1]}" + ("" if len(ids) == ids[-1] - ids[0] + 1 else " (gaps)")
 
 
 def load_model(folder, num_labels=None, log=print) -> SequenceClassifier:
@@ -252,10 +316,10 @@ def load_model(folder, num_labels=None, log=print) -> SequenceClassifier:
     Every backbone weight must be there with its shape; any other unused tensor is an error. log: where the
     one-line summary goes (a script under torchrun passes its rank-0 print)."""
     config = read_config(folder)
+    w, path = read_weights(folder, config), Path(folder)  # sizes checked against the file before building
     if num_labels is not None:
         config.num_labels = num_labels
     model = SequenceClassifier(config)
-    w, path = read_weights(folder), Path(folder)
     ignorable = OTHER_HEADS[config.model_type] + (("classifier.",) if num_labels is not None else ())
     with torch.no_grad():
         for key, param in model.state_dict(keep_vars=True).items():
@@ -294,7 +358,13 @@ def load_text_tokenizer(folder, config: EncoderConfig):
                         f"not fit the model {folder} ({config.vocab_size} embedding rows): give the model's own "
                         f"tokenizer")
     names = ("<s>", "</s>") if config.model_type == "roberta" else ("[CLS]", "[SEP]")
-    added = {t["content"]: t["id"] for t in read_json(path).get("added_tokens", [])}
+    spec = read_json(path)
+    tokens = field(spec, path, "added_tokens", list, []) if isinstance(spec, dict) else []
+    added = {t["content"]: t["id"] for t in tokens if isinstance(t, dict) and t.get("content") in names}
+    for name, i in added.items():  # the ids the script puts in every example: inside the embedding
+        if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size):
+            raise UserError(f"{path}: added token {name!r} has id {i!r}, expected an integer in [0, "
+                            f"{config.vocab_size}) (the model's embedding rows)")
     if not all(n in added for n in names):
         raise UserError(f"{path}: no added tokens {names} (is it a {config.model_type} tokenizer?)")
     return tok, added[names[0]], added[names[1]]

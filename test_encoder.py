@@ -145,7 +145,7 @@ def test_loader_is_strict(tmp_path):
         enc.load_model(_tiny_roberta_folder(tmp_path / "a", **{key: None}), num_labels=2)
     with pytest.raises(ValueError, match=r"shape \(16, 8\)"):
         enc.load_model(_tiny_roberta_folder(tmp_path / "b", **{key: torch.zeros(16, 8)}), num_labels=2)
-    with pytest.raises(ValueError, match="no place for.*layer.2"):
+    with pytest.raises(ValueError, match="holds layers 0..2; config.json's num_hidden_layers 2 needs 0..1"):
         enc.load_model(_tiny_roberta_folder(tmp_path / "c", **{"roberta.encoder.layer.2.output.dense.bias":
                                                                torch.zeros(16)}), num_labels=2)
     with pytest.raises(ValueError, match="classifier.*missing"):  # no head in a base file: give num_labels
@@ -228,3 +228,69 @@ def test_targets_checked_on_a_weightless_model():
     for bad in (["qeury"], ["q_proj"], ["out_proj"], ["classifier.dense"]):
         with pytest.raises(ValueError, match=rf"--targets {bad[0]}: .*valid names.*attention.self.query"):
             enc.check_targets(cfg, bad)
+
+
+# ----------------------------------------------------------------------------------- hostile files (issue 22)
+@pytest.mark.parametrize("change,match", [
+    ({"vocab_size": 50.0}, "field 'vocab_size' is 50.0 (float), expected an integer >= 1"),
+    ({"num_hidden_layers": True}, "field 'num_hidden_layers' is True (bool), expected an integer >= 1"),
+    ({"intermediate_size": 0}, "field 'intermediate_size' is 0 (int), expected an integer >= 1"),
+    ({"type_vocab_size": "1"}, "field 'type_vocab_size' is '1' (str), expected an integer >= 1"),
+    ({"attention_probs_dropout_prob": -0.1}, "field 'attention_probs_dropout_prob' is -0.1 (float), expected a "
+                                             "number >= 0 < 1"),
+    ({"classifier_dropout": "0.1"}, "field 'classifier_dropout' is '0.1' (str), expected a number >= 0 < 1"),
+    ({"initializer_range": 0}, "field 'initializer_range' is 0 (int), expected a number > 0"),
+    ({"pad_token_id": -1}, "field 'pad_token_id' is -1 (int), expected an integer >= 0 < 50"),
+    ({"label2id": []}, "field 'label2id' is [] (list), expected a JSON object"),
+    ({"finetuning_task": 5}, "field 'finetuning_task' is 5 (int), expected a string"),
+    ({"hidden_act": 1}, "field 'hidden_act' is 1 (int), expected one of ['gelu', 'gelu_new', 'gelu_pytorch_tanh']"),
+    ({"max_position_embeddings": 4}, "max_position_embeddings 4 leaves 2 positions for tokens (pad_token_id 1); "
+                                     "at least 5 are needed"),
+    ({"hidden_size": None}, "no field 'hidden_size'"),
+])
+def test_config_fields_are_checked(tmp_path, change, match):
+    """Issue 22.2: each field config.json gives the forward, checked for type and range: one error naming file,
+    field, the value found and what is expected (a ValueError, the script's one `error:` line)."""
+    folder = _tiny_roberta_folder(tmp_path / "m")
+    hf = {**json.loads((folder / "config.json").read_text()), **change}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    with pytest.raises(ValueError) as e:
+        enc.read_config(folder)
+    assert str(e.value) == f"{folder / 'config.json'}: {match}"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("vocab_1e12", r"'roberta.embeddings.word_embeddings.weight' has shape \(50, 16\); config.json's vocab_size "
+                   r"1000000000000 and hidden_size 16 need \(1000000000000, 16\)"),
+    ("layers_1e6", r"holds layers 0..1; config.json's num_hidden_layers 1000000 needs 0..999999"),
+    ("no_embedding", r"weight 'roberta.embeddings.word_embeddings.weight' is missing"),
+    ("i32_safetensors", r"tensor 'roberta.encoder.layer.1.output.dense.weight' is stored as torch.int32"),
+    ("i64_bin", r"pytorch_model.bin: tensor 'roberta.embeddings.LayerNorm.weight' is stored as torch.int64"),
+    ("bin_not_a_state_dict", r"pytorch_model.bin: not a state dict of tensors"),
+])
+def test_weights_checked_against_config_before_building(tmp_path, case, match):
+    """Issue 22.1 and 22.3: integer weights are refused; config.json's sizes are compared with the file's tensors
+    (mapped, nothing allocated) before a model is built: 10^12 embedding rows or 10^6 layers fail at once."""
+    key = "roberta.encoder.layer.1.output.dense.weight"
+    folder = _tiny_roberta_folder(tmp_path / "m", **{
+        "i32_safetensors": {key: torch.zeros(16, 32, dtype=torch.int32)},
+        "no_embedding": {"roberta.embeddings.word_embeddings.weight": None}}.get(case, {}))
+    hf = json.loads((folder / "config.json").read_text())
+    hf.update({"vocab_1e12": {"vocab_size": 10 ** 12}, "layers_1e6": {"num_hidden_layers": 10 ** 6}}.get(case, {}))
+    (folder / "config.json").write_text(json.dumps(hf))
+    if case.endswith("bin") or case == "bin_not_a_state_dict":
+        state = read_safetensors(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        torch.save([1, 2] if case == "bin_not_a_state_dict" else {
+            **state, "roberta.embeddings.LayerNorm.weight": torch.ones(16, dtype=torch.int64)},
+            folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=match):
+        enc.load_model(folder, num_labels=2)
+
+
+def test_field_accepts_what_fits():
+    cfg = {"n": 3, "eps": 1, "name": "x", "d": {}, "none": None}
+    assert enc.field(cfg, "c.json", "n", int, ge=1) == 3
+    assert enc.field(cfg, "c.json", "eps", float, gt=0) == 1  # an int where a number belongs
+    assert enc.field(cfg, "c.json", "none", float, 0.5) == 0.5 and enc.field(cfg, "c.json", "absent", str, "a") == "a"
+    assert enc.field(cfg, "c.json", "name", str, choices=["x"]) == "x" and enc.field(cfg, "c.json", "d", dict) == {}

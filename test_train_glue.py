@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import encoder as enc
+import glue_data as gd
 import train_glue as tg
 from test_encoder import TOL, _batch, tokenizers_pinned
 from conftest import user_error
 from gift import add_gift, gift_state_dict, load_gift_state_dict
-from fileio import read_safetensors, write_safetensors
+from fileio import read_safetensors, read_safetensors_metadata, write_safetensors
 
 def test_paper_parameter_counts():
     """GIFT_QV r=32: 98,304 trainable numbers on RoBERTa-Base, 131,072 on Large (the paper's counts)."""
@@ -66,26 +67,26 @@ GLUE_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("task", list(tg.TASKS))
+@pytest.mark.parametrize("task", list(gd.TASKS))
 def test_read_tsv_official_layouts(tmp_path, task):
     path = tmp_path / "train.tsv"
     path.write_text(GLUE_SAMPLES[task], encoding="utf-8")
-    assert tg.read_tsv(path, tg.TASKS[task]) == GLUE_EXPECTED[task]
+    assert gd.read_tsv(path, gd.TASKS[task]) == GLUE_EXPECTED[task]
 
 
 def test_read_tsv_errors_name_file_and_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match=r"dev.tsv:3: label 'maybe'"):
-        tg.read_tsv(path, tg.TASKS["rte"])
+        gd.read_tsv(path, gd.TASKS["rte"])
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\textra\tentailment\n")
     with pytest.raises(ValueError, match=r"dev.tsv:2: 5 tab-separated fields, expected 4"):
-        tg.read_tsv(path, tg.TASKS["rte"])
+        gd.read_tsv(path, gd.TASKS["rte"])
     with pytest.raises(ValueError, match=r"columns .* expected"):  # an RTE file given as QNLI
-        tg.read_tsv(path, tg.TASKS["qnli"])
+        gd.read_tsv(path, gd.TASKS["qnli"])
     path.write_text(GLUE_SAMPLES["stsb"].replace("3.800", "n/a"))
     with pytest.raises(ValueError, match=r"dev.tsv:3: score 'n/a'"):
-        tg.read_tsv(path, tg.TASKS["stsb"])
+        gd.read_tsv(path, gd.TASKS["stsb"])
 
 
 def test_metrics_against_references():
@@ -93,11 +94,11 @@ def test_metrics_against_references():
     y = rng.integers(0, 2, 200)
     p = np.where(rng.random(200) < 0.7, y, 1 - y)
     # Matthews' coefficient of two binary vectors is their Pearson correlation (the phi coefficient)
-    assert tg.score("mcc", p.tolist(), y.tolist()) == pytest.approx(100 * np.corrcoef(p, y)[0, 1], abs=1e-9)
-    assert tg.score("mcc", [1] * 10, [0, 1] * 5) == 0.0  # a constant prediction scores 0, as sklearn
-    assert tg.score("accuracy", p.tolist(), y.tolist()) == 100 * np.mean(p == y)
+    assert gd.score("mcc", p.tolist(), y.tolist()) == pytest.approx(100 * np.corrcoef(p, y)[0, 1], abs=1e-9)
+    assert gd.score("mcc", [1] * 10, [0, 1] * 5) == 0.0  # a constant prediction scores 0, as sklearn
+    assert gd.score("accuracy", p.tolist(), y.tolist()) == 100 * np.mean(p == y)
     a, b = rng.standard_normal(50), rng.standard_normal(50)
-    assert tg.score("pearson", a.tolist(), (a + b).tolist()) == pytest.approx(100 * np.corrcoef(a, a + b)[0, 1],
+    assert gd.score("pearson", a.tolist(), (a + b).tolist()) == pytest.approx(100 * np.corrcoef(a, a + b)[0, 1],
                                                                             abs=1e-9)
 
 
@@ -110,7 +111,7 @@ def test_lr_schedule_is_hf_linear():
 @pytest.fixture(scope="module")
 def demo_files(tmp_path_factory):
     """The demo's random RoBERTa folder (HF format) and generated SST-2-style data."""
-    return tg.make_demo(tmp_path_factory.mktemp("glue_demo"))
+    return gd.make_demo(tmp_path_factory.mktemp("glue_demo"))
 
 
 def _train_args(demo_files, out, *extra):
@@ -133,14 +134,14 @@ def gift_run(demo_files, tmp_path_factory, one_thread):
 def test_demo_tokenization_matches_tokenizers(demo_files):
     tokenizers = tokenizers_pinned()
     model_dir, data = demo_files
-    tok, cls, sep = tg.load_text_tokenizer(model_dir, tg.read_config(model_dir))
+    tok, cls, sep = enc.load_text_tokenizer(model_dir, enc.read_config(model_dir))
     ref = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    rows = tg.read_tsv(data / "dev.tsv", tg.TASKS["sst2"])
+    rows = gd.read_tsv(data / "dev.tsv", gd.TASKS["sst2"])
     for max_len in (512, 9):
         ref.enable_truncation(max_len)
         for (a, _, _), (b, _, _) in zip(rows[:40], rows[40:80]):
-            assert tg.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
-            assert tg.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
+            assert enc.encode_example(tok, cls, sep, "roberta", a, None, max_len)[0] == ref.encode(a).ids
+            assert enc.encode_example(tok, cls, sep, "roberta", a, b, max_len)[0] == ref.encode(a, b).ids
 
 
 def test_training_learns_and_writes_its_files(gift_run):
@@ -162,7 +163,7 @@ def test_adapter_loads_with_gift_and_scores_as_logged(gift_run, demo_files, caps
     run, state = tg.read_adapter_config(out / "adapter.safetensors"), read_safetensors(out / "adapter.safetensors")
     assert (run["method"], run["targets"], run["rank"], run["encoder"]["num_labels"]) == ("gift", ["query", "value"],
                                                                                            32, 2)
-    model = tg.load_model(model_dir, num_labels=2)
+    model = enc.load_model(model_dir, num_labels=2)
     add_gift(model, run["targets"], run["rank"], run["share"])
     load_gift_state_dict(model, read_safetensors(out / "adapter.safetensors"))  # gift.py's own loader takes it
     assert set(state) == set(gift_state_dict(model, ["classifier"]))
@@ -178,7 +179,7 @@ def test_merged_folder_equals_adapter_and_loads_in_transformers(gift_run, demo_f
     merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary sibling left
     _, unmerged = tg.model_with_adapter(out / "best.safetensors")
-    ours = tg.load_model(merged)
+    ours = enc.load_model(merged)
     assert list(ours.state_dict()) == [k for k in unmerged.state_dict() if not k.startswith("gift.")]
     ids, types, mask = _batch(ours.config.vocab_size, 1, [12, 5, 30])
     with torch.no_grad():
@@ -203,7 +204,7 @@ def test_lora_trains_and_merges(demo_files, tmp_path, one_thread):
     _, unmerged = tg.model_with_adapter(tmp_path / "adapter.safetensors")
     ids, types, mask = _batch(unmerged.config.vocab_size, 1, [7, 19])
     with torch.no_grad():
-        torch.testing.assert_close(tg.load_model(merged).eval()(ids, types * 0, mask),
+        torch.testing.assert_close(enc.load_model(merged).eval()(ids, types * 0, mask),
                                    unmerged.eval()(ids, types * 0, mask), atol=TOL, rtol=0)
     assert history[0]["epoch"] == 1
 
@@ -282,6 +283,38 @@ def _edit_config(**fields):  # None: the field removed
     return change
 
 
+def _small_embedding(folder):  # a model of 100 embedding rows: the demo's tokenizer has more ids
+    _edit_config(vocab_size=100)(folder)
+    state = read_safetensors(folder / "model.safetensors")
+    state["roberta.embeddings.word_embeddings.weight"] = state["roberta.embeddings.word_embeddings.weight"][:100]
+    write_safetensors(folder / "model.safetensors", state)
+
+
+def _narrow(folder):  # another model that takes the same tokenizer: 32 wide, its own weights
+    _edit_config(hidden_size=32, intermediate_size=64)(folder)
+    model = enc.SequenceClassifier(enc.read_config(folder))
+    write_safetensors(folder / "model.safetensors", {k: v for k, v in model.state_dict().items()
+                                                     if not k.startswith("classifier.")})
+
+
+def _weights(change):  # a folder change: model.safetensors' tensors edited by change(state)
+    def edit(folder):
+        state = dict(read_safetensors(folder / "model.safetensors"))
+        change(state)
+        write_safetensors(folder / "model.safetensors", state)
+    return edit
+
+
+def _adapter_copy(src, dst, config=None, tensors=None, meta=None):
+    """A copy of the adapter file src with its run config's fields updated (config), tensors changed, or the whole
+    metadata replaced (meta)."""
+    run = json.loads(read_safetensors_metadata(src)["config"])
+    state = dict(read_safetensors(src))
+    (tensors or (lambda st: None))(state)
+    write_safetensors(dst, state, meta or {"config": json.dumps({**run, **(config or {})})})
+    return str(dst)
+
+
 def _nan_weight(folder, key="roberta.encoder.layer.1.output.dense.weight"):  # one NaN in a base weight
     state = read_safetensors(folder / "model.safetensors")
     state[key] = state[key].clone()
@@ -307,6 +340,25 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
     def bad_tsv(text):
         return train(data=_copy_with(data, tmp_path / "data", lambda p: (p / "train.tsv").write_bytes(text)))
 
+    q = "roberta.encoder.layer.0.attention.self.query.weight"
+
+    def scores(text):  # an STS-B folder whose train.tsv is text
+        folder = tmp_path / "STS-B"
+        folder.mkdir()
+        for split in ("train", "dev"):
+            (folder / f"{split}.tsv").write_text(GLUE_SAMPLES["stsb"])
+        (folder / "train.tsv").write_text(text)
+        return [*train(data=folder), "--task", "stsb"]
+
+    def merged():
+        return str(tg.main(["--adapter", adapter(), "--merge", str(tmp_path / "merged")]))
+
+    def theta(change):  # the GIFT run's adapter with its query phi changed
+        return ["--adapter", _adapter_copy(adapter(), tmp_path / "adapter.safetensors", tensors=lambda st: st.update(
+            {"gift.query.phi.weight": change(st["gift.query.phi.weight"])})), "--data", str(data), "--eval-only"]
+    evaluate = lambda path: ["--adapter", path, "--data", str(data), "--eval-only"]  # noqa: E731
+    meta = lambda **kw: evaluate(_adapter_copy(adapter(), tmp_path / "adapter.safetensors", **kw))  # noqa: E731
+    config = lambda **kw: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(**kw)))  # noqa: E731
     if kind == "nan_at_step_25":  # a diverging run: the loss of step 25 (epoch 2) is NaN
         loss_fn, calls = tg.loss_fn, []
 
@@ -331,7 +383,9 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
             p / "config.json").write_text('{"model_type": "roberta",'))),
         "config_no_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=None))),
         "config_bad_field": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size="64"))),
-        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(vocab_size=100))),
+        "tokenizer_too_large": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _small_embedding)),
+        "config_vocab_not_the_files": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _edit_config(
+            vocab_size=100))),
         "tsv_not_utf8": lambda: bad_tsv(b"sentence\tlabel\ncaf\xe9\t1\n"),
         "tsv_bad_label": lambda: bad_tsv(b"sentence\tlabel\ngood\t1\nbad\tmaybe\n"),
         "out_used": lambda: (used_out(), train())[1],
@@ -363,12 +417,43 @@ def _fault(kind, demo_files, tmp_path, request, monkeypatch):
         "weight_decay_negative": lambda: train("--weight-decay", "-0.1"),
         "warmup_over_1": lambda: train("--warmup", "1.5"),
         "adapter_other_widths": lambda: ["--adapter", adapter(), "--data", str(data), "--eval-only", "--model", str(
-            _copy_with(model_dir, tmp_path / "m", _edit_config(hidden_size=32, intermediate_size=64)))],
+            _copy_with(model_dir, tmp_path / "m", _narrow))],
         "out_is_file": lambda: ((tmp_path / "out").write_text("notes\n"), train())[1],
         "no_data_folder": lambda: train(data=tmp_path / "SST2"),
         "stop_after_reached": lambda: (used_out(), train("--resume", "--stop-after", "5"))[1],
         "nan_in_weight": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _nan_weight)),
         "nan_at_step_25": lambda: train(),
+        "weight_i32": lambda: train(model=_copy_with(model_dir, tmp_path / "m", _weights(
+            lambda st: st.update({q: st[q].view(torch.int32)})))),  # the same bytes, read as integers
+        "adapter_on_its_merged_model": lambda: [*evaluate(adapter()), "--model", merged()],
+        "adapter_other_weights": lambda: [*evaluate(adapter()), "--model", str(_copy_with(
+            model_dir, tmp_path / "m", _weights(lambda st: st.update({q: st[q] * 1.5}))))],
+        "merge_onto_other_weights": lambda: ["--adapter", adapter(), "--merge", str(tmp_path / "merged"), "--model",
+                                             str(_copy_with(model_dir, tmp_path / "m", _weights(
+                                                 lambda st: st.update({q: st[q] * 1.5}))))],
+        "config_vocab_float": lambda: config(vocab_size=430.0),
+        "config_layers_fraction": lambda: config(num_hidden_layers=2.5),
+        "config_dropout_5": lambda: config(hidden_dropout_prob=5),
+        "config_id2label_int": lambda: config(id2label=3),
+        "config_heads_negative": lambda: config(num_attention_heads=-4),
+        "config_eps_string": lambda: config(layer_norm_eps="1e-5"),
+        "config_pad_outside": lambda: config(pad_token_id=430),
+        "config_act_unknown": lambda: config(hidden_act="swish"),
+        "tokenizer_special_id": lambda: train(model=_copy_with(model_dir, tmp_path / "m", lambda p: (
+            p / "tokenizer.json").write_text((p / "tokenizer.json").read_text().replace(
+                '"id": 2, "content": "</s>"', '"id": "2", "content": "</s>"')))),
+        "adapter_meta_list": lambda: meta(meta={"config": "[1, 2]"}),
+        "adapter_rank_string": lambda: meta(config={"rank": "32"}),
+        "adapter_method_unknown": lambda: meta(config={"method": "dora"}),
+        "config_vocab_1e12": lambda: config(vocab_size=10 ** 12),
+        "config_layers_1e6": lambda: config(num_hidden_layers=10 ** 6),
+        "adapter_tensor_shape": lambda: theta(lambda t: t[:16]),
+        "adapter_tensor_i32": lambda: theta(lambda t: t.view(torch.int32)),
+        "stsb_nan_score": lambda: scores(GLUE_SAMPLES["stsb"].replace("3.800", "nan")),
+        "stsb_inf_score": lambda: scores(GLUE_SAMPLES["stsb"].replace("5.000", "inf")),
+        "out_finished_run": lambda: ((used_out() / "checkpoint.pt").unlink(), train())[1],
+        "out_is_the_model": lambda: [*train(), "--out", str(model_dir)],
+        "seeds_repeated": lambda: train("--seeds", "1", "1"),
     }[kind]()
 
 
@@ -388,8 +473,10 @@ FAULTS = [
     ("no_train_tsv", r"--data .*: no train.tsv \(give a task's folder of the GLUE download"),
     ("config_not_json", r"m.config.json: not valid JSON \(Expecting"),
     ("config_no_field", r"m.config.json: no field 'hidden_size'"),
-    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64', a positive number is expected"),
+    ("config_bad_field", r"m.config.json: field 'hidden_size' is '64' \(str\), expected an integer >= 1"),
     ("tokenizer_too_large", r"the tokenizer .*tokenizer.json \(\d+ ids\) does not fit the model .*m \(100 "),
+    ("config_vocab_not_the_files", r"model.safetensors: 'roberta.embeddings.word_embeddings.weight' has shape "
+                                   r"\(\d+, 64\); config.json's vocab_size 100 and hidden_size 64 need \(100, 64\)"),
     ("tsv_not_utf8", r"train.tsv: not UTF-8 text \(invalid continuation byte at byte 18\)"),
     ("tsv_bad_label", r"train.tsv:3: label 'maybe' is not one of \('0', '1'\)"),
     ("out_used", r"out.checkpoint.pt exists: add --resume to continue that run, or choose another --out"),
@@ -427,7 +514,47 @@ FAULTS = [
     ("stop_after_reached", r"--stop-after 5: .*checkpoint.pt is at step 60 already$"),
     ("nan_in_weight", r"step 1: loss nan, gradient norm nan; training stopped, nothing was saved"),
     ("nan_at_step_25", r"step 25: loss nan, gradient norm nan; training stopped, .*checkpoint.pt \(step 21\) is kept"),
+    # issue 22, class 1 (silently wrong): integer weights, an adapter on another base (its own merged model, other
+    # weights) -- the base is compared by its weights, so these two load the model first
+    ("weight_i32", r"model.safetensors: tensor 'roberta.encoder.layer.0.attention.self.query.weight' is stored as "
+                   r"torch.int32, but a model weight is floating point"),
+    ("adapter_on_its_merged_model", r"adapter.safetensors was trained on .*model \(identity [0-9a-f]{16}\), not on "
+                                    r".*merged \(identity [0-9a-f]{16}\): a merged model, .*add --any-base"),
+    ("adapter_other_weights", r"adapter.safetensors was trained on .*model \(identity .*\), not on .*m \(identity"),
+    ("merge_onto_other_weights", r"adapter.safetensors was trained on .*model \(identity .*\), not on .*m "),
+    # class 2 (types and ranges: file, field, value, what was expected)
+    ("config_vocab_float", r"config.json: field 'vocab_size' is 430.0 \(float\), expected an integer >= 1$"),
+    ("config_layers_fraction", r"config.json: field 'num_hidden_layers' is 2.5 \(float\), expected an integer >= 1"),
+    ("config_dropout_5", r"config.json: field 'hidden_dropout_prob' is 5 \(int\), expected a number >= 0 < 1"),
+    ("config_id2label_int", r"config.json: field 'id2label' is 3 \(int\), expected a JSON object"),
+    ("config_heads_negative", r"config.json: field 'num_attention_heads' is -4 \(int\), expected an integer >= 1"),
+    ("config_eps_string", r"config.json: field 'layer_norm_eps' is '1e-5' \(str\), expected a number > 0"),
+    ("config_pad_outside", r"config.json: field 'pad_token_id' is 430 \(int\), expected an integer >= 0 < 430"),
+    ("config_act_unknown", r"config.json: field 'hidden_act' is 'swish' \(str\), expected one of \['gelu', "),
+    ("tokenizer_special_id", r"tokenizer.json: added token '</s>' has id"),  # tokenizer.py's reader or ours
+    ("adapter_meta_list", r"adapter.safetensors: its metadata config is not a JSON object"),
+    ("adapter_rank_string", r"adapter.safetensors \(its run config\): field 'rank' is '32' \(str\), expected an "
+                            r"integer >= 1"),
+    ("adapter_method_unknown", r"\(its run config\): field 'method' is 'dora' \(str\), expected one of \['gift', "
+                               r"'lora'\]"),
+    # class 3 (sizes against the files before building) and 4 (the adapter's tensors before the base's weights)
+    ("config_vocab_1e12", r"model.safetensors: 'roberta.embeddings.word_embeddings.weight' has shape \(\d+, 64\); "
+                          r"config.json's vocab_size 1000000000000 "),
+    ("config_layers_1e6", r"model.safetensors: holds layers 0..1; config.json's num_hidden_layers 1000000 needs "
+                          r"0..999999"),
+    ("adapter_tensor_shape", r"adapter.safetensors: tensor 'gift.query.phi.weight' is \(16, 64\); its run config "
+                             r"\(gift r=32 on query value\) on .*model needs \(32, 64\)"),
+    ("adapter_tensor_i32", r"adapter.safetensors: tensor 'gift.query.phi.weight' is stored as torch.int32"),
+    # class 5 (non-finite labels, file:line) and 6 (a finished run's folder, the model's folder)
+    ("stsb_nan_score", r"train.tsv:3: score 'nan' is not a finite number"),
+    ("stsb_inf_score", r"train.tsv:2: score 'inf' is not a finite number"),
+    ("out_finished_run", r"--out .*out holds a run \(log.jsonl, adapter.safetensors, results.json, best.safetensors\): "
+                         r"add --resume to continue it, --overwrite to replace it"),
+    ("out_is_the_model", r"--out .*model is the base model: the run's files would mix with it"),
+    ("seeds_repeated", r"--seeds 1 1: distinct seeds, for training runs"),
 ]
+LOADS = {"nan_in_weight", "nan_at_step_25", "adapter_on_its_merged_model", "adapter_other_weights",
+         "merge_onto_other_weights"}  # the faults found only once weights are read (identity; a NaN in training)
 
 
 @pytest.mark.parametrize("kind,match", FAULTS, ids=[k for k, _ in FAULTS])
@@ -453,7 +580,7 @@ def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, 
     printed = capsys.readouterr()
     assert e.value.code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
     assert re.search(match, printed.err), printed.err
-    assert ("loaded " in printed.out) == kind.startswith("nan"), printed.out  # the others: before loading weights
+    assert ("loaded " in printed.out) == (kind in LOADS), printed.out  # the others: before loading weights
     assert {p.name: p.read_bytes() for p in demo_files[0].iterdir()} == model_files  # never touched
     out = tmp_path / "out"
     if kind.startswith("nan"):  # the log stays strict JSON with the finished epochs; no Theta after the NaN saved
@@ -465,15 +592,28 @@ def test_faults_are_one_line_errors(kind, match, demo_files, tmp_path, request, 
             assert ckpt["step"] == 21 and all(t.isfinite().all() for t in ckpt["adapter"].values())
 
 
-def test_table_averages_six_tasks(tmp_path):
-    for i, (task, value) in enumerate(zip(tg.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0])):
-        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):
-            run = tmp_path / f"{task}-{seed}"
-            run.mkdir()
-            (run / "results.json").write_text(json.dumps({"task": task, "method": "gift", "backbone": "RoBERTa-Base",
-                                                          "model": "m", "best": value + delta}))
-    text = tg.table(sorted(tmp_path.iterdir()))
-    assert "| RoBERTa-Base | gift | 90.0 | 88.0 | 60.0 | 92.0 | 75.0 | 90.0 | 82.5 | 85.1 |" in text  # medians
+def _results(folder, task, best, seed, rank=32, method="gift", backbone="RoBERTa-Base"):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"task": task, "method": method, "backbone": backbone,
+                                                     "model": "m", "best": best, "seed": seed, "rank": rank}))
+    return folder
+
+
+def test_table_mean_and_std_over_seeds(tmp_path):
+    """Issue 19: each cell the mean +- sample std over the seeds (and their number), the average beside the paper's;
+    rows split by rank, a run counted twice is refused."""
+    for task, value in zip(gd.TASKS, [90.0, 88.0, 60.0, 92.0, 75.0, 90.0]):
+        for seed, delta in ((42, 0.0), (43, 1.0), (44, -2.0)):  # mean value - 1/3, sample std sqrt(7/3) = 1.53
+            _results(tmp_path / f"{task}-{seed}", task, value + delta, seed)
+    _results(tmp_path / "r16", "rte", 70.0, 42, rank=16)
+    text = gd.table(sorted(tmp_path.iterdir()))
+    assert ("| RoBERTa-Base | gift | 32 | 89.7 ± 1.5 (n=3) | 87.7 ± 1.5 (n=3) | 59.7 ± 1.5 (n=3) | 91.7 ± 1.5 (n=3) | "
+            "74.7 ± 1.5 (n=3) | 89.7 ± 1.5 (n=3) | 82.2 | 85.1 |") in text
+    assert "| RoBERTa-Base | gift | 16 | - | - | - | - | 70.0 ± 0.0 (n=1) | - | - | - |" in text  # not the paper's r
+    assert "SST-2 (%)" in text and "| avg (%) | paper avg (%) |" in text
+    _results(tmp_path / "again", "sst2", 91.0, 42)
+    with pytest.raises(ValueError, match=r"again.results.json and .*sst2-42.results.json are both sst2 seed 42"):
+        gd.table(sorted(tmp_path.iterdir()))
 
 
 def test_torchrun_two_processes_equal_one(demo_files, tmp_path, one_thread, torchrun):
@@ -557,7 +697,7 @@ def test_cuda_demo(tmp_path):
 def test_cuda_bf16_gift_step_0_is_the_base_model(demo_files):
     """psi = 0: x + (x psi^T) phi^T adds an exact 0, so under bf16 autocast the logits are the base model's."""
     model_dir, data = demo_files
-    base = tg.load_model(model_dir, num_labels=2).cuda().eval()
+    base = enc.load_model(model_dir, num_labels=2).cuda().eval()
     ids, types, mask = (t.cuda() for t in _batch(base.config.vocab_size, 1, [12, 5, 30]))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         expected = base(ids, types * 0, mask)
@@ -572,7 +712,7 @@ def test_cuda_bf16_merged_equals_unmerged(gift_run, tmp_path):
     out, _ = gift_run
     merged = tg.main(["--adapter", str(out / "best.safetensors"), "--merge", str(tmp_path / "merged")])
     _, unmerged = tg.model_with_adapter(out / "best.safetensors")
-    ours, unmerged = tg.load_model(merged).cuda().eval(), unmerged.cuda().eval()
+    ours, unmerged = enc.load_model(merged).cuda().eval(), unmerged.cuda().eval()
     ids, types, mask = (t.cuda() for t in _batch(ours.config.vocab_size, 1, [12, 5, 30]))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         torch.testing.assert_close(ours(ids, types * 0, mask), unmerged(ids, types * 0, mask), rtol=0, atol=5e-2)
@@ -587,3 +727,84 @@ def test_cuda_compile_gives_the_eager_losses(demo_files, tmp_path):
     assert compiled["loss_sum"][0] == pytest.approx(eager["loss_sum"][0], rel=1e-4)
     for k in eager["adapter"]:
         torch.testing.assert_close(compiled["adapter"][k].cpu(), eager["adapter"][k].cpu(), rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- issues 19 and 22
+def test_any_base_applies_an_adapter_to_its_merged_model(gift_run, demo_files, tmp_path, capsys):
+    """Issue 22.1: refused without the flag (the fault table); with it the edit is applied twice and scored."""
+    out, _ = gift_run
+    _, data = demo_files
+    merged = tg.main(["--adapter", str(out / "adapter.safetensors"), "--merge", str(tmp_path / "merged")])
+    value = tg.main(["--adapter", str(out / "adapter.safetensors"), "--model", str(merged), "--data", str(data),
+                     "--eval-only", "--any-base", "--device", "cpu"])
+    assert 0 <= value <= 100 and "dev accuracy" in capsys.readouterr().out
+
+
+def test_evaluation_crash_keeps_the_epoch_and_resume_repeats_the_run(demo_files, gift_run, tmp_path, monkeypatch,
+                                                                       one_thread):
+    """Issue 22.5: a crash in the evaluation of epoch 2 finds epoch 2's training on disk; --resume evaluates it
+    and ends as the uninterrupted run."""
+    full, history = gift_run
+    real, calls = tg.evaluate, []
+
+    def crash_at_2(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("evaluation crashed")
+        return real(*a)
+    monkeypatch.setattr(tg, "evaluate", crash_at_2)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        _train(demo_files, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 40 and len(ckpt["history"]) == 1  # trained through epoch 2, evaluated through epoch 1
+    monkeypatch.setattr(tg, "evaluate", real)
+    resumed = _train(demo_files, tmp_path, "--resume")
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(resumed) == drop(history)
+    a, b = read_safetensors(full / "adapter.safetensors"), read_safetensors(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overwrite_replaces_a_finished_run(demo_files, gift_run, tmp_path, one_thread):
+    out = shutil.copytree(gift_run[0], tmp_path / "out")
+    (out / "checkpoint.pt").unlink()
+    history = _train(demo_files, out, "--overwrite", "--epochs", "1")
+    assert len(history) == 1 and json.loads((out / "results.json").read_text())["epochs"] == 1
+
+
+def test_seeds_run_each_seed_then_write_the_table(demo_files, tmp_path, capsys, one_thread):
+    """Issue 19: --seeds runs the recipe once per seed (OUT/seed-N), then the mean +- std table of them."""
+    runs = _train(demo_files, tmp_path, "--seeds", "1", "2", "--epochs", "1")
+    assert runs == [str(tmp_path / "seed-1"), str(tmp_path / "seed-2")]
+    assert [json.loads((tmp_path / f"seed-{s}" / "results.json").read_text())["seed"] for s in (1, 2)] == [1, 2]
+    table = (tmp_path / "table.md").read_text()
+    assert re.search(r"\| gift \| 32 \| \d+\.\d ± \d+\.\d \(n=2\) \| - \|", table), table
+    assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("hidden,layers,expected", [
+    (768, 12, ("RoBERTa-Base", {"sst2": 60, "mrpc": 30, "cola": 80, "qnli": 25, "rte": 80, "stsb": 40}, 64, 512)),
+    (1024, 24, ("RoBERTa-Large", {"sst2": 10, "mrpc": 20, "cola": 20, "qnli": 10, "rte": 20, "stsb": 10}, 128, 128))])
+def test_size_presets(hidden, layers, expected):
+    """Issue 19: Large has its own epochs (the LoRA paper's roberta-large runs), batch 128, length 128."""
+    cfg = enc.EncoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                            intermediate_size=4 * hidden)
+    name, epochs, batch, max_len = expected
+    for task, n in epochs.items():
+        assert gd.preset(cfg, gd.TASKS[task])[:4] == (name, n, batch, max_len)
+    assert "Hu et al. 2021" in gd.preset(cfg, gd.TASKS["rte"])[4]
+
+
+def test_preset_is_printed_and_given_flags_win(demo_files, tmp_path):
+    args = tg.parse_args(_train_args(demo_files, tmp_path / "out", "--max-len", "20"))  # --epochs 3, batch 32 given
+    tg.check_args(args)
+    assert (args.epochs, args.batch_size, args.max_len) == (3, 32, 20)
+    assert args.preset.startswith("preset RoBERTa-Base (hidden size 64): 60 epochs, batch 64, max length 64 (epochs: "
+                                  "the LoRA paper") and args.preset.endswith(
+        "; given, and used instead: --epochs 3, --batch-size 32, --max-len 20")
+
+
+def test_adapter_help_says_training_starts_anew(capsys):
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--help"])
+    assert "training always starts a new adapter and head" in " ".join(capsys.readouterr().out.split())

@@ -13,14 +13,17 @@ batch 64 / max length 512 (Base), 128 / 128 (Large), scored on dev after every e
     python train_glue.py --adapter runs/rte/adapter.safetensors --data glue_data/RTE --eval-only  # score an adapter
     python train_glue.py --adapter runs/rte/best.safetensors --merge runs/rte-merged  # a new HF folder, plain weights
     python train_glue.py --model runs/rte-merged --data glue_data/RTE --eval-only     # score a merged folder
-    python train_glue.py --table runs/*                             # the six-task table beside the paper's
+    python train_glue.py ...same flags... --seeds 42 43 44 45 46  # once per seed into OUT/seed-N, then the table
+    python train_glue.py --table runs/*                             # mean +- std over seeds beside the paper's
 
-The paper's lr and weight decay were chosen per task from a grid (lr 1e-4 ... 1e-3, wd 0 ... 0.01), runs repeated
-with seeds 42-46. Pairs longer than --max-len are cut as HF's `longest_first` truncation in tokenizers 0.23.3
-(0.23.2 differs: max length 9, 10 + 9 words, it keeps 2 words of the first where 0.23.3 keeps 3). Training starts
-a new adapter and head; --eval-only without --adapter scores a merged folder with its own head (a base model
-has none). Ctrl-C / SIGTERM / --stop-after N: the step ends, is saved, no evaluation, exit 0; --resume continues.
-A mistake is one line `error: ...` (exit status 2) before any model is loaded.
+Epochs, batch and max length come from a size preset (glue_data.PRESETS, each with its source, printed by the run;
+a flag given wins). The paper's lr and weight decay were chosen per task from a grid (lr 1e-4 ... 1e-3, wd 0 ...
+0.01). Pairs longer than --max-len are cut as HF's `longest_first` truncation in tokenizers 0.23.3. An adapter
+records the base it was trained on: on another model (a merged one too) it is refused unless --any-base. Training
+starts a new adapter and head; --eval-only without --adapter scores a merged folder with its own head (a base model
+has none) and writes no file. Ctrl-C / SIGTERM / --stop-after N: the step ends, is saved, no evaluation, exit 0;
+--resume continues. Each epoch is saved before its evaluation. A mistake is one line `error: ...` (exit status 2)
+before any model is loaded. The protocol, paper vs this repository: docs/glue.md.
 """
 import argparse
 import json
@@ -28,34 +31,23 @@ import math
 import os
 import tempfile
 import time
-from collections import namedtuple
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from encoder import DEMO_WORDS, SequenceClassifier, check_targets, collate, encode_example, load_model, \
-    load_text_tokenizer, loss_fn, max_tokens, paper_defaults, paper_size, read_config, save_classifier, write_demo_model
-from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors, utf8_text
+from encoder import SequenceClassifier, check_targets, collate, field, load_model, loss_fn, max_tokens, paper_size, \
+    read_config, save_classifier
+from fileio import UserError, atomic_write, check_float, fingerprint, read_json, read_safetensors, \
+    read_safetensors_metadata
 from gift import add_gift, parameter_summary
+from glue_data import PAPER, TASKS, load_splits, make_demo, preset, score, table
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
-    check_finite, check_new_output, check_ranges, cli, close_distributed, fused_adamw, load_adapter_state_dict, \
-    merge_adapter, print0, progress, setup_distributed
+    base_identity, check_adapter_base, check_finite, check_new_output, check_ranges, cli, close_distributed, \
+    fused_adamw, load_adapter_state_dict, merge_adapter, print0, progress, setup_distributed
 from lora import add_lora
 
-
-# A GLUE task: its folder in the GLUE download, the column names of sentence A and B (B None: one sentence) and of
-# the label, the label strings in id order (None: a regression score), the metric, the default epochs (LoRA's
-# RoBERTa-base runs, microsoft/LoRA examples/NLU), and the column names of a file without a header row (CoLA).
-Task = namedtuple("Task", "folder text label labels metric epochs columns", defaults=[()])
-TASKS = {"sst2": Task("SST-2", ("sentence", None), "label", ("0", "1"), "accuracy", 60),
-         "mrpc": Task("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", 30),
-         "cola": Task("CoLA", ("sentence", None), "label", ("0", "1"), "mcc", 80,
-                      ("source", "label", "original_label", "sentence")),
-         "qnli": Task("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), "accuracy", 25),
-         "rte": Task("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), "accuracy", 80),
-         "stsb": Task("STS-B", ("sentence1", "sentence2"), "score", None, "pearson", 40)}
 
 # What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
 RUN_FIELDS = ("task", "method", "targets", "rank", "share", "lora_alpha", "epochs", "batch_size", "lr", "head_lr",
@@ -71,13 +63,16 @@ def train(args):
         raise UserError(f"--batch-size {args.batch_size} (the global batch) must be divisible by {world} processes")
     # a used --out, a changed setting or input: found before anything is loaded
     run = Run(args.out, run_settings(args), ("adapter", "optimizer", "step", "history", "loss_sum"), args.resume,
-              rank, log_key="epoch")  # on return, the frame drops DDP before main's close_distributed
+              rank, log_key="epoch", overwrite=args.overwrite, outputs=("results.json", "best.safetensors"),
+              inputs={"the base model": args.model})  # on return, the frame drops DDP before close_distributed
+    print0(args.preset)
     ckpt = run.checkpoint
     if ckpt and args.stop_after and ckpt["step"] >= args.stop_after:
         raise UserError(f"--stop-after {args.stop_after}: {run.checkpoint_path} is at step {ckpt['step']} already")
     train_set, dev_set = load_splits(args.model, config, args.data, task, args.max_len, ("train", "dev"))
     torch.manual_seed(args.seed)  # the same new head, phi and LoRA A on every process and in every run
     model = load_model(args.model, num_labels=1 if task.labels is None else len(task.labels), log=print0)
+    base = base_identity(model, skip=["classifier"])  # recorded in the adapter: another base is refused
     if args.method == "gift":  # W (I + phi psi), one Theta = (phi, psi) per target type, the backbone frozen
         add_gift(model, args.targets, args.rank, args.share)
     else:                      # W + (alpha/r) B A in every targeted layer
@@ -150,6 +145,7 @@ def train(args):
                 if args.save_every and step % args.save_every == 0 and k < steps_per_epoch - 1:
                     save()  # mid-epoch; the epoch's last step is saved below, with its evaluation
             bar.close()
+            save()  # the epoch's training is on disk before its evaluation: a crash there loses nothing
             value = evaluate(net, dev_set, task.metric, args.pad, args, device)
             history.append({"epoch": epoch + 1, "step": step, "train_loss": round(loss_sum[0] / loss_sum[1], 6),
                             f"dev_{task.metric}": round(value, 4), "lr": opt.param_groups[0]["lr"],
@@ -159,10 +155,10 @@ def train(args):
             print0(json.dumps(history[-1]))  # the epoch's bar has closed: a line of its own
             if value > max((h[f"dev_{task.metric}"] for h in history[:-1]), default=-math.inf):
                 # the paper reports the best epoch (the first of equals, as the authors' saver)
-                run.write_adapter(adapter_state_dict(model, ["classifier"]), adapter_config_of(args, model),
+                run.write_adapter(adapter_state_dict(model, ["classifier"]), adapter_config_of(args, model, base),
                                   "best.safetensors")
             save()
-    run.write_adapter(adapter_state_dict(model, ["classifier"]), adapter_config_of(args, model))
+    run.write_adapter(adapter_state_dict(model, ["classifier"]), adapter_config_of(args, model, base))
     if rank == 0:
         write_results(args, model, history)
     return history
@@ -186,60 +182,7 @@ def run_settings(args):
             "train": fingerprint(Path(args.data, "train.tsv")), "dev": fingerprint(Path(args.data, "dev.tsv"))}
 
 
-# ----------------------------------------------------------------------------- GLUE's TSV files (a folder per task)
-def read_tsv(path, task: Task):
-    """[(sentence A, sentence B or None, label id or score)]. Fields are split on tabs with no quoting, as the
-    GLUE files are written (a quote is an ordinary character); every row must have the header's field count."""
-    with utf8_text(path):
-        lines = [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8-sig").split("\n")]  # MRPC: BOM
-    lines = lines[:-1] if lines[-1] == "" else lines
-    names, first = (task.columns, 0) if task.columns else (lines[0].split("\t") if lines else [], 1)
-    want = [c for c in (*task.text, task.label) if c is not None]
-    if any(c not in names for c in want):
-        raise UserError(f"{path}: columns {want} expected in the header, found {names} (is it {task.folder}?)")
-    a, b, y = (names.index(c) if c is not None else None for c in (*task.text, task.label))
-    rows = []
-    for i, line in enumerate(lines[first:], first + 1):
-        f = line.split("\t")
-        if len(f) != len(names):
-            raise UserError(f"{path}:{i}: {len(f)} tab-separated fields, expected {len(names)} ({names})")
-        if task.labels is None:
-            try:
-                label = float(f[y])
-            except ValueError:
-                raise UserError(f"{path}:{i}: score {f[y]!r} is not a number") from None
-        elif f[y] in task.labels:
-            label = task.labels.index(f[y])
-        else:
-            raise UserError(f"{path}:{i}: label {f[y]!r} is not one of {task.labels}")
-        rows.append((f[a], f[b] if b is not None else None, label))
-    if not rows:
-        raise UserError(f"{path}: no examples")
-    return rows
-
-
-def load_splits(model_dir, config, data, task, max_len, splits):
-    """[(ids, types, label)] of each split; the tokenizer is checked against the model before any weight is read."""
-    tok, cls, sep = load_text_tokenizer(model_dir, config)
-    return [[(*encode_example(tok, cls, sep, config.model_type, a, b, max_len), y) for a, b, y in
-             progress(read_tsv(Path(data, f"{s}.tsv"), task), desc=f"tokenizing {s}")] for s in splits]
-
-
-# ----------------------------------------------------------------------------- evaluation and the table
-def score(metric, preds, labels):
-    """The paper's metrics, in percent: accuracy, Matthews correlation (CoLA), Pearson correlation (STS-B)."""
-    p, y = torch.tensor(preds, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64)
-    if metric == "accuracy":
-        return 100 * (p == y).double().mean().item()
-    if metric == "pearson":
-        p, y = p - p.mean(), y - y.mean()
-        return 100 * ((p * y).sum() / (p.norm() * y.norm()).clamp_min(1e-300)).item()
-    tp, tn = ((p == 1) & (y == 1)).sum().item(), ((p == 0) & (y == 0)).sum().item()
-    fp, fn = ((p == 1) & (y == 0)).sum().item(), ((p == 0) & (y == 1)).sum().item()
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 100 * (tp * tn - fp * fn) / denom if denom else 0.0  # 0 for a constant prediction, as sklearn
-
-
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(net, examples, metric, pad, args, device):
     """The metric (%) over all examples; each process scores every world-th one, in length order."""
@@ -266,19 +209,15 @@ def evaluate_only(args):
     run = read_adapter_config(args.adapter) if args.adapter else {}
     model_dir, task = args.model or run["model"], TASKS[args.task]
     config = read_config(model_dir)  # the tokenizer is checked below, before the weights are read
-    max_len = args.max_len or run.get("max_len") or paper_defaults(config)[1]
+    max_len = args.max_len or run.get("max_len") or preset(config, task)[3]
     dev, = load_splits(model_dir, config, args.data, task, max_len, ["dev"])
-    model = (model_with_adapter(args.adapter, args.model)[1] if args.adapter else load_model(model_dir, log=print0))
+    model = model_with_adapter(args.adapter, args.model, args.any_base)[1] if args.adapter else load_model(model_dir,
+                                                                                                       log=print0)
     net = compile_model(model.to(device)) if args.compile else model.to(device)
     value = evaluate(net, dev, task.metric, config.pad_token_id, args, device)
     print0(f"{args.task} dev {task.metric}: {value:.2f} (" + (f"{run['method']} r={run['rank']} adapter {args.adapter}"
            f" on the base model {model_dir})" if args.adapter else f"the merged model {model_dir}, its own head)"))
     return value
-
-
-# The paper's GLUE averages (v3) over the six tasks on dev; the authors keep each run's best epoch, seeds 42-46.
-PAPER = {("RoBERTa-Base", "gift"): 85.1, ("RoBERTa-Base", "lora"): 86.6,
-         ("RoBERTa-Large", "gift"): 87.5, ("RoBERTa-Large", "lora"): 87.8}
 
 
 def write_results(args, model, history):
@@ -287,48 +226,73 @@ def write_results(args, model, history):
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classif"))
     result = {"task": args.task, "method": args.method, "model": str(args.model), "backbone": paper_size(model.config),
               "metric": task.metric, "best": best[key], "best_epoch": best["epoch"], "epochs": len(history),
-              "trainable_without_head": trainable, "seed": args.seed}
+              "trainable_without_head": trainable, "seed": args.seed, "rank": args.rank, "preset": args.preset}
     atomic_write(Path(args.out) / "results.json", lambda t: Path(t).write_text(json.dumps(result, indent=2) + "\n"))
     paper = PAPER.get((result["backbone"], args.method))
     print(f"{args.task} ({task.metric}, dev): best {best[key]:.2f} at epoch {best['epoch']} of {len(history)}; "
           f"{args.method}, {trainable:,} trainable parameters without the head"
-          + (f"; the paper's {args.method} average over six tasks on {result['backbone']}: {paper}" if paper else ""))
-
-
-def table(dirs):
-    """The six-task table of runs (results.json), a row per (backbone, method); an average needs all six tasks."""
-    rows = {}
-    for path in (Path(d) / "results.json" for d in dirs):
-        if not path.is_file():
-            raise UserError(f"{path} does not exist (a finished run writes it)")
-        r = read_json(path)
-        rows.setdefault((r["backbone"] or r["model"], r["method"]), {}).setdefault(r["task"], []).append(r["best"])
-    lines = ["| backbone | method | " + " | ".join(TASKS[t].folder for t in TASKS) + " | avg | paper avg |",
-             "|---" * (len(TASKS) + 4) + "|"]
-    for (backbone, method), scores in sorted(rows.items()):
-        # several seeds per task: their median (the upper one of an even count), the LoRA paper's convention
-        med = {t: sorted(v)[len(v) // 2] for t, v in scores.items()}
-        avg = f"{sum(med.values()) / len(TASKS):.1f}" if len(med) == len(TASKS) else "-"
-        cells = " | ".join(f"{med[t]:.1f}" if t in med else "-" for t in TASKS)
-        lines.append(f"| {backbone} | {method} | {cells} | {avg} | {PAPER.get((backbone, method), '-')} |")
-    print(text := "\n".join(lines))
-    return text
+          + (f"; the paper's {args.method} average over six tasks on {result['backbone']}: {paper}%" if paper else ""))
 
 
 # ----------------------------------------------------------------------------- adapter files (Theta or LoRA, head)
-def adapter_config_of(args, model):
+def adapter_config_of(args, model, base):
     """The run config written into an adapter's metadata: the base model and the task it was trained on."""
     return {"script": "train_glue.py", **{f: getattr(args, f) for f in RUN_FIELDS}, "model": str(args.model),
-            "data": str(args.data), "encoder": asdict(model.config)}
+            "data": str(args.data), "encoder": asdict(model.config), "base": base}
 
 
 def read_adapter_config(path) -> dict:
-    return adapter_config(path, "train_glue.py", ["model", "task", "encoder", "method", "targets", "rank", "max_len"])
+    """The run config in an adapter's metadata, each field the script uses checked for type and range."""
+    meta = read_safetensors_metadata(path) if str(path).endswith(".safetensors") else {}
+    try:
+        config = json.loads(meta["config"]) if isinstance(meta, dict) and "config" in meta else {}
+    except json.JSONDecodeError:
+        config = {}  # adapter_config names it
+    except TypeError:
+        config = None
+    if not (isinstance(meta, dict) and isinstance(config, dict)):
+        raise UserError(f"{path}: its metadata{'' if isinstance(meta, dict) else ' is not a JSON object of strings'}"
+                        f"{' config is not a JSON object' if isinstance(meta, dict) else ''}; give an "
+                        f"adapter.safetensors written by train_glue.py")
+    run = adapter_config(path, "train_glue.py", ["model", "task", "encoder", "method", "targets", "rank", "max_len"])
+    where = f"{path} (its run config)"
+    field(run, where, "model", str), field(run, where, "rank", int, ge=1), field(run, where, "max_len", int, ge=5)
+    task, targets = TASKS[field(run, where, "task", str, choices=list(TASKS))], field(run, where, "targets", list)
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"{where}: field 'targets' is {targets!r}, expected a list of layer names")
+    if field(run, where, "method", str, choices=["gift", "lora"]) == "gift":
+        field(run, where, "share", str, "type", choices=["type", "all"])
+    else:
+        field(run, where, "lora_alpha", float, gt=0)
+    encoder = field(run, where, "encoder", dict)
+    for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        field(encoder, f"{where} encoder", k, int, ge=1)
+    field(encoder, f"{where} encoder", "num_labels", int, choices=[1 if task.labels is None else len(task.labels)])
+    return run
 
 
-def model_with_adapter(path, model_dir=None):
+def check_adapter_file(path, run, config, folder):
+    """The adapter's tensors (dtype and shape, from the file's header) against what its run config builds on this
+    model (weightless): a mismatch is found before any weight is loaded."""
+    try:
+        with torch.device("meta"):
+            model = SequenceClassifier(replace(config, num_labels=run["encoder"]["num_labels"]))
+            add_adapter(model, run)
+    except ValueError as e:
+        raise UserError(f"{path}: its run config does not fit {folder}: {e}") from None
+    want = {k: tuple(t.shape) for k, t in adapter_state_dict(model, ["classifier"]).items()}
+    have = {k: tuple(t.shape) for k, t in check_float(path, read_safetensors(path)).items()}
+    for k in sorted(want.keys() | have.keys()):
+        if want.get(k) != have.get(k):
+            raise UserError(f"{path}: tensor {k!r} is {have.get(k) or 'missing'}; its run config ({run['method']} "
+                            f"r={run['rank']} on {' '.join(run['targets'])}) on {folder} needs {want.get(k) or 'none'}")
+
+
+def model_with_adapter(path, model_dir=None, any_base=False):
     run, state = read_adapter_config(path), read_safetensors(path)
-    model = load_model(model_dir or run["model"], num_labels=run["encoder"]["num_labels"], log=print0)
+    here = model_dir or run["model"]
+    model = load_model(here, num_labels=run["encoder"]["num_labels"], log=print0)
+    check_adapter_base(path, run, model, here, skip=["classifier"], force=any_base)  # e.g. its own merged model
     add_adapter(model, run)  # frozen, with the adapter of the file's method, targets and rank
     load_adapter_state_dict(model, state)  # its Thetas (or LoRA factors) and head
     return run, model
@@ -339,30 +303,13 @@ def merge(args):
     run = read_adapter_config(args.adapter)  # small: read first, to check OUT against the inputs before loading
     base = Path(args.model or run["model"])
     check_new_output(args.merge, "--merge", {"the --model folder": base, "the adapter": args.adapter})
-    model = merge_adapter(model_with_adapter(args.adapter, args.model)[1])  # W (I + phi psi) or W + s B A
+    model = merge_adapter(model_with_adapter(args.adapter, args.model, args.any_base)[1])  # W (I + phi psi), W + s BA
     save_classifier(args.merge, model.state_dict(), base, TASKS[run["task"]].labels, run["task"])
     print(f"merged model (HF folder, {run['method']} written into the weights): {args.merge}")
     return Path(args.merge)
 
 
 # ----------------------------------------------------------------------------- demo: random RoBERTa, generated task
-def make_demo(root):
-    """root/model (encoder.write_demo_model) and root/data/SST-2 (train.tsv, dev.tsv: is the review positive?)."""
-    g = torch.Generator().manual_seed(0)
-    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]  # noqa: E731
-    data = root / "data" / "SST-2"
-    data.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 640), ("dev", 160)):
-        lines = ["sentence\tlabel"]
-        for _ in range(n):
-            label = int(torch.randint(2, (), generator=g))
-            words = [pick(DEMO_WORDS[None]) for _ in range(int(torch.randint(4, 9, (), generator=g)))]
-            words.insert(int(torch.randint(len(words) + 1, (), generator=g)), pick(DEMO_WORDS[label]))
-            lines.append(" ".join(words) + f" .\t{label}")
-        (data / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return write_demo_model(root / "model"), data
-
-
 def demo(args):
     t0 = time.time()
     if args.out:
@@ -393,10 +340,15 @@ def parse_args(argv=None):
     g.add_argument("--model", help="HF folder: config.json, model.safetensors (or pytorch_model.bin), tokenizer.json")
     g.add_argument("--task", choices=TASKS, help="GLUE task")
     g.add_argument("--data", help="the task's folder of the GLUE download (train.tsv, dev.tsv)")
-    g.add_argument("--table", nargs="+", metavar="RUN", help="print the six-task table of finished runs and exit")
-    g.add_argument("--epochs", type=int, help="None: the task's, from LoRA's RoBERTa-base runs (SST-2 60, MRPC 30, "
-                   "CoLA 80, QNLI 25, RTE 80, STS-B 40)")
-    g.add_argument("--batch-size", type=int, help="global batch; None: 64 (Base), 128 (hidden size >= 1024)")
+    g.add_argument("--table", nargs="+", metavar="RUN", help="print the six-task table of finished runs (mean +- std "
+                   "over seeds) and exit")
+    g.add_argument("--seeds", nargs="+", type=int, metavar="N", help="run once per seed (instead of --seed), each "
+                   "into OUT/seed-N, then write OUT/table.md; the paper's: 42 43 44 45 46")
+    g.add_argument("--any-base", action="store_true", help="apply --adapter to a model that is not the one it was "
+                   "trained on (its merged model, other weights): the result is not the adapter's")
+    g.add_argument("--epochs", type=int, help="None: the size preset's, from the LoRA paper's Table 9 (Base: SST-2 60, "
+                   "MRPC 30, CoLA 80, QNLI 25, RTE 80, STS-B 40; Large: 10, 20, 20, 10, 20, 10)")
+    g.add_argument("--batch-size", type=int, help="global batch; None: 64 (Base), 128 (hidden size >= 1024: Large)")
     g.add_argument("--max-len", type=int, help="tokens per example; None: 512 (Base), 128 (hidden size >= 1024)")
     g.add_argument("--lr", type=float, default=5e-4, help="adapter learning rate (the paper's grid: 1e-4, 2.5e-4, "
                    "5e-4, 7.5e-4, 1e-3)")
@@ -407,6 +359,10 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=float, default=0.06, help="warmup, a fraction of the steps")
     g.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward on dev.tsv")
     g.add_argument("--save-every", type=int, default=500, help="also checkpoint every N steps (0: per epoch only)")
+    for a in p._actions:  # the shared help promises training from an adapter, which this script refuses
+        if a.dest == "adapter":
+            a.help = "an adapter.safetensors of this script: scored with --eval-only, merged with --merge (training " \
+                     "always starts a new adapter and head)"
     return p.parse_args(argv)
 
 
@@ -419,6 +375,8 @@ def check_args(args):
     if args.adapter and not (args.merge or args.eval_only):
         raise UserError("--adapter FILE goes with --eval-only (score it) or --merge OUT (merge it); train_glue.py "
                         "starts every training run from a new adapter and head")
+    if args.seeds and (args.eval_only or args.merge or len(set(args.seeds)) < len(args.seeds)):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: distinct seeds, for training runs")
     if args.adapter and not os.path.isfile(args.adapter):
         raise UserError(f"--adapter {args.adapter}: no such file")
     if args.eval_only and not args.data:
@@ -447,6 +405,7 @@ def check_args(args):
                             f"{folder} is another ({show(mine)}): give the adapter's own base model")
         if args.task not in (None, adapter["task"]) and not args.merge:
             raise UserError(f"--task {args.task}: {args.adapter} was trained on {adapter['task']}")
+        check_adapter_file(args.adapter, adapter, config, folder)
     if args.merge:
         return
     if args.eval_only:  # the task of the adapter, or of a merged folder (its config.json's finetuning_task)
@@ -477,11 +436,32 @@ def check_training(args, config):
     args.out = args.out or f"runs/glue-{args.task}-{args.method}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file: give a folder (a new one, or a run's with --resume)")
-    args.epochs = args.epochs or TASKS[args.task].epochs
-    args.batch_size, max_len = (args.batch_size or paper_defaults(config)[0]), paper_defaults(config)[1]
+    name, epochs, batch, max_len, source = preset(config, TASKS[args.task])
+    given = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("epochs", "batch_size", "max_len")
+                      if getattr(args, k))
+    args.preset = (f"preset {name} (hidden size {config.hidden_size}): {epochs} epochs, batch {batch}, max length "
+                   f"{max_len} ({source})" + (f"; given, and used instead: {given}" if given else ""))
+    args.epochs, args.batch_size = args.epochs or epochs, args.batch_size or batch
     args.max_len, args.pad = args.max_len or max_len, config.pad_token_id
     args.head_lr = args.lr if args.head_lr is None else args.head_lr
     args.head_weight_decay = args.weight_decay if args.head_weight_decay is None else args.head_weight_decay
+
+
+def seeds(args):
+    """--seeds: the recipe once per seed, each into OUT/seed-N, one after the other; then the table of them
+    (printed, and written to OUT/table.md). A run stopped early (Ctrl-C, --stop-after) ends the sequence."""
+    runs = []
+    for seed in args.seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(Path(args.out, f"seed-{seed}"))})
+        if len(train(one)) < args.epochs:
+            print0(f"--seeds: the run of seed {seed} stopped early; the same command with --resume continues")
+            return runs
+        runs.append(one.out)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        text = table(runs)
+        atomic_write(Path(args.out, "table.md"), lambda t: Path(t).write_text(text + "\n", encoding="utf-8"))
+    return runs
+
 
 
 @cli
@@ -491,7 +471,7 @@ def main(argv=None):
     if args.demo or args.table or args.merge:
         return demo(args) if args.demo else table(args.table) if args.table else merge(args)
     try:
-        return evaluate_only(args) if args.eval_only else train(args)
+        return evaluate_only(args) if args.eval_only else seeds(args) if args.seeds else train(args)
     finally:
         close_distributed()
 
