@@ -420,7 +420,8 @@ def _hf_args(path: Path) -> ModelArgs:
         rope, "type", str, f"{what} (rope_scaling)", "default")
     if rope_type not in ("default", "llama3"):
         raise UserError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
-    dim, n_heads = field(cfg, "hidden_size", int, what, minimum=1), field(cfg, "num_attention_heads", int, what, minimum=1)
+    dim = field(cfg, "hidden_size", int, what, minimum=1)
+    n_heads = field(cfg, "num_attention_heads", int, what, minimum=1)
     hidden = field(cfg, "intermediate_size", int, what, minimum=1)
     head_dim = field(cfg, "head_dim", int, what, None, minimum=1)  # set apart from dim / heads in e.g. Mistral-Nemo
     hd = head_dim or dim // n_heads

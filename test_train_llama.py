@@ -60,7 +60,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
     assert config_a == config_b == {"script": "train_llama.py", "method": "gift", "rank": 8, "share": "type",
-                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir)}
+                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir),
+                                    "base": config_a["base"]} and re.fullmatch("[0-9a-f]{16}", config_a["base"])
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -149,7 +150,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     config, state = _llama_adapter(out)
     targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
     assert config == {"script": "train_llama.py", "method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0,
-                      "model": str(model_dir)}
+                      "model": str(model_dir), "base": config["base"]}
     assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
@@ -161,7 +162,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     # dim 64, 2 KV heads of 16, FFN 192 (2/3 of 4 x 64, rounded up to 32): r (d_in + d_out) per layer
     n = 2 * 4 * sum(d_in + d_out for d_in, d_out in [(64, 64), (64, 32), (64, 32), (64, 192), (192, 64)])
     assert result["adapter"]["method"] == "lora" and result["trainable_params"] == n
-    assert f"LoRA r=4, {n:,} params" in (tmp_path / "ev" / "eval.md").read_text()
+    assert f"| LoRA q,k,v,up,down r=4 alpha 8, {n:,} params: accuracy |" in (tmp_path / "ev" / "eval.md").read_text()
     # merged: plain Meta keys (W + (alpha/r) B A), the same logits as the unmerged model, on a float64 copy
     base = llama.load_llama(model_dir, dtype=torch.float64)
     llama.save_meta(base, tmp_path / "base64")
@@ -236,11 +237,11 @@ def test_llama_bad_data_record_raises(tmp_path, _llama_demo, capsys):
     del records[3]["answer"]
     (bad / "commonsense_170k.json").write_text(json.dumps(records))
     _llama_user_error(capsys, _llama_train_args(model_dir, bad, tmp_path / "out"),
-                      r"commonsense_170k.json: record 3 has no string field 'answer'")
+                      r"commonsense_170k.json: record 3 has no field 'answer'")
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
     _llama_user_error(capsys, ["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"),
                                "--eval-only", "--tasks", "boolq"],
-                      r"boolq.test.json: record 1 has no string field 'instruction'")
+                      r"boolq.test.json: record 1 has no field 'instruction'")
 
 
 def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_demo):
@@ -594,7 +595,7 @@ def test_llama_base_model_is_labelled_zero_shot_and_stop_after_does_not_evaluate
     ev = json.loads((tmp_path / "base" / "eval.json").read_text())
     assert ev["model"] == "base model (zero-shot)" and ev["adapter"] is None and ev["trainable_params"] == 0
     table = (tmp_path / "base" / "eval.md").read_text()
-    assert table.startswith("| task | base model (zero-shot): accuracy % |") and "GIFT" not in table
+    assert table.startswith("| task | base model (zero-shot): accuracy |") and "GIFT" not in table
     out = tmp_path / "stopped"
     capsys.readouterr()
     tl.main([a for a in _llama_train_args(model_dir, data, out, "--stop-after", "2", "--tasks", "boolq")
