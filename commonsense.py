@@ -59,7 +59,8 @@ def read_records(path, required, answers=False):
     evaluation reads nothing from). Errors name the file, the record's index, the field and what was found."""
     records = read_json(path)
     if not isinstance(records, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        got = "a JSON object" if isinstance(records, dict) else type(records).__name__
+        raise UserError(f"{path}: expected a JSON list of records, got {got}")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise UserError(f"{path}: record {i} is {str(r)[:100]} ({type(r).__name__}), expected a JSON object")
