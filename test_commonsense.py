@@ -59,7 +59,8 @@ def test_commonsense_protocols_and_row_names():
             la["extract"], la["train_on_inputs"]) == ("lora", 16, 3, 3e-4, 256, 100, "alpaca", "first_match", True)
     label = cs.adapter_label
     assert label(None) == "base model (zero-shot)"
-    assert label({"method": "gift", "targets": ["attention.wq", "attention.wv"], "rank": 64}) == "GIFT q,v r=64 (GIFT_QV)"
+    assert label({"method": "gift", "targets": ["attention.wq", "attention.wv"], "rank": 64}) == \
+        "GIFT q,v r=64 (GIFT_QV)"
     assert label({"method": "gift", "targets": ["attention.wo"], "rank": 128, "share": "type"}) == \
         "GIFT o r=128 (GIFT_Proj)"
     assert label({"method": "gift", "targets": ["attention.wq", "attention.wv"], "rank": 16}) == "GIFT q,v r=16"

@@ -765,8 +765,8 @@ def test_llama_eval_only_never_replaces_another_evaluation(_llama_demo, tmp_path
                          "--eval-limit", "2", "--device", "cpu", "--out", str(tmp_path / "ev")]
     tl.main(argv("boolq"))
     before = (tmp_path / "ev" / "eval.json").read_text()
-    _llama_user_error(capsys, argv("piqa"), r"--out .*ev holds an evaluation \(eval.json, eval.md, "
-                                            r"eval_generations.jsonl\): choose another --out for this one, or add --overwrite")
+    _llama_user_error(capsys, argv("piqa"), r"--out .*ev holds an evaluation \(eval.json, eval.md, eval_generations"
+                                            r".jsonl\): choose another --out for this one, or add --overwrite")
     assert (tmp_path / "ev" / "eval.json").read_text() == before
     tl.main(argv("piqa") + ["--overwrite"])
     assert list(json.loads((tmp_path / "ev" / "eval.json").read_text())["n"]) == ["piqa"]
@@ -797,7 +797,8 @@ def test_llama_out_inside_the_model_folder_resumes(_llama_demo, tmp_path, capsys
     model_dir = shutil.copytree(model_dir, tmp_path / "model")
     tl.main(_llama_train_args(model_dir, data, model_dir / "run", "--stop-after", "2"))
     tl.main(_llama_train_args(model_dir, data, model_dir / "run", "--stop-after", "3", "--resume"))
-    assert [json.loads(line)["step"] for line in (model_dir / "run" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    log = (model_dir / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
 
 
 def test_llama_tokenizer_is_checked_before_tokenizing(_llama_demo, tmp_path, capsys):
