@@ -1,6 +1,7 @@
-"""Commonsense170k (the LLM-Adapters layout) for train_llama.py: the prompts and targets (the paper's, from
-LoReFT, or Alpaca's), tokenization with a cache, length-grouped batches, the test sets and how an answer is read
-from a generation, the paper's numbers, and the demo's synthetic data and model.
+"""Commonsense170k (the LLM-Adapters layout) for train_llama.py: the two protocols (the paper's, from LoReFT, and
+LLM-Adapters'), the prompts and targets, tokenization with a cache, the batches (random, or grouped by length),
+the test sets and how an answer is read from a generation, the evaluation and its tables (one run, or several
+seeds), the paper's numbers with their sources, and the demo's synthetic data and model.
 
 DATA/commonsense_170k.json (train) and DATA/dataset/<task>/test.json: JSON lists of records with "instruction",
 "answer" (and "input", "output" for the alpaca template).
@@ -16,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from fileio import UserError, atomic_save, read_json
-from harness import progress
-from llama import ModelArgs, Transformer, save_meta
+from harness import print0, progress
+from llama import ModelArgs, Transformer, generate, save_meta
 from tokenizer import load_tokenizer, train_tiny_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -32,15 +33,47 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 
-def read_records(path, required):
-    """A JSON list of dicts, each with the required string fields; errors name the file and the index."""
+# The two protocols (--protocol): the settings each one fixes unless a flag gives its own. "paper": the authors'
+# run (their run_commonsense.sh: train.py -e 6, batch 8 x 4 accumulation, warmup ratio 0.1, wd 0, greedy, the
+# LoReFT template; lr on the command line, 2.5e-4 in their README's example). "llm-adapters": LLM-Adapters'
+# commonsense command (finetune.py: batch 16 of micro-batches 4, 3 epochs, lr 3e-4, cutoff 256, 100 warmup steps,
+# Alpaca template, loss on prompt and answer (train_on_inputs), LoRA q,k,v,up,down r=32 alpha 64), with its
+# evaluation's first-match answer extraction: the protocol of the paper's LoRA rows.
+PROTOCOLS = {"paper": {"method": "gift", "epochs": 6, "batch_size": 32, "micro_batch_size": 8, "lr": 2.5e-4,
+                       "warmup": 0.1, "warmup_steps": None, "max_len": 512, "template": "paper", "extract": "paper",
+                       "train_on_inputs": False},
+             "llm-adapters": {"method": "lora", "epochs": 3, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-4,
+                              "warmup": 0.0, "warmup_steps": 100, "max_len": 256, "template": "alpaca",
+                              "extract": "first_match", "train_on_inputs": True}}
+# GIFT's variants in the paper (--preset): targets and rank; the paper's LoRA (LLM-Adapters'): q, k, v, up, down
+PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
+           "proj": (["attention.wo"], 128),              # GIFT_Proj
+           "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
+VARIANTS = {"qv": "GIFT_QV", "proj": "GIFT_Proj", "qkvud": "GIFT_QKVUD"}
+LORA = (PRESETS["qkvud"][0], 32)  # r=32, alpha 2r = 64
+
+
+def read_records(path, required, answers=False):
+    """A JSON list of dicts, each with the required string fields (and "input", when present, a string or null);
+    answers: each "answer" must be more than blanks (an empty gold answer would match every generation the
+    evaluation reads nothing from). Errors name the file, the record's index, the field and what was found."""
     records = read_json(path)
     if not isinstance(records, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        got = "a JSON object" if isinstance(records, dict) else type(records).__name__
+        raise UserError(f"{path}: expected a JSON list of records, got {got}")
     for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: record {i} is {str(r)[:100]} ({type(r).__name__}), expected a JSON object")
         for field in required:
-            if not isinstance(r, dict) or not isinstance(r.get(field), str):
-                raise UserError(f"{path}: record {i} has no string field {field!r}: {str(r)[:200]}")
+            if field not in r:
+                raise UserError(f"{path}: record {i} has no field {field!r}: {str(r)[:200]}")
+            if not isinstance(r[field], str):
+                raise UserError(f"{path}: record {i}'s {field} is {r[field]!r} ({type(r[field]).__name__}), "
+                                f"expected a string")
+        if r.get("input") is not None and not isinstance(r["input"], str):
+            raise UserError(f"{path}: record {i}'s input is {r['input']!r}, expected a string (or none)")
+        if answers and not r["answer"].strip():
+            raise UserError(f"{path}: record {i}'s answer is {r['answer']!r}, expected a non-empty answer")
     return records
 
 
@@ -87,18 +120,34 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
     return [(c["ids"][o[i]:o[i + 1]].long(), n) for i, n in enumerate(c["n_prompt"].tolist())]
 
 
-def global_batches(lengths, batch_size, seed, epoch):
-    """The epoch's batches of indices, grouped by length as HF's group_by_length does: shuffle, cut into
-    megabatches of 50 batches, sort each by length, cut into batches; then (unlike HF, which keeps them
-    longest to shortest) shuffle the batches, so that an epoch is not a curriculum from long to short
-    questions. The last, partial batch is dropped (under batch_size examples, different ones each epoch)."""
+def global_batches(lengths, batch_size, seed, epoch, group_by_length=False):
+    """The epoch's global batches of indices, a new order each epoch (seeded by seed + epoch). By default random
+    batches, as the authors' run (HF Trainer's RandomSampler over the data; its generator is not ours, so the
+    order differs from theirs). group_by_length (HF's option, not the authors'): cut the shuffled indices into
+    megabatches of 50 batches, sort each by length, cut into batches, then (unlike HF, which keeps them longest
+    to shortest) shuffle the batches, so that an epoch is not a curriculum from long to short questions: less
+    padding (padding_fraction), so more examples per second. The last, partial batch is dropped (HF keeps it):
+    every step has the same number of examples, different ones each epoch."""
     g = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length:
+        return [perm[k:k + batch_size] for k in range(0, len(perm) - batch_size + 1, batch_size)]
     batches, mega = [], 50 * batch_size
     for i in range(0, len(perm), mega):
         chunk = sorted(perm[i:i + mega], key=lambda j: lengths[j])
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def padding_fraction(lengths, batches, micro):
+    """The fraction of the tokens computed that are padding, when each micro-batch (micro consecutive examples of
+    a batch, as the training loop cuts them) is padded to its longest example: what --group-by-length saves."""
+    real = padded = 0
+    for batch in batches:
+        for k in range(0, len(batch), micro):
+            n = [lengths[i] for i in batch[k:k + micro]]
+            real, padded = real + sum(n), padded + max(n) * len(n)
+    return 1 - real / max(1, padded)
 
 
 def collate(examples, device):
@@ -138,16 +187,33 @@ def read_test_set(data, task, template="paper"):
     path = Path(data) / "dataset" / task / "test.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
-    records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []))
-    if task in TASKS:
-        return records, ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
+    records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []), True)
+    if task in TASKS:  # an answer outside the task's words (True, answer 1) would be scored wrong, silently
+        words = ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
+        odd = [i for i, r in enumerate(records) if not re.fullmatch(words, r["answer"].strip())]
+        if odd:
+            raise UserError(f"{path}: record {odd[0]}'s answer is {records[odd[0]]['answer']!r}, expected one of "
+                            f"{task}'s answers ({words.replace('|', ', ')})")
+        return records, words
     answers = sorted({r["answer"].strip() for r in records})
     for words in ANSWER_FORMS.values():
         if all(re.fullmatch(words, a) for a in answers):
             return records, words
     odd = [a for a in answers if not any(re.fullmatch(w, a) for w in ANSWER_FORMS.values())] or answers
-    raise ValueError(f"{path}: gold answers {', '.join(map(repr, odd[:3]))} are not of one supported form; the "
+    raise UserError(f"{path}: gold answers {', '.join(map(repr, odd[:3]))} are not of one supported form; the "
                      f"evaluation reads {', '.join(ANSWER_FORMS)} (one form per task)")
+
+
+def check_tasks(data, tasks, template):
+    """The test sets of --tasks, read and checked before any training: a missing folder, a malformed record, an
+    answer form the evaluation cannot read, an empty set (0% of nothing would pull the average down)."""
+    for task in tasks:
+        path = Path(data) / "dataset" / task / "test.json"
+        if not path.is_file():
+            found = sorted(p.parent.name for p in (Path(data) / "dataset").glob("*/test.json"))
+            raise UserError(f"--tasks {task}: there is no {path} (the tasks in {data}: {', '.join(found) or 'none'})")
+        if not read_test_set(data, task, template)[0]:
+            raise UserError(f"{path}: no records; leave {task} out of --tasks")
 
 
 def extract(text, how, words):
@@ -173,6 +239,139 @@ def wilson_interval(accuracy, n, z=1.96):
     p, q = accuracy / 100, z * z / n
     mid, half = (p + q / 2) / (1 + q), z * math.sqrt(p * (1 - p) / n + q / (4 * n)) / (1 + q)
     return [round(max(0.0, 100 * (mid - half)), 1), round(min(100.0, 100 * (mid + half)), 1)]  # no -0.0 at 0%
+
+
+# -----------------------------------------------------------------------------
+# The evaluation: greedy generation on the test sets; the table of one run, and of several seeds
+
+SHORT = {"attention.wq": "q", "attention.wk": "k", "attention.wv": "v", "attention.wo": "o",
+         "feed_forward.w1": "gate", "feed_forward.w3": "up", "feed_forward.w2": "down"}
+# Where the paper's numbers come from: its GIFT rows are its own runs; its LoRA rows are quoted from the papers
+# that trained LoRA under LLM-Adapters' protocol (--protocol llm-adapters), not under the GIFT paper's
+PAPER_ROWS = {"GIFT": "GIFT_QV r=64", "LoRA": "LoRA q,k,v,up,down r=32 alpha 64"}
+PAPER_SOURCES = {"GIFT": "the GIFT paper's own runs (its protocol, --protocol paper)",
+                 "LLaMA-1 7B": "LLM-Adapters (Hu et al., 2023), trained under its own protocol (--protocol "
+                               "llm-adapters); quoted by the GIFT paper",
+                 "Llama-2 7B": "DoRA (Liu et al., 2024, Table 1), trained under LLM-Adapters' protocol (--protocol "
+                               "llm-adapters); quoted by the GIFT paper"}
+PAPER_SOURCES["Llama-3 8B"] = PAPER_SOURCES["Llama-2 7B"]
+
+
+def adapter_label(config) -> str:
+    """The row name of an adapter's run config: method, targets (HF's short names), rank, LoRA's alpha, GIFT's
+    sharing, and the paper's name when it is one of its variants; the base model (config None): zero-shot."""
+    if config is None:
+        return "base model (zero-shot)"
+    short = [re.sub(r"^(layers\.\d+\.)?(.+)$", lambda m: (m[1] or "") + SHORT.get(m[2], m[2]), t)
+             for t in config["targets"]]
+    label = f"{'LoRA' if config['method'] == 'lora' else 'GIFT'} {','.join(short)} r={config['rank']}"
+    if config["method"] == "lora":
+        return label + f" alpha {config['lora_alpha']:g}"
+    if config.get("share") == "all":
+        return label + ", one Theta for all"
+    variant = [VARIANTS[k] for k, v in PRESETS.items() if v == (list(config["targets"]), config["rank"])]
+    return label + (f" ({variant[0]})" if variant else "")
+
+
+@torch.no_grad()
+def evaluate(args, model, tok, rank, world, config):
+    """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
+    cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
+    --out on rank 0. config: the adapter's run config, None for the base model (zero-shot)."""
+    model.eval()
+    acc, rows, stats = {}, [], {"n": {}, "correct": {}, "loss": {}}
+    # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
+    # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
+    part, parts = (0, 1) if args.fsdp else (rank, world)
+    for task in args.tasks:
+        records, words = read_test_set(args.data, task, args.template)
+        records = records[:args.eval_limit or None]
+        mine = list(range(part, len(records), parts))
+        prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
+        order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
+        correct, gens, loss, n_tokens = 0, [], 0.0, 0
+        for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
+            idx = order[k:k + args.eval_batch_size]
+            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
+                text = tok.decode(ids)
+                pred = extract(text, args.extract, words)
+                correct += pred == records[i]["answer"].strip()
+                gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
+                             "answer": records[i]["answer"]})
+            x, y = collate([example_ids(tok, records[i], args.template, args.max_len) for i in idx],
+                           model.tok_embeddings.weight.device)
+            loss += model(x, y).item()
+            n_tokens += (y != -100).sum().item()
+        counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
+        if parts > 1:
+            dist.all_reduce(counts)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, gens)
+            gens = [g for part in everyone for g in part]
+        acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
+        stats["n"][task], stats["correct"][task] = int(counts[1]), int(counts[0])
+        stats["loss"][task] = counts[2].item() / max(1, counts[3].item())
+        rows += sorted(gens, key=lambda g: g["index"])
+        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
+    acc["avg"] = sum(acc.values()) / len(acc)
+    if rank == 0:
+        write_results(args, acc, None if config is None else paper_model(model.args), rows, stats, config,
+                      sum(p.numel() for p in model.parameters() if p.requires_grad) if config else 0)
+    return acc
+
+
+def write_results(args, acc, paper, rows, stats, config, trainable):
+    """eval.md (the table, beside the paper's numbers for its own models, their source named), eval.json,
+    eval_generations.jsonl."""
+    out, method = Path(args.out), config and {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
+    out.mkdir(parents=True, exist_ok=True)
+    label = adapter_label(config) + (f", {trainable:,} params" if config else "")
+    ref = dict(zip(TASKS + ["avg"], PAPER[method][paper])) if paper else {}
+    source = paper and PAPER_SOURCES["GIFT" if method == "GIFT" else paper]
+    stats["interval95"] = {task: wilson_interval(acc[task], n) for task, n in stats["n"].items()}
+    lines = [f"| task | {label}: accuracy | 95% interval | n | held-out loss |" + (
+        f" paper: {PAPER_ROWS[method]} on {paper} |" if paper else ""), "|---|---|---|---|---|" + "---|" * bool(paper)]
+    for task, a in acc.items():
+        lo, hi = stats["interval95"].get(task, ("", ""))
+        extra = f" {lo}-{hi}% | {stats['n'][task]} | {stats['loss'][task]:.4f} |" if task in stats["n"] else " | | |"
+        lines.append(f"| {task} | {a:.1f}% |{extra}" + (f" {ref[task]:.1f}% |" if paper else ""))
+    protocol = {"protocol": getattr(args, "protocol", None), "template": args.template, "extract": args.extract,
+                "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+    lines += [f"\nProtocol: {', '.join(f'{k} {v}' for k, v in protocol.items())}."] + (
+        [f"Paper column: {source}."] if paper else [])
+    print("\n".join(lines))
+    (out / "eval.md").write_text("\n".join(lines) + "\n")
+    (out / "eval.json").write_text(json.dumps({"accuracy": acc, **stats, "paper": ref or None, "paper_source": source,
+                                               "adapter": config, "model": label, "trainable_params": trainable,
+                                               "protocol": protocol}, indent=2))
+    with open(out / "eval_generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def seed_table(out, seeds, evals) -> dict:
+    """OUT/seeds.md and OUT/seeds.json from each seed's eval.json (evals, in seeds' order): per task the mean
+    +- standard deviation (sample, n - 1) of the seeds' accuracies, and the 95% Wilson interval of the pooled
+    predictions (all seeds' test examples together: correct / total)."""
+    rows, tasks = {}, [t for t in evals[0]["accuracy"] if t != "avg"]
+    for task in tasks + ["avg"]:
+        accs = [e["accuracy"][task] for e in evals]
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        rows[task] = {"mean": mean, "std": std, "per_seed": accs}
+        if task != "avg":
+            n, correct = sum(e["n"][task] for e in evals), sum(e["correct"][task] for e in evals)
+            rows[task] |= {"pooled_n": n, "pooled_interval95": wilson_interval(100 * correct / max(1, n), n)}
+    lines = [f"| task | {evals[0]['model']}: mean +- std over {len(seeds)} seeds | pooled 95% interval | "
+             + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|---|" + "---|" * len(seeds)]
+    for task, r in rows.items():
+        lo, hi = r.get("pooled_interval95", ("", ""))
+        lines.append(f"| {task} | {r['mean']:.1f}% +- {r['std']:.1f}% | {f'{lo}-{hi}%' if lo != '' else ''} | "
+                     + " | ".join(f"{a:.1f}%" for a in r["per_seed"]) + " |")
+    print("\n".join(lines))
+    Path(out, "seeds.md").write_text("\n".join(lines) + "\n")
+    Path(out, "seeds.json").write_text(json.dumps({"seeds": list(seeds), "model": evals[0]["model"],
+                                                   "protocol": evals[0]["protocol"], "tasks": rows}, indent=2))
+    return rows
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fileio import UserError, atomic_save, read_json, read_safetensors
+from fileio import UserError, atomic_save, check_float, read_json, read_safetensors
 from tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------
+# Checked fields: every number a reader takes from params.json / config.json has its type and range checked
+
+REQUIRED = object()
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
+
+
+def field(cfg: dict, name, kind, where, default=REQUIRED, minimum=None, maximum=None, above=None, choices=None):
+    """cfg[name] checked: of kind (int, float, bool, str or dict; a float field takes a whole number too, never
+    true/false or a number in quotes), within [minimum, maximum], above `above`, among choices. Absent or null:
+    default, or a UserError when required. Every error names the file (where), the field, the value found and
+    what was expected: config.json's vocab_size 430.0 or num_hidden_layers "2" is one line, not a traceback."""
+    value = cfg.get(name) if isinstance(cfg, dict) else None
+    if value is None:
+        if default is REQUIRED:
+            raise UserError(f"{where}: no field {name!r}")
+        return default
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool) and math.isfinite(value))
+    bounds = [f"at least {minimum}" if minimum is not None else "", f"greater than {above}" if above is not None
+              else "", f"at most {maximum}" if maximum is not None else ""]
+    expected = " ".join([_KINDS[kind]] + [", ".join(b for b in bounds if b)]).strip()
+    if choices is not None:
+        expected += f" among {', '.join(map(repr, choices))}"
+    if ok and kind is float:
+        ok, value = math.isfinite(value), float(value)
+    if ok and kind in (int, float):
+        ok = ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+              and (above is None or value > above))
+    if ok and choices is not None:
+        ok = value in choices
+    if not ok:
+        raise UserError(f"{where}: {name} is {cfg[name]!r} ({type(cfg[name]).__name__}), expected {expected}")
+    return value
+
 
 # -----------------------------------------------------------------------------
 # The model (Meta's module names, so that a consolidated.00.pth loads key for key)
@@ -253,8 +289,64 @@ HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.we
             "lm_head.weight": "output.weight"}
 
 
-def _read_meta(path: Path):
-    params = read_json(path / "params.json")
+def _rope_constants(rope: dict, where) -> dict:
+    """Llama 3.1's RoPE scaling constants (rope_scaling), checked: the blend divides by high - low."""
+    s = {"factor": field(rope, "factor", float, where, above=0),
+         "low_freq_factor": field(rope, "low_freq_factor", float, where, above=0),
+         "high_freq_factor": field(rope, "high_freq_factor", float, where, above=0),
+         "original_max_position_embeddings": field(rope, "original_max_position_embeddings", int, where, minimum=1)}
+    if s["high_freq_factor"] <= s["low_freq_factor"]:
+        raise UserError(f"{where}: rope_scaling's high_freq_factor {s['high_freq_factor']} must exceed its "
+                        f"low_freq_factor {s['low_freq_factor']}")
+    return s
+
+
+def _check_heads(args: ModelArgs, where):
+    """The head arithmetic the model relies on: kv heads divide the heads, the head width is whole and even."""
+    if args.n_heads % (args.n_kv_heads or args.n_heads):
+        raise UserError(f"{where}: {args.n_heads} attention heads cannot share {args.n_kv_heads} key/value heads "
+                        f"(it must divide them)")
+    if args.head_dim is None and args.dim % args.n_heads:
+        raise UserError(f"{where}: width {args.dim} is not a multiple of the {args.n_heads} heads")
+    if (args.head_dim or args.dim // args.n_heads) % 2:
+        raise UserError(f"{where}: head width {args.head_dim or args.dim // args.n_heads} is odd; RoPE rotates pairs")
+
+
+def meta_args(params, where) -> ModelArgs:
+    """ModelArgs of a Meta params.json (everything may be nested under "model"; unknown keys are ignored), each
+    field it uses checked for type and range (field); also the Hub flags save_meta writes for a merged model."""
+    p = params.get("model", params) if isinstance(params, dict) else params
+    if not isinstance(p, dict):
+        raise UserError(f"{where}: expected a JSON object of the model's sizes, got {type(p).__name__}")
+    d = ModelArgs()
+    args = ModelArgs(dim=field(p, "dim", int, where, minimum=1), n_layers=field(p, "n_layers", int, where, minimum=1),
+                     n_heads=field(p, "n_heads", int, where, minimum=1),
+                     n_kv_heads=field(p, "n_kv_heads", int, where, None, minimum=1),
+                     vocab_size=field(p, "vocab_size", int, where, -1, minimum=-1),
+                     multiple_of=field(p, "multiple_of", int, where, d.multiple_of, minimum=1),
+                     ffn_dim_multiplier=field(p, "ffn_dim_multiplier", float, where, None, above=0),
+                     norm_eps=field(p, "norm_eps", float, where, d.norm_eps, above=0),
+                     rope_theta=field(p, "rope_theta", float, where, d.rope_theta, above=0),
+                     use_scaled_rope=field(p, "use_scaled_rope", bool, where, False),
+                     max_seq_len=field(p, "max_seq_len", int, where, d.max_seq_len, minimum=1),
+                     head_dim=field(p, "head_dim", int, where, None, minimum=1),
+                     attention_bias=field(p, "attention_bias", bool, where, False),
+                     wo_bias=field(p, "wo_bias", bool, where, False),
+                     sliding_window=field(p, "sliding_window", int, where, None, minimum=1))
+    if args.vocab_size == 0:
+        raise UserError(f"{where}: vocab_size is 0, expected -1 (the embedding's rows) or at least 1")
+    if field(p, "rope_scaling", dict, where, None) is not None:
+        args.rope_scaling = _rope_constants(p["rope_scaling"], f"{where} (rope_scaling)")
+    _check_heads(args, where)
+    return args
+
+
+def _read_meta(path: Path, lazy=False):
+    """(args, state, where) of a Meta folder. lazy: the shards' tensors on the meta device, shapes only (no
+    concatenation, no byte read): enough to check sizes before building anything."""
+    where = path / "params.json"
+    params = read_json(where)
+    args = meta_args(params, where)
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path}: params.json but no consolidated.NN.pth")
@@ -264,20 +356,19 @@ def _read_meta(path: Path):
             shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise UserError(f"{f}: cannot read this checkpoint shard (truncated or not a torch file?): {e}")
+        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+            raise UserError(f"{f}: not a state dict of tensors (a Meta checkpoint shard holds one)")
         shard.pop("rope.freqs", None)  # Llama 1/2 store the RoPE table; we compute it
+        check_float(f, shard)
         if shards and shard.keys() != shards[0].keys():
             odd = sorted(shard.keys() ^ shards[0].keys())[0]
             raise UserError(f"{f}: key {odd!r} is in only one of {files[0].name} and {f.name}")
-        shards.append(shard)
+        shards.append({k: t.to("meta") for k, t in shard.items()} if lazy else shard)
     given = params.get("model", params)
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in given]
-    if missing:
-        raise UserError(f"{path / 'params.json'}: no field {', '.join(map(repr, missing))}")
-    args = ModelArgs.from_params(params)
     assumed = [f"{k} {getattr(args, k)}" for k in ("norm_eps", "rope_theta") if k not in given]
-    if assumed:  # Llama 1/2's files have no rope_theta: 10000 is theirs, but a file of another model may mean else
+    if assumed and not lazy:  # Llama 1/2's files have no rope_theta: 10000 is theirs, another model's may differ
         if int(os.environ.get("RANK", 0)) == 0:  # once under torchrun, not once per process
-            print(f"{path / 'params.json'} does not say: assuming {', '.join(assumed)}", flush=True)
+            print(f"{where} does not say: assuming {', '.join(assumed)}", flush=True)
     if "tok_embeddings.weight" not in shards[0]:
         raise UserError(f"{files[0]}: missing key 'tok_embeddings.weight'")
     state = {}
@@ -291,59 +382,89 @@ def _read_meta(path: Path):
             state[key] = torch.cat(parts, SHARD_DIM[name])
         else:
             raise UserError(f"{files[0]}: unexpected key {key!r}")
-    if args.vocab_size < 0:  # Meta's code asks the tokenizer; the embedding has exactly that many rows
-        args.vocab_size = state["tok_embeddings.weight"].shape[0]
     return args, state, f"{path} ({', '.join(f.name for f in files)})"
 
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # one architecture; qwen2 adds q, k, v biases, llama may add q-o
+HF_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
 
 
-def sliding_window(cfg: dict):
+def sliding_window(cfg: dict, where="config.json"):
     """An HF config's attention window, None for full attention: Mistral slides it in every layer, Qwen2
     only with use_sliding_window (off in its releases)."""
-    return cfg.get("sliding_window") if cfg.get("model_type") == "mistral" or cfg.get("use_sliding_window") else None
+    slides = cfg.get("model_type") == "mistral" or field(cfg, "use_sliding_window", bool, where, False)
+    return field(cfg, "sliding_window", int, where, None, minimum=1) if slides else None
 
 
 def _hf_args(path: Path) -> ModelArgs:
-    """The ModelArgs of an HF folder's config.json: an unsupported flag, or a missing field, is an error."""
-    cfg = read_json(path / "config.json")  # a missing field is an error naming the file
-    what, kind = f"{path}/config.json", cfg.get("model_type")
+    """The ModelArgs of an HF folder's config.json, each field it uses checked for type and range (field); an
+    unsupported flag, or a missing field, is an error."""
+    what = f"{path}/config.json"
+    cfg = read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{what}: expected a JSON object, got {type(cfg).__name__}")
+    kind = field(cfg, "model_type", str, what)
     if kind not in HF_MODEL_TYPES:
         raise UserError(f"{what}: model_type {kind!r} is not supported ({', '.join(HF_MODEL_TYPES)})")
-    if cfg.get("mlp_bias"):
+    if field(cfg, "mlp_bias", bool, what, False):
         raise UserError(f"{what}: mlp_bias (biases on the MLP's projections) is not supported")
-    llama_bias = kind == "llama" and bool(cfg.get("attention_bias"))  # q, k, v and o_proj all have biases
-    if cfg.get("hidden_act", "silu") != "silu":
+    llama_bias = kind == "llama" and field(cfg, "attention_bias", bool, what, False)  # q, k, v and o_proj biases
+    if field(cfg, "hidden_act", str, what, "silu") != "silu":
         raise UserError(f"{what}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # Hub files / transformers >= 5
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if field(cfg, "attention_dropout", float, what, 0.0, minimum=0, maximum=1) > 0:
+        raise UserError(f"{what}: attention_dropout {cfg['attention_dropout']} is not supported (0: none)")
+    field(cfg, "torch_dtype", str, what, None, choices=HF_DTYPES)
+    field(cfg, "max_position_embeddings", int, what, None, minimum=1)
+    rope = field(cfg, "rope_scaling", dict, what, None) or field(cfg, "rope_parameters", dict, what, None) or {}
+    rope_type = field(rope, "rope_type", str, f"{what} (rope_scaling)", None) or field(
+        rope, "type", str, f"{what} (rope_scaling)", "default")
     if rope_type not in ("default", "llama3"):
         raise UserError(f"{what}: rope type {rope_type!r} is not supported (default, llama3)")
-    dim, n_heads, hidden = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or dim // n_heads  # set apart from dim / heads in e.g. Mistral-Nemo
+    dim = field(cfg, "hidden_size", int, what, minimum=1)
+    n_heads = field(cfg, "num_attention_heads", int, what, minimum=1)
+    hidden = field(cfg, "intermediate_size", int, what, minimum=1)
+    head_dim = field(cfg, "head_dim", int, what, None, minimum=1)  # set apart from dim / heads in e.g. Mistral-Nemo
+    hd = head_dim or dim // n_heads
     base = int(2 * 4 * dim / 3)  # express HF's explicit FFN width through Meta's formula (for --merge)
-    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
+    args = ModelArgs(dim=dim, n_layers=field(cfg, "num_hidden_layers", int, what, minimum=1), n_heads=n_heads,
+                     n_kv_heads=field(cfg, "num_key_value_heads", int, what, n_heads, minimum=1),
+                     vocab_size=field(cfg, "vocab_size", int, what, minimum=1),
                      multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base,
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                     rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     norm_eps=field(cfg, "rms_norm_eps", float, what, 1e-6, above=0),
+                     rope_theta=field(cfg, "rope_theta", float, what, None, above=0) or field(
+                         rope, "rope_theta", float, f"{what} (rope_scaling)", 10000.0, above=0),
                      use_scaled_rope=rope_type == "llama3",
-                     rope_scaling={k: rope[k] for k in LLAMA31_ROPE_SCALING} if rope_type == "llama3" else None,
+                     rope_scaling=_rope_constants(rope, f"{what} (rope_scaling)") if rope_type == "llama3" else None,
                      head_dim=hd if hd != dim // n_heads else None,
                      attention_bias=kind == "qwen2" or llama_bias, wo_bias=llama_bias,
-                     tie_embeddings=cfg.get("tie_word_embeddings", False),
-                     sliding_window=sliding_window(cfg))
-    assert args.ffn_dim == hidden, (args.ffn_dim, hidden)
+                     tie_embeddings=field(cfg, "tie_word_embeddings", bool, what, False),
+                     sliding_window=sliding_window(cfg, what))
+    _check_heads(args, what)
+    for name in ("bos_token_id", "eos_token_id"):  # one id, or several (Llama 3 instruct's eos)
+        ids = cfg.get(name)
+        ids = ids if isinstance(ids, list) and ids else [ids]
+        for i in ids:
+            field({name: i}, name, int, what, None, minimum=0, maximum=args.vocab_size - 1)
+    if args.ffn_dim != hidden:  # Meta's formula cannot express this width (it never happens for a real model)
+        raise UserError(f"{what}: intermediate_size {hidden} cannot be expressed as Meta's FFN width; not supported")
     return args
 
 
-def _read_hf(path: Path):
+def _hf_key(key):
+    """An HF tensor name -> this model's (Meta's); an unknown name stays as is and fails the strict check."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    return f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES else HF_NAMES.get(key, key)
+
+
+def _read_hf(path: Path, lazy=False):
+    """(args, state, where) of an HF folder. lazy: the tensors as mapped (no row permutation, nothing read)."""
     args = _hf_args(path)
     n_heads, hd = args.n_heads, args.head_dim or args.dim // args.n_heads
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index)["weight_map"]
+        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise UserError(f"{index}: expected {{\"weight_map\": {{tensor name: file name}}}}")
         files = sorted(set(weight_map.values()))
         outside = [name for name in files if name != os.path.basename(name) or name in ("", ".", "..")]
         if outside:  # the index may only name files of the model folder
@@ -352,14 +473,12 @@ def _read_hf(path: Path):
         files, weight_map = ["model.safetensors"], None
     state, where = {}, f"{path} ({', '.join(files)})"
     for name in files:
-        for key, t in read_safetensors(path / name).items():
+        for key, t in check_float(path / name, read_safetensors(path / name)).items():
             if weight_map is not None and weight_map.get(key) != name:
                 raise UserError(f"{path / name}: key {key!r} is not mapped to this file by {index.name}")
-            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-            new = (f"layers.{m[1]}.{HF_LAYER_NAMES[m[2]]}.{m[3]}" if m and m[2] in HF_LAYER_NAMES
-                   else HF_NAMES.get(key, key))  # an unknown name stays as is and fails the strict check
+            new = _hf_key(key)
             heads = {"wq": n_heads, "wk": args.n_kv_heads}.get(new.split(".")[-2])
-            if heads and t.shape[0] == heads * hd:  # HF's rotate-half row order -> Meta's pairs (weights, biases)
+            if heads and t.shape[0] == heads * hd and not lazy:  # HF's rotate-half rows -> Meta's pairs
                 t = t.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
             state[new] = t
     if weight_map is not None and len(state) != len(weight_map):
@@ -367,26 +486,48 @@ def _read_hf(path: Path):
     return args, state, where
 
 
-def read_args(path) -> ModelArgs:
-    """A checkpoint folder's ModelArgs from its params.json (Meta) or config.json (HF) alone, no weight read:
-    enough to build the model on the meta device (a Meta vocab_size of -1 stays -1: only the weights say it)."""
-    path = Path(path)
+def _read(path: Path, lazy=False):
     if (path / "params.json").exists():
-        return ModelArgs.from_params(read_json(path / "params.json"))
-    return _hf_args(path)
+        return _read_meta(path, lazy)
+    if (path / "config.json").exists():
+        return _read_hf(path, lazy)
+    raise UserError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
+
+
+def _check_sizes(args: ModelArgs, state: dict, where):
+    """The config's sizes against the tensors the files hold, before any model is built: a vocab_size of 10^12
+    or 10^6 layers is one line at once, not terabytes asked for or minutes of building. Sets a Meta
+    vocab_size of -1 (Meta's code asks the tokenizer) to the embedding's rows."""
+    layers = {int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layers != set(range(args.n_layers)):
+        raise UserError(f"{where}: the config says {args.n_layers} layers, the files hold "
+                        f"{len(layers)} ({', '.join(f'layers.{i}' for i in sorted(layers)[:3]) or 'none'}"
+                        f"{', ...' if len(layers) > 3 else ''})")
+    if "tok_embeddings.weight" not in state:
+        raise UserError(f"{where}: missing weight 'tok_embeddings.weight'")
+    shape = tuple(state["tok_embeddings.weight"].shape)
+    if args.vocab_size < 0 and len(shape) == 2:
+        args.vocab_size = shape[0]
+    if shape != (args.vocab_size, args.dim):
+        raise UserError(f"{where}: the config says vocab_size {args.vocab_size} and width {args.dim}, the "
+                        f"embedding tok_embeddings.weight is {tuple(state['tok_embeddings.weight'].shape)}")
+
+
+def read_args(path) -> ModelArgs:
+    """A checkpoint folder's ModelArgs, checked against the tensor shapes its files hold (safetensors headers,
+    mapped shards), no weight read: enough to build the model on the meta device and to check a tokenizer or
+    an adapter against it. A Meta vocab_size of -1 becomes the embedding's rows."""
+    args, state, where = _read(Path(path), lazy=True)
+    _check_sizes(args, state, where)
+    return args
 
 
 def load_llama(path, max_seq_len=None, dtype=None) -> Transformer:
     """A Meta (params.json + consolidated.NN.pth) or HF (config.json + *.safetensors) checkpoint folder ->
     Transformer on the CPU, in the stored dtype unless dtype is given. Strict: a missing, unexpected or
-    misshapen weight is an error naming the key and the files."""
-    path = Path(path)
-    if (path / "params.json").exists():
-        args, state, where = _read_meta(path)
-    elif (path / "config.json").exists():
-        args, state, where = _read_hf(path)
-    else:
-        raise UserError(f"{path}: neither params.json (Meta) nor config.json (HF) is there")
+    misshapen weight is an error naming the key and the files, found before the model is built."""
+    args, state, where = _read(Path(path))
+    _check_sizes(args, state, where)
     if max_seq_len:
         args.max_seq_len = max_seq_len
     with torch.device("meta"):  # no memory, no random init: every weight comes from the file

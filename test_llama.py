@@ -4,15 +4,18 @@ checkpointing, the adapter targets' names. Tiny models, on the CPU."""
 import copy
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import llama as tl
-from fileio import UserError, read_safetensors
+from fileio import UserError, read_safetensors, write_safetensors
 from gift import add_gift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,3 +352,108 @@ def test_llama_layer_names_refuse_others_listing_the_valid_ones(bad):
     with pytest.raises(UserError, match=rf"--targets {bad}: LLaMA has no layer of that name; valid: attention.wq, "
                                         r".*feed_forward.w2 \(or wq, .*HF's q_proj, k_proj"):
         tl.layer_names(["wq", bad])
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: hostile config and weight files, each one line naming the file, the field and the value, found before
+# anything is built
+
+@pytest.fixture(scope="module")
+def _llama_hf_dir(tmp_path_factory):
+    return _llama_hf(tmp_path_factory.mktemp("hf"), gqa=True, llama3=True)[1]
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"vocab_size": 96.0}, r"vocab_size is 96.0 \(float\), expected a whole number at least 1"),
+    ({"num_hidden_layers": 2.5}, r"num_hidden_layers is 2.5 \(float\), expected a whole number"),
+    ({"hidden_size": "64"}, r"hidden_size is '64' \(str\), expected a whole number"),
+    ({"num_attention_heads": 0}, r"num_attention_heads is 0 \(int\), expected a whole number at least 1"),
+    ({"intermediate_size": -96}, r"intermediate_size is -96 \(int\), expected a whole number at least 1"),
+    ({"num_key_value_heads": 3}, r"4 attention heads cannot share 3 key/value heads"),
+    ({"rms_norm_eps": "1e-5"}, r"rms_norm_eps is '1e-5' \(str\), expected a number greater than 0"),
+    ({"rms_norm_eps": 0}, r"rms_norm_eps is 0 \(int\), expected a number greater than 0"),
+    ({"tie_word_embeddings": "false"}, r"tie_word_embeddings is 'false' \(str\), expected true or false"),
+    ({"attention_bias": 1}, r"attention_bias is 1 \(int\), expected true or false"),
+    ({"head_dim": 0}, r"head_dim is 0 \(int\), expected a whole number at least 1"),
+    ({"head_dim": 15}, r"head width 15 is odd"),
+    ({"rope_scaling": 5}, r"rope_scaling is 5 \(int\), expected a JSON object"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
+                          "original_max_position_embeddings": 64}}, r"\(rope_scaling\): factor is '8' \(str\)"),
+    ({"max_position_embeddings": 0}, r"max_position_embeddings is 0 \(int\), expected a whole number at least 1"),
+    ({"eos_token_id": [2, "3"]}, r"eos_token_id is '3' \(str\), expected a whole number at least 0, at most 95"),
+    ({"bos_token_id": 96}, r"bos_token_id is 96 \(int\), expected a whole number at least 0, at most 95"),
+    ({"torch_dtype": 16}, r"torch_dtype is 16 \(int\), expected a string"),
+    ({"attention_dropout": 5}, r"attention_dropout is 5 \(int\), expected a number at least 0, at most 1"),
+    ({"model_type": "mistral", "sliding_window": "48"}, r"sliding_window is '48' \(str\), expected a whole number"),
+    ({"vocab_size": 10 ** 12}, r"the config says vocab_size 1000000000000 and width 64, the embedding "
+                               r"tok_embeddings.weight is \(96, 64\)"),
+    ({"num_hidden_layers": 10 ** 6}, r"the config says 1000000 layers, the files hold 2 \(layers.0, layers.1\)")])
+def test_llama_hf_config_fields_are_checked_before_building(_llama_hf_dir, tmp_path, change, match):
+    """Issue 22 classes 2 and 3: read_args (what an adapter or a tokenizer is checked against) and load_llama
+    both refuse at once (10^12 embedding rows or 10^6 layers are never built), naming file, field and value."""
+    path = shutil.copytree(_llama_hf_dir, tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_scaling", None) if "rope_parameters" in change else None
+    (path / "config.json").write_text(json.dumps({**cfg, **change}))
+    for read in (tl.read_args, tl.load_llama):
+        t0 = time.time()
+        with pytest.raises(UserError, match=match) as e:
+            read(path)
+        assert time.time() - t0 < 5 and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"dim": 64.0}, r"dim is 64.0 \(float\), expected a whole number at least 1"),
+    ({"n_layers": "2"}, r"n_layers is '2' \(str\), expected a whole number"),
+    ({"n_heads": 0}, r"n_heads is 0 \(int\), expected a whole number at least 1"),
+    ({"n_kv_heads": 3}, r"4 attention heads cannot share 3 key/value heads"),
+    ({"vocab_size": 0}, r"vocab_size is 0, expected -1 \(the embedding's rows\) or at least 1"),
+    ({"vocab_size": -5}, r"vocab_size is -5 \(int\), expected a whole number at least -1"),
+    ({"norm_eps": -1e-5}, r"norm_eps is -1e-05 \(float\), expected a number greater than 0"),
+    ({"rope_theta": True}, r"rope_theta is True \(bool\), expected a number greater than 0"),
+    ({"use_scaled_rope": "yes"}, r"use_scaled_rope is 'yes' \(str\), expected true or false"),
+    ({"multiple_of": 0}, r"multiple_of is 0 \(int\), expected a whole number at least 1"),
+    ({"ffn_dim_multiplier": 0}, r"ffn_dim_multiplier is 0 \(int\), expected a number greater than 0"),
+    ({"rope_scaling": {"factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                       "original_max_position_embeddings": 64}}, r"high_freq_factor 1.0 must exceed"),
+    ({"vocab_size": 10 ** 12}, r"the config says vocab_size 1000000000000 and width 64"),
+    ({"n_layers": 10 ** 6}, r"the config says 1000000 layers, the files hold 2"),
+    ("list", r"params.json: expected a JSON object of the model's sizes, got list")])
+def test_llama_meta_params_fields_are_checked_before_building(tmp_path, change, match):
+    model = _llama_model(_llama_args(gqa=True, llama3=True))
+    path = _llama_write_shards(model, tmp_path / "meta", 2, llama3=True)
+    params = json.loads((path / "params.json").read_text())
+    (path / "params.json").write_text(json.dumps([params] if change == "list" else {**params, **change}))
+    for read in (tl.read_args, tl.load_llama):
+        t0 = time.time()
+        with pytest.raises(UserError, match=match) as e:
+            read(path)
+        assert time.time() - t0 < 5 and "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("form", ["hf", "meta"])
+def test_llama_integer_weights_are_refused(_llama_hf_dir, tmp_path, form):
+    """Issue 22 class 1: a weight stored as integers (a header saying I32) would be read as numbers and trained
+    on, silently wrong: refused naming the file and the key."""
+    key = "model.layers.1.mlp.up_proj.weight" if form == "hf" else "layers.1.feed_forward.w3.weight"
+    if form == "hf":
+        path = shutil.copytree(_llama_hf_dir, tmp_path / "hf")
+        state = read_safetensors(path / "model.safetensors")
+        state = {k: v.clone() for k, v in state.items()} | {key: state[key].to(torch.int32)}
+        write_safetensors(path / "model.safetensors", state)
+    else:
+        path = _llama_write_shards(_llama_model(_llama_args()), tmp_path / "meta", 1, llama3=True)
+        state = torch.load(path / "consolidated.00.pth", weights_only=True)
+        torch.save(state | {key: state[key].to(torch.int32)}, path / "consolidated.00.pth")
+    for read in (tl.read_args, tl.load_llama):
+        with pytest.raises(UserError, match=rf"tensor '{re.escape(key)}' is stored as torch.int32, but a model "
+                                            rf"weight is floating point"):
+            read(path)
+
+
+def test_llama_read_args_resolves_meta_vocab_from_the_files(tmp_path):
+    """read_args: a Meta vocab_size of -1 (Llama 1/2) is the embedding's rows, read from the (lazy) shards."""
+    model = _llama_model(_llama_args())
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "multiple_of": 32}
+    path = _llama_write_shards(model, tmp_path / "meta", 2, llama3=False, params=params)
+    assert tl.read_args(path).vocab_size == 96

@@ -60,7 +60,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
                               "--resume"))
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
     assert config_a == config_b == {"script": "train_llama.py", "method": "gift", "rank": 8, "share": "type",
-                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir)}
+                                    "targets": ["attention.wq", "attention.wv"], "model": str(model_dir),
+                                    "base": config_a["base"]} and re.fullmatch("[0-9a-f]{16}", config_a["base"])
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -149,7 +150,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     config, state = _llama_adapter(out)
     targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
     assert config == {"script": "train_llama.py", "method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0,
-                      "model": str(model_dir)}
+                      "model": str(model_dir), "base": config["base"]}
     assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
@@ -161,7 +162,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     # dim 64, 2 KV heads of 16, FFN 192 (2/3 of 4 x 64, rounded up to 32): r (d_in + d_out) per layer
     n = 2 * 4 * sum(d_in + d_out for d_in, d_out in [(64, 64), (64, 32), (64, 32), (64, 192), (192, 64)])
     assert result["adapter"]["method"] == "lora" and result["trainable_params"] == n
-    assert f"LoRA r=4, {n:,} params" in (tmp_path / "ev" / "eval.md").read_text()
+    assert f"| LoRA q,k,v,up,down r=4 alpha 8, {n:,} params: accuracy |" in (tmp_path / "ev" / "eval.md").read_text()
     # merged: plain Meta keys (W + (alpha/r) B A), the same logits as the unmerged model, on a float64 copy
     base = llama.load_llama(model_dir, dtype=torch.float64)
     llama.save_meta(base, tmp_path / "base64")
@@ -236,11 +237,11 @@ def test_llama_bad_data_record_raises(tmp_path, _llama_demo, capsys):
     del records[3]["answer"]
     (bad / "commonsense_170k.json").write_text(json.dumps(records))
     _llama_user_error(capsys, _llama_train_args(model_dir, bad, tmp_path / "out"),
-                      r"commonsense_170k.json: record 3 has no string field 'answer'")
+                      r"commonsense_170k.json: record 3 has no field 'answer'")
     (bad / "dataset" / "boolq" / "test.json").write_text(json.dumps([{"instruction": "x", "answer": "true"}, {}]))
     _llama_user_error(capsys, ["--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o"),
                                "--eval-only", "--tasks", "boolq"],
-                      r"boolq.test.json: record 1 has no string field 'instruction'")
+                      r"boolq.test.json: record 1 has no field 'instruction'")
 
 
 def test_llama_own_tasks_evaluate_by_their_answer_form(tmp_path, capsys, _llama_demo):
@@ -594,7 +595,7 @@ def test_llama_base_model_is_labelled_zero_shot_and_stop_after_does_not_evaluate
     ev = json.loads((tmp_path / "base" / "eval.json").read_text())
     assert ev["model"] == "base model (zero-shot)" and ev["adapter"] is None and ev["trainable_params"] == 0
     table = (tmp_path / "base" / "eval.md").read_text()
-    assert table.startswith("| task | base model (zero-shot): accuracy % |") and "GIFT" not in table
+    assert table.startswith("| task | base model (zero-shot): accuracy |") and "GIFT" not in table
     out = tmp_path / "stopped"
     capsys.readouterr()
     tl.main([a for a in _llama_train_args(model_dir, data, out, "--stop-after", "2", "--tasks", "boolq")
@@ -704,3 +705,189 @@ def test_llama_compile_on_the_gpu_gives_the_eager_losses(tmp_path, _llama_demo):
                                               "--stop-after", "3", "--device", "cuda", *extra, "--precision", "fp32")])
         losses.append([json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()])
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4, rel=0)
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: adapters, run folders and evaluations that must not be silently wrong or lost
+
+@pytest.mark.parametrize("config,match", [
+    ([1, 2], r"its run config is '\[1, 2\]', expected a JSON object"),
+    ({"rank": "8"}, r"config: rank is '8' \(str\), expected a whole number at least 1"),
+    ({"rank": 0}, r"config: rank is 0 \(int\), expected a whole number at least 1"),
+    ({"method": "dora"}, r"config: method is 'dora' \(str\), expected a string among 'gift', 'lora'"),
+    ({"targets": "wq"}, r"config: targets is 'wq', expected a list of layer names"),
+    ({"targets": ["attention.wx"]}, r"config: --targets attention.wx: LLaMA has no layer of that name"),
+    ({"share": 1}, r"config: share is 1 \(int\), expected a string among 'type', 'all'"),
+    ({"method": "lora", "lora_alpha": "64"}, r"config: lora_alpha is '64' \(str\), expected a number greater than 0"),
+    ({"base": 5}, r"config: base is 5 \(int\), expected a string")])
+def test_llama_adapter_metadata_is_checked(_llama_demo, _llama_stopped, tmp_path, capsys, config, match):
+    """Issue 22 class 2: an adapter's run config with a wrong type or value is one line naming the file and the
+    field, before the model is loaded (no ValueError, KeyError or AttributeError traceback)."""
+    model_dir, data = _llama_demo
+    meta = json.loads(read_safetensors_metadata(_llama_stopped / "adapter.safetensors")["config"])
+    state = {k: v.clone() for k, v in read_safetensors(_llama_stopped / "adapter.safetensors").items()}
+    path = tmp_path / "adapter.safetensors"
+    write_safetensors(path, state, {"config": json.dumps(config if isinstance(config, list) else meta | config)})
+    _llama_user_error(capsys, ["--model", str(model_dir), "--data", str(data), "--adapter", str(path), "--eval-only",
+                               "--out", str(tmp_path / "ev"), "--device", "cpu"], match)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("base", ["merged", "other_weights"])
+def test_llama_adapter_on_another_base_is_refused(_llama_demo, tmp_path, capsys, base):
+    """Issue 22 class 1: an adapter evaluated on its own merged model (the edit applied twice) or on other weights
+    is refused naming both models; --any-base applies it anyway."""
+    model_dir, data = _llama_demo
+    tl.main(_llama_train_args(model_dir, data, tmp_path / "run", "--stop-after", "2", "--lr", "1"))
+    adapter = str(tmp_path / "run" / "adapter.safetensors")
+    if base == "merged":
+        tl.main(["--model", str(model_dir), "--adapter", adapter, "--merge", str(tmp_path / "other")])
+    else:  # another checkpoint of the same architecture (the identity samples 64 values of each tensor)
+        def other(path):
+            state = torch.load(path / "consolidated.00.pth", weights_only=True)
+            torch.save(state | {"norm.weight": state["norm.weight"] * 1.5}, path / "consolidated.00.pth")
+        _llama_copy_with(model_dir, tmp_path / "other", other)
+    argv = ["--model", str(tmp_path / "other"), "--data", str(data), "--adapter", adapter, "--eval-only",
+            "--tasks", "boolq", "--eval-limit", "2", "--device", "cpu", "--out", str(tmp_path / "ev"),
+            "--tokenizer", str(model_dir / "tokenizer.model")]
+    _llama_user_error(capsys, argv, rf"{re.escape(adapter)} was trained on {re.escape(str(model_dir))} \(identity "
+                                    rf"[0-9a-f]{{16}}\), not on {re.escape(str(tmp_path / 'other'))} \(identity "
+                                    rf"[0-9a-f]{{16}}\).* add --any-base")
+    tl.main(argv + ["--any-base"])
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["adapter"]["method"] == "gift"
+
+
+def test_llama_eval_only_never_replaces_another_evaluation(_llama_demo, tmp_path, capsys):
+    """Issue 22 class 6: --eval-only --out RUN would replace RUN's 8-task evaluation with this one: refused
+    unless --overwrite."""
+    model_dir, data = _llama_demo
+    argv = lambda task: ["--model", str(model_dir), "--data", str(data), "--eval-only", "--tasks", task,  # noqa
+                         "--eval-limit", "2", "--device", "cpu", "--out", str(tmp_path / "ev")]
+    tl.main(argv("boolq"))
+    before = (tmp_path / "ev" / "eval.json").read_text()
+    _llama_user_error(capsys, argv("piqa"), r"--out .*ev holds an evaluation \(eval.json, eval.md, eval_generations"
+                                            r".jsonl\): choose another --out for this one, or add --overwrite")
+    assert (tmp_path / "ev" / "eval.json").read_text() == before
+    tl.main(argv("piqa") + ["--overwrite"])
+    assert list(json.loads((tmp_path / "ev" / "eval.json").read_text())["n"]) == ["piqa"]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("evaluated", r"--out .*out holds a run \(eval.json\): add --resume to continue it, --overwrite to replace it"),
+    ("model_folder", r"--out .*model is the base model: the run's files would mix with it")])
+def test_llama_used_run_folders_are_refused(_llama_demo, tmp_path, capsys, case, match):
+    """Issue 22 class 6: a folder holding a run's results (no checkpoint left), or the model folder itself, is
+    never written into without --resume or --overwrite."""
+    model_dir, data = _llama_demo
+    if case == "evaluated":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "eval.json").write_text("{}")
+        out = tmp_path / "out"
+    else:
+        out = model_dir = shutil.copytree(model_dir, tmp_path / "model")
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, out, "--stop-after", "1"), match)
+    if case == "evaluated":
+        tl.main(_llama_train_args(model_dir, data, out, "--stop-after", "1", "--overwrite"))
+        assert (out / "adapter.safetensors").is_file()
+
+
+def test_llama_out_inside_the_model_folder_resumes(_llama_demo, tmp_path, capsys):
+    """Issue 22 class 6: the run's own files never become part of the model's identity."""
+    model_dir, data = _llama_demo
+    model_dir = shutil.copytree(model_dir, tmp_path / "model")
+    tl.main(_llama_train_args(model_dir, data, model_dir / "run", "--stop-after", "2"))
+    tl.main(_llama_train_args(model_dir, data, model_dir / "run", "--stop-after", "3", "--resume"))
+    log = (model_dir / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
+
+
+def test_llama_tokenizer_is_checked_before_tokenizing(_llama_demo, tmp_path, capsys):
+    """Issue 22 class 4: a tokenizer that does not fit the model's embedding is refused before the training set
+    is tokenized (nothing in OUT/cache) and before any weight is loaded."""
+    model_dir, data = _llama_demo
+    records = json.loads((data / "commonsense_170k.json").read_text())
+    small = train_tiny_tokenizer([r["instruction"] for r in records], 300, tmp_path / "small.model")
+    _llama_user_error(capsys, _llama_train_args(model_dir, data, tmp_path / "out", "--tokenizer", str(small)),
+                      r"the tokenizer .*small.model \(\d+ ids\) does not fit the model")
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_llama_a_failed_evaluation_keeps_the_trained_adapter(_llama_demo, tmp_path, monkeypatch):
+    """Issue 22 class 5: the checkpoint and the adapter are written before the evaluation: its failure loses
+    nothing."""
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
+
+    def broken(*a, **kw):
+        raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(tl, "evaluate", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        tl.main([a for a in _llama_train_args(model_dir, data, out, "--tasks", "boolq") if a != "--no-eval"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert _llama_adapter(out)[1]["gift.attention_wq.psi.weight"].abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# Issue 19: the protocols, random batches, the seeds, the rows' names
+
+def test_llama_protocols_fill_what_no_flag_gives(capsys):
+    paper = tl.parse_args(["--model", "m", "--data", "d"])
+    assert (paper.method, paper.targets, paper.rank, paper.batch_size, paper.micro_batch_size, paper.epochs, paper.lr,
+            paper.warmup, paper.warmup_steps, paper.max_len, paper.template, paper.extract, paper.train_on_inputs,
+            paper.group_by_length) == ("gift", ["attention.wq", "attention.wv"], 64, 32, 8, 6, 2.5e-4, 0.1, None, 512,
+                                       "paper", "paper", False, False)
+    la = tl.parse_args(["--model", "m", "--data", "d", "--protocol", "llm-adapters"])
+    assert (la.method, la.targets, la.rank, la.lora_alpha, la.batch_size, la.micro_batch_size, la.epochs, la.lr,
+            la.warmup_steps, la.max_len, la.template, la.extract, la.train_on_inputs) == (
+        "lora", ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 32, 64.0, 16, 4,
+        3, 3e-4, 100, 256, "alpaca", "first_match", True)
+    mine = tl.parse_args(["--model", "m", "--data", "d", "--protocol", "llm-adapters", "--lr", "1e-4", "--warmup",
+                          "0.05", "--method", "gift", "--no-train-on-inputs", "--epochs", "2"])
+    assert (mine.lr, mine.warmup, mine.warmup_steps, mine.method, mine.rank, mine.train_on_inputs, mine.epochs,
+            mine.batch_size) == (1e-4, 0.05, None, "gift", 64, False, 2, 16)  # explicit flags win
+    with pytest.raises(SystemExit):
+        tl.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2.5e-4, the example in the authors' README, not a value tuned in the paper" in text
+    assert "default: random batches, as the authors' run" in text
+
+
+def test_llama_llm_adapters_protocol_trains_on_the_whole_sequence(_llama_demo, tmp_path):
+    """--protocol llm-adapters end to end: LoRA, the Alpaca template, the loss on every token (train_on_inputs),
+    100 warmup steps (lr = peak * step / 100), recorded in the run's settings; --group-by-length too."""
+    model_dir, data = _llama_demo
+    out = tmp_path / "la"
+    tl.main(_llama_train_args(model_dir, data, out, "--protocol", "llm-adapters", "--stop-after", "2",
+                              "--group-by-length"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {k: ckpt["run"][k] for k in ("protocol", "method", "template", "train_on_inputs", "warmup_steps",
+                                        "max_len", "group_by_length")} == {
+        "protocol": "llm-adapters", "method": "lora", "template": "alpaca", "train_on_inputs": True,
+        "warmup_steps": 100, "max_len": 256, "group_by_length": True}
+    assert [r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [0.0, 1e-2 / 100]
+    args = tl.parse_args(_llama_train_args(model_dir, data, out, "--protocol", "llm-adapters"))
+    tok = llama.find_tokenizer(model_dir)
+    examples = tl.train_data(args, tok, 0)
+    x, y = cs.collate(examples[:4], "cpu")
+    assert all(n == 1 for _, n in examples) and (y != -100).sum() == sum(len(ids) - 1 for ids, _ in examples[:4])
+    assert tok.decode(examples[0][0].tolist()).startswith("<|begin_of_text|>Below is an instruction")
+
+
+def test_llama_seeds_run_the_recipe_once_per_seed_into_one_table(_llama_demo, tmp_path, capsys):
+    """--seeds 1 2: OUT/seed-1 and OUT/seed-2 (each its own run and evaluation), then seeds.md with mean +- std
+    per task; rows named by the run's real method, targets and rank (--preset proj: GIFT o)."""
+    model_dir, data = _llama_demo[0], _llama_first_records(_llama_demo[1], tmp_path / "data")
+    out = tmp_path / "seeds"
+    tl.main([a for a in _llama_train_args(model_dir, data, out, "--seeds", "1", "2", "--preset", "proj", "--tasks",
+                                          "boolq", "piqa", "--eval-limit", "4") if a != "--no-eval"])
+    evals = [json.loads((out / f"seed-{s}" / "eval.json").read_text()) for s in (1, 2)]
+    assert [torch.load(out / f"seed-{s}" / "checkpoint.pt", weights_only=True)["run"]["seed"] for s in (1, 2)] == [1, 2]
+    a, b = (_llama_adapter(out / f"seed-{s}")[1] for s in (1, 2))
+    assert not torch.equal(a["gift.attention_wo.phi.weight"], b["gift.attention_wo.phi.weight"])
+    table, summary = (out / "seeds.md").read_text(), json.loads((out / "seeds.json").read_text())
+    assert evals[0]["model"].startswith("GIFT o r=8, ") and "GIFT_QV" not in table
+    assert f"| {evals[0]['model']}: mean +- std over 2 seeds | pooled 95% interval | seed 1 | seed 2 |" in table
+    boolq = [e["accuracy"]["boolq"] for e in evals]
+    assert summary["tasks"]["boolq"]["mean"] == pytest.approx(sum(boolq) / 2)
+    assert summary["tasks"]["boolq"]["std"] == pytest.approx(abs(boolq[0] - boolq[1]) / 2 ** 0.5)
+    assert summary["tasks"]["boolq"]["pooled_n"] == 8 and (out / "cache").is_dir()

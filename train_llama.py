@@ -1,9 +1,11 @@
 """GIFT on LLaMA 1/2/3 (llama.py): Commonsense170k in, the paper's 8-task table out.
 
-The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; 6 epochs of
-Commonsense170k, batch 32, AdamW, lr 2.5e-4, linear schedule with 10% warmup; greedy evaluation on 8 test
-sets). Data (the LLM-Adapters layout, read by commonsense.py): DATA/commonsense_170k.json and
-DATA/dataset/<task>/test.json.
+The paper's language experiments (GIFT_QV: one Theta for all wq, one for all wv, rank 64; the authors' run:
+6 epochs of Commonsense170k, random batches of 32 = 8 x 4 accumulation, AdamW without weight decay, linear
+schedule with 10% warmup, lr 2.5e-4 (their README's example: the paper states no tuned value); greedy evaluation
+on 8 test sets): --protocol paper, the default. --protocol llm-adapters: LLM-Adapters' own settings, under which
+the paper's LoRA rows were trained. Data (the LLM-Adapters layout, read by commonsense.py):
+DATA/commonsense_170k.json and DATA/dataset/<task>/test.json.
 
     python train_llama.py --demo                                         # < 1 min on a CPU, synthetic data
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2   # train, then evaluate all 8 sets
@@ -15,14 +17,16 @@ DATA/dataset/<task>/test.json.
     python train_llama.py --model llama-2-7b --adapter runs/l2/adapter.safetensors --merge runs/l2/merged
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2 --resume   # after Ctrl-C or --stop-after
     python train_llama.py --model llama-2-7b --data DATA --out runs/l2-lora --method lora  # the LoRA baseline
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2-la --protocol llm-adapters  # LoRA, as they did
+    python train_llama.py --model llama-2-7b --data DATA --out runs/l2-seeds --seeds 1 2 3  # mean +- std table
 
 --model: a Meta folder (params.json, consolidated.NN.pth) or a Hub folder (config.json, model_type llama,
 mistral or qwen2); the tokenizer is the one in it (tokenizer.json, tokenizer.model, original/tokenizer.model)
 or --tokenizer. --targets takes Meta's names (wq, attention.wq, ...) or HF's (q_proj, ...); --preset proj /
 qkvud selects the paper's other variants; --method lora trains the paper's LoRA baseline (q, k, v, up, down;
-r=32, alpha 64). Precision: the weights in bf16 on GPUs, no autocast, as the official runs; the adapter keeps
-fp32 master weights unless --adapter-precision bf16 (the authors' setting). Ctrl-C (or SIGTERM) finishes the
-step, saves the checkpoint and exits 0; --resume continues exactly.
+r=32, alpha 64). Explicit flags win over --protocol's settings. Precision: the weights in bf16 on GPUs, no
+autocast, as the official runs; the adapter keeps fp32 master weights unless --adapter-precision bf16 (the
+authors' setting). Ctrl-C (or SIGTERM) finishes the step, saves the checkpoint and exits 0; --resume continues.
 """
 import argparse
 import contextlib
@@ -37,37 +41,58 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from commonsense import PAPER, TASKS, collate, example_ids, extract, global_batches, paper_model, prompt_of, \
-    read_test_set, tokenize_train, wilson_interval, write_demo
-from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors
+from commonsense import LORA, PRESETS, PROTOCOLS, TASKS, check_tasks, collate, evaluate, global_batches, \
+    padding_fraction, seed_table, tokenize_train, write_demo
+from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors, read_safetensors_metadata
 from gift import add_gift, parameter_summary
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
-    check_new_output, check_ranges, check_vocab, cli, close_distributed, fused_adamw, load_adapter_state_dict, \
-    lock_out, merge_adapter, print0, progress, setup_distributed
-from llama import Transformer, find_tokenizer, fsdp_shard, generate, layer_names, load_llama, read_args, \
+    base_identity, check_adapter_base, check_new_output, check_ranges, check_vocab, cli, close_distributed, \
+    fused_adamw, load_adapter_state_dict, lock_out, merge_adapter, print0, progress, setup_distributed
+from llama import Transformer, field, find_tokenizer, fsdp_shard, generate, layer_names, load_llama, read_args, \
     save_meta, sliding_window
 from lora import add_lora
 
 # -----------------------------------------------------------------------------
 # The model and its adapter
 
-PRESETS = {"qv": (["attention.wq", "attention.wv"], 64),  # GIFT_QV, the paper's main setting
-           "proj": (["attention.wo"], 128),              # GIFT_Proj
-           "qkvud": (["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"], 64)}
-LORA = (PRESETS["qkvud"][0], 32)  # the paper's LoRA baseline (LLM-Adapters): q, k, v, up, down, r=32, alpha 2r
+EVAL_FILES = ("eval.json", "eval.md", "eval_generations.jsonl")  # an evaluation's outputs in --out
 
 
 def read_adapter_config(path) -> dict:
-    """The run config train() writes into an adapter's metadata (files from before --method are GIFT)."""
-    return {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
+    """The run config train() writes into an adapter's metadata (files from before --method are GIFT), each field
+    checked: a list, a rank in quotes, an unknown method is one line naming the file, the field and the value."""
+    config = read_safetensors_metadata(path).get("config") if str(path).endswith(".safetensors") else None
+    try:
+        config = json.loads(config) if isinstance(config, str) else config
+    except json.JSONDecodeError:
+        config = None  # adapter_config says it has none
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"{path}: its run config is {str(config)[:80]!r}, expected a JSON object; give an "
+                        f"adapter.safetensors written by train_llama.py")
+    config = {"method": "gift", **adapter_config(path, "train_llama.py", ["targets", "rank"])}
+    where = f"{path}'s config"
+    field(config, "method", str, where, choices=("gift", "lora"))
+    field(config, "rank", int, where, minimum=1)
+    targets = config["targets"]
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise UserError(f"{where}: targets is {targets!r}, expected a list of layer names")
+    try:
+        layer_names(targets)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    field(config, "share", str, where, "type", choices=("type", "all"))
+    if config["method"] == "lora":
+        field(config, "lora_alpha", float, where, above=0)
+    for name in ("base", "model"):
+        field(config, name, str, where, None)
+    return config
 
 
 def check_adapter_fits(path, model_path):
     """--adapter must fit --model (targets' widths, number of blocks): checked on the model built on the meta
     device (no weight read), else one line naming the adapter's base model and this one."""
     config = read_adapter_config(path)
-    args = read_args(model_path)
-    args.vocab_size = max(args.vocab_size, 1)  # Meta's -1: the embedding does not matter here
+    args = read_args(model_path)  # its sizes checked against the files' tensors: 10^6 layers fail here, at once
     with torch.device("meta"):
         skeleton = Transformer(args)
         add_adapter(skeleton, config)
@@ -84,11 +109,14 @@ def check_adapter_fits(path, model_path):
 def load_model(args, dtype=None):
     """(model, adapter config): --model with --adapter's adapter (its weights), else a new one (psi = 0 or B = 0:
     the base model's outputs) for --method, --targets, --rank; the base model alone (config None) to evaluate
-    or generate without --adapter. --adapter-precision bf16 keeps the adapter's weights in bf16 (the authors')."""
+    or generate without --adapter. --adapter-precision bf16 keeps the adapter's weights in bf16 (the authors').
+    model.base_id: the base's identity, written into the adapter (an adapter is refused on another base)."""
     model = load_llama(args.model, dtype=dtype)
+    model.base_id = base_identity(model)
     torch.manual_seed(args.seed)  # the same phi (or A) initialisation on every rank and in every run
     if args.adapter:
         config = read_adapter_config(args.adapter)
+        check_adapter_base(args.adapter, config, model, args.model, force=args.any_base)
         add_adapter(model, config)
         load_adapter_state_dict(model, read_safetensors(args.adapter))
     elif args.eval_only or args.generate:
@@ -111,14 +139,17 @@ def load_model(args, dtype=None):
 # Training (the data: commonsense.py)
 
 def train_data(args, tok, rank):
-    """tokenize_train of --data's training file, cached in --out (re-runs and --resume start at once)."""
-    return tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
-                          Path(args.out) / "cache", rank)
+    """tokenize_train of --data's training file, cached in --out (re-runs, --resume and --seeds start at once).
+    --train-on-inputs: the loss on every token (n_prompt 1: no position is masked), as LLM-Adapters' default."""
+    data = tokenize_train(tok, Path(args.data) / "commonsense_170k.json", args.template, args.max_len,
+                          args.cache or Path(args.out) / "cache", rank)
+    return [(ids, 1) for ids, _ in data] if args.train_on_inputs else data
 
 
 # What fixes a run's trajectory besides its inputs: --resume refuses a checkpoint written with other values
-RUN_FIELDS = ("epochs", "batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "template", "max_len", "preset",
-              "method", "targets", "rank", "share", "lora_alpha", "adapter_precision")
+RUN_FIELDS = ("protocol", "epochs", "batch_size", "lr", "warmup", "warmup_steps", "weight_decay", "clip", "seed",
+              "group_by_length", "template", "train_on_inputs", "max_len", "preset", "method", "targets", "rank",
+              "share", "lora_alpha", "adapter_precision")
 
 
 def start_run(args, dtype, tok, rank) -> Run:
@@ -126,7 +157,8 @@ def start_run(args, dtype, tok, rank) -> Run:
     settings = {**{k: getattr(args, k) for k in RUN_FIELDS}, "dtype": str(dtype), "model": fingerprint(args.model),
                 "tokenizer": fingerprint(tok.path), "data": fingerprint(Path(args.data) / "commonsense_170k.json"),
                 "adapter": args.adapter and fingerprint(args.adapter)}  # the start, when not psi = 0 or B = 0
-    return Run(args.out, settings, keys=("theta", "optimizer"), resume=args.resume, rank=rank)
+    return Run(args.out, settings, keys=("theta", "optimizer"), resume=args.resume, rank=rank, overwrite=args.overwrite,
+               outputs=EVAL_FILES, inputs={"the base model": args.model})
 
 
 def train(args, run, model, tok, rank, world, device) -> bool:
@@ -141,7 +173,8 @@ def train(args, run, model, tok, rank, world, device) -> bool:
     total = args.epochs * steps_per_epoch
     if total == 0:
         raise UserError(f"{len(data)} training examples make no batch of {args.batch_size}")
-    warmup = math.ceil(args.warmup * total)  # as HF: warmup_ratio -> ceil(ratio * steps)
+    # as HF: warmup_steps, else warmup_ratio -> ceil(ratio * steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup * total)
     thetas = [p for p in model.parameters() if p.requires_grad]
     opt = fused_adamw(thetas, lr=args.lr, weight_decay=args.weight_decay)
     step = 0
@@ -157,13 +190,17 @@ def train(args, run, model, tok, rank, world, device) -> bool:
                                                   broadcast_buffers=False)
     forward = torch.compile(ddp, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor")) if args.compile else ddp
     model.train()
+    pad = padding_fraction(lengths, global_batches(lengths, args.batch_size, args.seed, 0, args.group_by_length),
+                           args.micro_batch_size)
+    print0(f"{'length-grouped' if args.group_by_length else 'random'} batches: {100 * pad:.1f}% of the tokens "
+           f"computed are padding")
     bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
     batches, epoch, end = None, -1, min(total, args.stop_after or total)
     with run.catch_signals():
         while step < end:
             if step // steps_per_epoch != epoch:
                 epoch = step // steps_per_epoch
-                batches = global_batches(lengths, args.batch_size, args.seed, epoch)
+                batches = global_batches(lengths, args.batch_size, args.seed, epoch, args.group_by_length)
             t0, batch = time.time(), batches[step % steps_per_epoch]
             # HF's linear schedule, step for step: the first update uses lr 0, the peak is reached after warmup
             lr = args.lr * (step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup)))
@@ -204,7 +241,8 @@ def train(args, run, model, tok, rank, world, device) -> bool:
                 break
     bar.close()
     run.save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict()}, step)
-    run.write_adapter(adapter_state_dict(model), {"script": "train_llama.py", **config_of(args), "model": args.model})
+    run.write_adapter(adapter_state_dict(model), {"script": "train_llama.py", **config_of(args), "model": args.model,
+                                                  "base": model.base_id})  # before any evaluation: never lost
     if step < total:
         print0(run.stopped_message(step, total))
     return step == total
@@ -224,79 +262,6 @@ def merge(args):
     model, _ = load_model(args)
     atomic_write(args.merge, lambda tmp: save_meta(merge_adapter(model), tmp))
     print(f"merged checkpoint written to {args.merge}")
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: greedy generation on the 8 test sets, the paper's exact match
-
-@torch.no_grad()
-def evaluate(args, model, tok, rank, world, config):
-    """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
-    cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
-    --out on rank 0. config: the adapter's run config, None for the base model (zero-shot)."""
-    model.eval()
-    acc, rows, stats = {}, [], {"n": {}, "loss": {}}
-    # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
-    # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
-    part, parts = (0, 1) if args.fsdp else (rank, world)
-    for task in args.tasks:
-        records, words = read_test_set(args.data, task, args.template)
-        records = records[:args.eval_limit or None]
-        mine = list(range(part, len(records), parts))
-        prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
-        order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-        correct, gens, loss, n_tokens = 0, [], 0.0, 0
-        for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
-            idx = order[k:k + args.eval_batch_size]
-            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
-                text = tok.decode(ids)
-                pred = extract(text, args.extract, words)
-                correct += pred == records[i]["answer"].strip()
-                gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
-                             "answer": records[i]["answer"]})
-            x, y = collate([example_ids(tok, records[i], args.template, args.max_len) for i in idx],
-                           model.tok_embeddings.weight.device)
-            loss += model(x, y).item()
-            n_tokens += (y != -100).sum().item()
-        counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
-        if parts > 1:
-            dist.all_reduce(counts)
-            everyone = [None] * world
-            dist.all_gather_object(everyone, gens)
-            gens = [g for part in everyone for g in part]
-        acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
-        stats["n"][task], stats["loss"][task] = int(counts[1]), counts[2].item() / max(1, counts[3].item())
-        rows += sorted(gens, key=lambda g: g["index"])
-        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
-    acc["avg"] = sum(acc.values()) / len(acc)
-    if rank == 0:
-        write_results(args, acc, None if config is None else paper_model(model.args), rows, stats, config,
-                      sum(p.numel() for p in model.parameters() if p.requires_grad) if config else 0)
-    return acc
-
-
-def write_results(args, acc, paper, rows, stats, config, trainable):
-    """eval.md (the table, beside the paper's numbers for its own models), eval.json, eval_generations.jsonl."""
-    out, method = Path(args.out), config and {"gift": "GIFT", "lora": "LoRA"}[config["method"]]
-    out.mkdir(parents=True, exist_ok=True)
-    label = f"{method} r={config['rank']}, {trainable:,} params" if config else "base model (zero-shot)"
-    ref = dict(zip(TASKS + ["avg"], PAPER[method][paper])) if paper else {}
-    stats["interval95"] = {task: wilson_interval(acc[task], n) for task, n in stats["n"].items()}
-    lines = [f"| task | {label}: accuracy % | 95% interval | n | held-out loss |" + (
-        f" paper ({paper}, {'GIFT_QV r=64' if method == 'GIFT' else 'LoRA r=32'}) |" if paper else ""),
-        "|---|---|---|---|---|" + ("---|" if paper else "")]
-    for task, a in acc.items():
-        lo, hi = stats["interval95"].get(task, ("", ""))
-        extra = f" {lo}-{hi} | {stats['n'][task]} | {stats['loss'][task]:.4f} |" if task in stats["n"] else " | | |"
-        lines.append(f"| {task} | {a:.1f} |{extra}" + (f" {ref[task]:.1f} |" if paper else ""))
-    print("\n".join(lines))
-    (out / "eval.md").write_text("\n".join(lines) + "\n")
-    protocol = {"template": args.template, "extract": args.extract, "max_new_tokens": args.max_new_tokens}
-    (out / "eval.json").write_text(json.dumps({"accuracy": acc, **stats, "paper": ref or None, "adapter": config,
-                                               "model": label, "trainable_params": trainable,
-                                               "protocol": protocol}, indent=2))
-    with open(out / "eval_generations.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # -----------------------------------------------------------------------------
@@ -356,29 +321,46 @@ def parse_args(argv=None):
     add_common_flags(p, targets=None, gift_rank="the preset's", lora_rank=32, lora_alpha=None, out="runs/llama",
                      precision=None)
     flag = {a.dest: a for a in p._actions}
+    flag["method"].default, flag["method"].help = None, "GIFT, or the LoRA baseline; None: the --protocol's"
     flag["targets"].help += "; Meta's (wq, attention.wq) or HF's (q_proj) names; None: the preset's (GIFT)"
     flag["lora_alpha"].help += "; None: 2 x rank"
     flag["adapter"].help += ", generated from with --generate"
     flag["precision"].choices.append("fp64")  # float64: the tests' exact comparisons of two code paths
-    m = p.add_argument_group("this script")
+    m = p.add_argument_group("this script (None: the --protocol's setting)")
+    m.add_argument("--protocol", default="paper", choices=PROTOCOLS, help="paper: the authors' run (GIFT; batch 32 "
+                   "= 8 x 4, 6 epochs, lr 2.5e-4, warmup 10%%, 512 tokens, their template, exact match); llm-adapters: "
+                   "LLM-Adapters' commonsense command, under which the paper's LoRA rows were trained (LoRA q,k,v,up,"
+                   "down r=32 alpha 64 without dropout, batch 16 = 4 x 4, 3 epochs, lr 3e-4, 100 warmup steps, 256 "
+                   "tokens, Alpaca template, loss on prompt and answer, first-match answers)")
+    m.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="run the recipe once per seed, into "
+                   "OUT/seed-SEED, then OUT/seeds.md: mean +- std per task over the seeds")
     m.add_argument("--model", help="Meta or HF checkpoint folder")
     m.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, or a folder holding one; None: the one in "
                    "--model (or --model/original)")
     m.add_argument("--data", help="folder with commonsense_170k.json and dataset/<task>/test.json")
+    m.add_argument("--any-base", action="store_true", help="apply --adapter to a model other than the one it was "
+                   "trained on (a merged model, other weights): refused without this flag")
     m.add_argument("--preset", default="qv", choices=PRESETS, help="GIFT's variant: qv: GIFT_QV, proj: GIFT_Proj, "
                    "qkvud: GIFT_QKVUD")
     m.add_argument("--adapter-precision", default="fp32", choices=["fp32", "bf16"], help="the adapter's weights "
                    "(Theta, or LoRA's A and B) and their AdamW state: fp32 master weights (ours), or bf16, the "
                    "authors' setting (the official runs kept Theta in bf16 beside the bf16 model, no autocast)")
-    m.add_argument("--epochs", type=int, default=6, help="passes over the training set")
-    m.add_argument("--batch-size", type=int, default=32, help="global: micro x accumulation x processes")
-    m.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward on each process")
-    m.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (AdamW)")
-    m.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    m.add_argument("--epochs", type=int, help="passes over the training set (paper 6, llm-adapters 3)")
+    m.add_argument("--batch-size", type=int, help="global: micro x accumulation x processes (32, 16)")
+    m.add_argument("--micro-batch-size", type=int, help="examples per forward on each process (8, 4)")
+    m.add_argument("--lr", type=float, help="peak learning rate (AdamW). paper: 2.5e-4, the example in the authors' "
+                   "README, not a value tuned in the paper (which states none, per preset or otherwise); "
+                   "llm-adapters: 3e-4")
+    m.add_argument("--warmup", type=float, help="warmup, a fraction of the steps (0.1, 0)")
+    m.add_argument("--warmup-steps", type=int, help="warmup in steps, instead of --warmup (none, 100)")
     m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     m.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (HF Trainer's default); 0: off")
-    m.add_argument("--max-len", type=int, default=512, help="training sequences are cut to this many tokens")
-    m.add_argument("--template", default="paper", choices=["paper", "alpaca"], help="prompt and target format")
+    m.add_argument("--max-len", type=int, help="training sequences are cut to this many tokens (512, 256)")
+    m.add_argument("--template", choices=["paper", "alpaca"], help="prompt and target format (paper, alpaca)")
+    m.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, help="the loss on the prompt too, "
+                   "not only on the answer (no, yes)")
+    m.add_argument("--group-by-length", action="store_true", help="batches of similar lengths (HF's option; not "
+                   "the authors'): less padding, faster steps; default: random batches, as the authors' run")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     m.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model over the "
                    "processes (FSDP2) instead of a whole copy on each (DDP), for a model larger than one GPU")
@@ -386,17 +368,24 @@ def parse_args(argv=None):
     m.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
     m.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
                    "paper's eight or your own (answers answerK, optionK, solutionK, endingK or true/false)")
-    m.add_argument("--extract", default="paper", choices=["paper", "first_match"],
-                   help="how the answer is read from a generation")
+    m.add_argument("--extract", choices=["paper", "first_match"], help="how the answer is read from a generation: "
+                   "the text after 'the correct answer is ', or the first answer word anywhere (paper, first_match)")
     m.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
     m.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     m.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
     m.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
+    p.set_defaults(cache=None)  # --seeds: the seeds' runs share OUT/cache
     args = p.parse_args(argv)
+    protocol = PROTOCOLS[args.protocol]
+    given = {k for k in protocol if getattr(args, k) is not None}
+    for k, v in protocol.items():  # the protocol's settings, where no flag gave one
+        setattr(args, k, v if k not in given else getattr(args, k))
+    if "warmup" in given and "warmup_steps" not in given:
+        args.warmup_steps = None
     # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
     check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
                         "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
-                        "clip": 0, "weight_decay": 0})
+                        "warmup_steps": 0, "clip": 0, "weight_decay": 0})
     for name, value in (("lr", args.lr), ("lora-alpha", args.lora_alpha)):
         if value is not None and value <= 0:
             raise UserError(f"--{name} {value}: must be greater than 0")
@@ -427,14 +416,20 @@ def parse_args(argv=None):
                         f"sliding-window attention is not implemented; pass --max-len {window} or less")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise UserError("--fsdp shards the model over processes: start it with torchrun --nproc_per_node=2 or more")
+    if args.seeds and (args.eval_only or args.generate or args.merge):
+        raise UserError("--seeds trains once per seed: not with --eval-only, --generate or --merge")
     return args
 
 
-def check_inputs(args):
+def check_inputs(args, tok):
     """The files the command line names, checked before anything is loaded: each mistake is one line."""
     model = Path(args.model)
     if not ((model / "params.json").is_file() or (model / "config.json").is_file()):
         raise UserError(f"--model {model}: no params.json (Meta) or config.json (HF) in it; give a checkpoint folder")
+    # the tokenizer against the embedding's size in the files, before the training set is tokenized; an HF folder
+    # may pad its embedding past its tokenizer.json (Qwen2: 151936 rows, 151665 ids); Meta's never do
+    if tok:
+        check_vocab(tok, read_args(model).vocab_size, args.model, allow_padding=tok.path.endswith(".json"))
     if args.adapter:  # its settings replace --method, --targets, --rank, --share, --lora-alpha (training goes on)
         config = check_adapter_fits(args.adapter, args.model)
         args.method, args.targets, args.rank = config["method"], config["targets"], config["rank"]
@@ -444,18 +439,34 @@ def check_inputs(args):
     if not args.eval_only and not (Path(args.data) / "commonsense_170k.json").is_file():
         raise UserError(f"--data {args.data}: no commonsense_170k.json in it (the LLM-Adapters layout: "
                         f"DATA/commonsense_170k.json and DATA/dataset/<task>/test.json)")
-    for task in [] if args.no_eval or args.stop_after else args.tasks:
-        path = Path(args.data) / "dataset" / task / "test.json"
-        if not path.is_file():
-            found = sorted(p.parent.name for p in (Path(args.data) / "dataset").glob("*/test.json"))
-            raise UserError(f"--tasks {task}: there is no {path} (the tasks in {args.data}: "
-                            f"{', '.join(found) or 'none'})")
-        try:  # a malformed record or an answer form the evaluation cannot read: before hours of training
-            records, _ = read_test_set(args.data, task, args.template)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if not records:  # 0% of nothing would pull the average down
-            raise UserError(f"{path}: no records; leave {task} out of --tasks")
+    check_tasks(args.data, [] if args.no_eval or args.stop_after else args.tasks, args.template)
+    used = [n for n in EVAL_FILES if (Path(args.out) / n).exists()]
+    if args.eval_only and used and not args.overwrite:  # never replace another evaluation's files
+        raise UserError(f"--out {args.out} holds an evaluation ({', '.join(used)}): choose another --out for this "
+                        f"one, or add --overwrite to replace it")
+
+
+def run_recipe(args, tok, rank, world, device):
+    """One run in --out: train (unless --eval-only or --generate), then evaluate; the accuracies, or None."""
+    dtype, run = precision_dtype(args.precision, device), None
+    if rank == 0 and args.eval_only:  # evaluation writes to --out
+        lock_out(args.out)
+    if not (args.generate or args.eval_only):  # a used --out, a changed setting, a malformed record: before loading
+        run = start_run(args, dtype, tok, rank)
+        train_data(args, tok, rank)
+    model, config = load_model(args, dtype)
+    if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
+        fsdp_shard(model, device, model.gift)
+    else:
+        model.to(device)
+    print0(f"{args.model}: {model.args}\nadapter {config or 'none (the base model)'}: {parameter_summary(model)}")
+    if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
+        ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
+                       tok.stop_ids)
+        print0(args.generate + tok.decode(ids[0]))
+    elif (run is None or train(args, run, model, tok, rank, world, device)) and not args.no_eval:
+        return evaluate(args, model, tok, rank, world, config)  # not after --stop-after or Ctrl-C
+    return None
 
 
 @cli
@@ -464,33 +475,22 @@ def main(argv=None):
     if args.demo:
         return demo(args)
     rank, world, _, device = setup_distributed(args.device)
-    check_inputs(args)
+    tok = None if args.merge else find_tokenizer(args.model, args.tokenizer)
+    check_inputs(args, tok)
     if args.merge:  # on the CPU
         if rank == 0:
             merge(args)
         return close_distributed()
-    dtype, tok = precision_dtype(args.precision, device), find_tokenizer(args.model, args.tokenizer)
-    run = None
-    if rank == 0 and args.eval_only:  # evaluation writes to --out
-        lock_out(args.out)
-    if not (args.generate or args.eval_only):  # a used --out, a changed setting, a malformed record: before loading
-        run = start_run(args, dtype, tok, rank)
-        train_data(args, tok, rank)
-    model, config = load_model(args, dtype)
-    # an HF folder may pad its embedding past its tokenizer.json (Qwen2: 151936 rows, 151665 ids); Meta's never do
-    check_vocab(tok, model.args.vocab_size, args.model, allow_padding=tok.path.endswith(".json"))
-    if args.fsdp:  # fully_shard moves only this rank's shard to the GPU
-        fsdp_shard(model, device, model.gift)
-    else:
-        model.to(device)
-    print0(f"{args.model}: {model.args}\nadapter {config or 'none (the base model)'}: {parameter_summary(model)}")
-    result = None
-    if args.generate:  # under --fsdp every rank generates: each forward gathers weights from all
-        ids = generate(model.eval(), [tok.encode(args.generate, tok.add_bos, eos=False)], args.max_new_tokens,
-                       tok.stop_ids)
-        print0(args.generate + tok.decode(ids[0]))
-    elif (run is None or train(args, run, model, tok, rank, world, device)) and not args.no_eval:
-        result = evaluate(args, model, tok, rank, world, config)  # not after --stop-after or Ctrl-C
+    result = None if args.seeds else run_recipe(args, tok, rank, world, device)
+    if args.seeds:  # each seed's run in OUT/seed-N (the model read again for each: mapped files, no copy kept)
+        outs = [Path(args.out) / f"seed-{s}" for s in args.seeds]
+        for seed, out in zip(args.seeds, outs):
+            one = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out), "cache": Path(args.out) / "cache"})
+            if run_recipe(one, tok, rank, world, device) is None:  # stopped (or --no-eval): no table
+                break
+        else:
+            if rank == 0 and not args.no_eval:
+                result = seed_table(args.out, args.seeds, [json.loads((o / "eval.json").read_text()) for o in outs])
     close_distributed()
     return result
 
