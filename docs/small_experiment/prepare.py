@@ -33,7 +33,8 @@ writes
                                  where "search_screening_event" is 6 tokens and "book_restaurant" splits the word).
       color_rgb                  BIG-bench's color/rgb (1,000 "rgb(128, 2, 198)" -> one of 10 colour names).
       colored_objects            reasoning_about_colored_objects (2,000; colours, counts as words, yes/no).
-      multiemo_en                multiemo/all_sentence_en, a random 1,000 of 57,466 (4 sentiments).
+      multiemo_en                multiemo/all_sentence_en, a random 1,000 of 57,466 English sentences (positive,
+                                 negative, neutral, ambivalent): the study's third task.
       social_iqa                 social_iqa (1,954 questions, 3 answers as answer1..answer3): the first task
                                  tried (GIFT stayed at chance on it).
 
@@ -68,6 +69,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +256,7 @@ TASKS = {"intent_recognition": ("intent_recognition", intent_records, None),
          "colored_objects": ("reasoning_about_colored_objects",
                              lambda t: word_records(t, "reasoning_about_colored_objects", words_only=True), None),
          "multiemo_en": ("multiemo/all_sentence_en", lambda t: word_records(t, "multiemo/all_sentence_en"), 1000)}
-STUDY = ["intent_recognition", "intent_recognition_words", "color_rgb"]  # the tasks of the fair comparison
+STUDY = ["intent_recognition", "intent_recognition_words", "multiemo_en"]  # the tasks of the fair comparison
 
 
 def read_tasks(bigbench: Path, folders):
@@ -313,9 +315,12 @@ def write_tasks(bigbench: Path, names, out: Path):
 
 
 def zero_shot(model_dir: Path, out: Path, names, limit, max_new_tokens=12, batch=16):
-    """The base model's greedy accuracy on the first `limit` validation records of each task, with the target
-    prefix given (prompt = instruction + "\n" + TRIGGER, as train_llama.py's paper template): it measures what
-    the model knows, not whether it guesses the format (without the prefix it scores 0% on intent_recognition)."""
+    """The base model on the first `limit` validation records of each task, prompt = instruction + "\n" +
+    "the correct answer is" (train_llama.py's paper template, the target prefix given), two ways:
+    greedy: the generation's prediction matches the answer (normalise); it also tests the format: this model
+            continues with ":" and a new line on most records, whatever it knows;
+    option likelihood: the option of the record's "Answer format:" line with the highest log-probability (summed
+            over its tokens) after the prefix is the answer; what the model knows, whatever its format."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(1)  # a probe beside other work: one core
@@ -323,18 +328,30 @@ def zero_shot(model_dir: Path, out: Path, names, limit, max_new_tokens=12, batch
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name in names:
         records = json.loads((out / name / "dataset" / f"{name}_val" / "test.json").read_text())[:limit]
-        correct = 0
+        # the prefix without its last space: a lone space token is not how "is red" tokenises in training
+        prompts = [r["instruction"] + "\n" + TRIGGER.rstrip() for r in records]
+        greedy = likely = 0
         for k in range(0, len(records), batch):
-            chunk = records[k:k + batch]
-            # the prefix without its last space: a lone space token is not how "is red" tokenises in training
-            enc = tok([r["instruction"] + "\n" + TRIGGER.rstrip() for r in chunk], return_tensors="pt", padding=True)
+            enc = tok(prompts[k:k + batch], return_tensors="pt", padding=True)
             with torch.no_grad():
                 new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
-            for r, text in zip(chunk, tok.batch_decode(new, skip_special_tokens=True)):
-                correct += prediction(TRIGGER.rstrip() + text) == normalise(r["answer"])
-        print(f"zero-shot {name}_val: {100 * correct / len(records):.1f}% of {len(records)} (greedy, target prefix "
-              f"given, {max_new_tokens} new tokens)")
+            for r, text in zip(records[k:k + batch], tok.batch_decode(new, skip_special_tokens=True)):
+                greedy += prediction(TRIGGER.rstrip() + text) == normalise(r["answer"])
+        for r, prompt in zip(records, prompts):
+            options = r["instruction"].rsplit("Answer format: ", 1)[1].split("/")
+            enc = tok([f"{prompt} {o}" for o in options], return_tensors="pt", padding=True)
+            n_prompt = len(tok(prompt)["input_ids"])
+            with torch.no_grad():
+                logp = model(**enc).logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+            # left padding: each option's own tokens are its last (length - n_prompt) positions
+            scores = [logp[i, logp.shape[1] - (int(m.sum()) - n_prompt):].sum() for i, m in
+                      enumerate(enc["attention_mask"])]
+            likely += options[int(torch.stack(scores).argmax())] == r["answer"]
+        majority = max(Counter(r["answer"] for r in records).values())
+        print(f"zero-shot {name}_val, {len(records)} records: greedy {100 * greedy / len(records):.1f}%, option "
+              f"likelihood {100 * likely / len(records):.1f}% (the most frequent answer: "
+              f"{100 * majority / len(records):.1f}%)")
 
 
 def main(argv=None):
