@@ -349,6 +349,8 @@ def load_text_tokenizer(folder, config: EncoderConfig):
     path = Path(folder) / "tokenizer.json"
     try:
         tok = load_tokenizer(path)
+    except UserError:  # tokenizer.py's own one line names the file and the field
+        raise
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the tokenizer {path}: {e}") from None
     bad = [f"{n} {i}" for n in ("bos_id", "eos_id", "pad_id") if (i := getattr(tok, n, None)) is not None

@@ -587,6 +587,8 @@ def find_tokenizer(model_path, tokenizer=None):
             raise UserError(f"no tokenizer.json or tokenizer.model in {d} (or its original/): pass --tokenizer")
     try:
         tok = load_tokenizer(found[0])
+    except UserError:  # tokenizer.py's own one line names the file and the field
+        raise
     except (ValueError, OSError) as e:  # the readers' errors for a malformed file, which name it
         raise UserError(f"cannot read the tokenizer {found[0]}: {e}") from None
     if tok.eos_id is None:  # training ends every example with it

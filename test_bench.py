@@ -89,3 +89,13 @@ def test_bench_file_size_is_torch_save_size():
     buf = io.BytesIO()
     torch.save(state, buf)
     assert file_size(state) == len(buf.getvalue())
+
+
+def test_bench_lora_is_the_scripts_lora():
+    """bench.py measures the LoRA baselines the scripts train: their ranks and alphas, read from the scripts."""
+    import train_llama
+    import train_vit
+    vit = train_vit.parse_args(["--demo", "--method", "lora"])
+    llama = train_llama.parse_args(["--demo", "--method", "lora"])
+    assert (vit.rank, vit.lora_alpha) == (8, 1.0)
+    assert (llama.rank, llama.lora_alpha) == (32, 64.0)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fileio import write_safetensors
-from train_llama import wilson_interval
+from commonsense import wilson_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "docs" / "small_experiment"))
 import curves  # noqa: E402

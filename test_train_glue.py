@@ -531,7 +531,7 @@ FAULTS = [
     ("config_eps_string", r"config.json: field 'layer_norm_eps' is '1e-5' \(str\), expected a number > 0"),
     ("config_pad_outside", r"config.json: field 'pad_token_id' is 430 \(int\), expected an integer >= 0 < 430"),
     ("config_act_unknown", r"config.json: field 'hidden_act' is 'swish' \(str\), expected one of \['gelu', "),
-    ("tokenizer_special_id", r"tokenizer.json: added token '</s>' has id"),  # tokenizer.py's reader or ours
+    ("tokenizer_special_id", r'tokenizer.json: added_tokens\[2\].id is "2"; expected a token id'),  # tokenizer.py: the field
     ("adapter_meta_list", r"adapter.safetensors: its metadata config is not a JSON object"),
     ("adapter_rank_string", r"adapter.safetensors \(its run config\): field 'rank' is '32' \(str\), expected an "
                             r"integer >= 1"),
