@@ -148,6 +148,12 @@ def fused_adamw(params, **kwargs):
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
+def compile_model(model):
+    """--compile: torch.compile(model). GIFT_COMPILE_BACKEND picks another backend, e.g. aot_eager, which needs no
+    C++ compiler (the CPU tests use it)."""
+    return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
+
+
 def close_distributed():
     """Leaves the process group (if any) once every rank got here: nobody tears it down while another rank still
     talks (gloo aborts). Free DDP wrappers before: their Reducer holds the group."""

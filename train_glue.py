@@ -45,7 +45,7 @@ from gift import add_gift, parameter_summary
 from glue_data import PAPER, TASKS, load_splits, make_demo, preset, score, table
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
     base_identity, check_adapter_base, check_finite, check_new_output, check_ranges, cli, close_distributed, \
-    fused_adamw, load_adapter_state_dict, merge_adapter, print0, progress, setup_distributed
+    compile_model, fused_adamw, load_adapter_state_dict, merge_adapter, print0, progress, setup_distributed
 from lora import add_lora
 
 
@@ -162,10 +162,6 @@ def train(args):
     if rank == 0:
         write_results(args, model, history)
     return history
-
-
-def compile_model(model):  # --compile; GIFT_COMPILE_BACKEND picks another backend (the CPU test: aot_eager)
-    return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
 
 
 def autocast(args, device):  # --precision bf16: autocast (the adapter and head keep fp32 weights); else a no-op

@@ -47,7 +47,7 @@ from fileio import UserError, atomic_write, fingerprint, read_json, read_safeten
 from gift import add_gift, parameter_summary
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
     base_identity, check_adapter_base, check_new_output, check_ranges, check_vocab, cli, close_distributed, \
-    fused_adamw, load_adapter_state_dict, lock_out, merge_adapter, print0, progress, setup_distributed
+    compile_model, fused_adamw, load_adapter_state_dict, lock_out, merge_adapter, print0, progress, setup_distributed
 from llama import Transformer, field, find_tokenizer, fsdp_shard, generate, layer_names, load_llama, read_args, \
     save_meta, sliding_window
 from lora import add_lora
@@ -188,7 +188,7 @@ def train(args, run, model, tok, rank, world, device) -> bool:
     if world > 1 and not args.fsdp:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
-    forward = torch.compile(ddp, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor")) if args.compile else ddp
+    forward = compile_model(ddp) if args.compile else ddp
     model.train()
     pad = padding_fraction(lengths, global_batches(lengths, args.batch_size, args.seed, 0, args.group_by_length),
                            args.micro_batch_size)

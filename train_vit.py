@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from fileio import UserError, atomic_write, fingerprint, write_safetensors
 from gift import add_gift, cluster_head, gift_layers, parameter_summary
 from harness import HelpFormatter, Run, adapter_state_dict, add_adapter, add_common_flags, base_identity, \
-    check_adapter_base, check_new_output, check_ranges, cli, close_distributed, fused_adamw, load_adapter_state_dict, \
-    merge_adapter, print0, progress, setup_distributed
+    check_adapter_base, check_new_output, check_ranges, cli, close_distributed, compile_model, fused_adamw, \
+    load_adapter_state_dict, merge_adapter, print0, progress, setup_distributed
 from images import ImageDataset, check_labels, cluster_figure, demo_images, loader, read_split, read_splits, \
     split_id, vtab_table, vtab_task
 from lora import add_lora
@@ -130,7 +130,7 @@ def train(args):
     # hook fires once per step, and the frozen backbone is not synchronised at all
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None)
-    net = compiled(ddp) if args.compile else ddp
+    net = compile_model(ddp) if args.compile else ddp
     autocast, stopped = autocast_for(args, device), False
     with run.catch_signals():
         print0(f"training: {total} steps ({args.epochs} epochs of {steps}), from step {step}")
@@ -194,10 +194,6 @@ def train(args):
             draw(model, test_set, args, args.method, os.path.join(args.out, "cluster_maps"))
     close_distributed()
     return model
-
-
-def compiled(model):  # GIFT_COMPILE_BACKEND: e.g. aot_eager, which needs no C++ compiler (the tests use it)
-    return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
 
 
 def cosine_lr(t, lr, total, warmup, warmup_lr, min_lr):
@@ -282,7 +278,7 @@ def eval_only(args):
     test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
     batches = loader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
                      max(1, args.batch_size // world), args.workers, device)
-    top1 = evaluate(compiled(model) if args.compile else model, batches, device, autocast_for(args, device))
+    top1 = evaluate(compile_model(model) if args.compile else model, batches, device, autocast_for(args, device))
     print0(f"{label} on {args.test}: top-1 {top1:.2f}% of {len(test_set)} images" + (
         f"; stored in the adapter: {stored:.2f}%" if stored is not None else "; stored in the adapter: none"
         if args.adapter else ""))
