@@ -4,13 +4,16 @@ the test sets and how an answer is read from a generation, the evaluation and it
 seeds), the paper's numbers with their sources, and the demo's synthetic data and model.
 
 DATA/commonsense_170k.json (train) and DATA/dataset/<task>/test.json: JSON lists of records with "instruction",
-"answer" (and "input", "output" for the alpaca template).
+"answer" (and "input", "output" for the alpaca template). A folder whose answers are words or phrases ("get
+weather") has DATA/answers.json: {"answers": [the allowed answers], "list_in_prompt": true or false}; its answers
+are compared after normalise(), and list_in_prompt appends "Answer format: a/b/c" to every instruction.
 """
 import hashlib
 import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +80,31 @@ def read_records(path, required, answers=False):
     return records
 
 
+def read_answers(data):
+    """DATA/answers.json checked: None if there is none, else {"answers": [normalised, distinct], "list_in_prompt"}."""
+    path = Path(data) / "answers.json"
+    if not path.is_file():
+        return None
+    spec = read_json(path)
+    answers = spec.get("answers") if isinstance(spec, dict) else None
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) and normalise(a) for a in answers)):
+        raise UserError(f"{path}: \"answers\" is {str(answers)[:100]!r}, expected a list of non-empty strings")
+    if len({normalise(a) for a in answers}) != len(answers):
+        raise UserError(f"{path}: two answers are the same after normalisation (lower case, blanks, trailing "
+                        f"punctuation): {answers}")
+    if not isinstance(spec.get("list_in_prompt", False), bool):
+        raise UserError(f"{path}: \"list_in_prompt\" is {spec['list_in_prompt']!r}, expected true or false")
+    return {"answers": answers, "list_in_prompt": spec.get("list_in_prompt", False)}
+
+
+def with_answer_list(records, answers):
+    """The records with "Answer format: a/b/c" after each instruction, when answers.json asks for it."""
+    if not (answers and answers["list_in_prompt"]):
+        return records
+    listed = "\n\nAnswer format: " + "/".join(answers["answers"])
+    return [{**r, "instruction": r["instruction"] + listed} for r in records]
+
+
 def prompt_of(record, template):
     if template == "paper":  # LoReFT's commonsense prompt: the instruction and a newline
         return record["instruction"] + "\n"
@@ -99,13 +127,14 @@ def tokenize_train(tok, path, template, max_len, cache_dir, rank):
     """[(ids, n_prompt)] of every training example (example_ids) of the file path, cached in cache_dir by the
     file's and the tokenizer's identity; under torchrun rank 0 writes the cache, the others wait for it."""
     path = Path(path)
+    answers = read_answers(path.parent)
     stats = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (path, tok.path)]
-    key = json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id])
+    key = json.dumps([stats, template, max_len, tok.add_bos, tok.eos_id, answers])
     cache = Path(cache_dir) / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if rank == 0 and not cache.exists():
         required = ["instruction", "answer"] if template == "paper" else ["instruction", "output"]
         ids, offsets, n_prompt = [], [0], []
-        for r in progress(read_records(path, required), desc=f"tokenizing {path.name}"):
+        for r in progress(with_answer_list(read_records(path, required), answers), desc=f"tokenizing {path.name}"):
             seq, n = example_ids(tok, r, template, max_len)
             ids += seq
             offsets.append(len(ids))
@@ -183,11 +212,19 @@ def read_test_set(data, task, template="paper"):
     """(records, answer words) of DATA/dataset/<task>/test.json, each record with the fields the template's
     target needs (the held-out loss is on it). The answer words (a regex, for --extract first_match) of the
     paper's eight tasks are LLM-Adapters'; another task's follow from its gold answers, which must all be of
-    one form of ANSWER_FORMS."""
+    one form of ANSWER_FORMS, or be among DATA/answers.json's (then the words are that list)."""
     path = Path(data) / "dataset" / task / "test.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (--tasks names folders of DATA/dataset)")
     records = read_records(path, ["instruction", "answer"] + (["output"] if template == "alpaca" else []), True)
+    spec = read_answers(data)
+    if spec and task not in TASKS:
+        allowed = {normalise(a) for a in spec["answers"]}
+        odd = [i for i, r in enumerate(records) if normalise(r["answer"]) not in allowed]
+        if odd:
+            raise UserError(f"{path}: record {odd[0]}'s answer {records[odd[0]]['answer']!r} is not one of "
+                            f"{Path(data) / 'answers.json'}'s answers ({', '.join(spec['answers'][:10])})")
+        return with_answer_list(records, spec), tuple(spec["answers"])
     if task in TASKS:  # an answer outside the task's words (True, answer 1) would be scored wrong, silently
         words = ANSWER_WORDS.get(task, "answer1|answer2|answer3|answer4|answer5")
         odd = [i for i, r in enumerate(records) if not re.fullmatch(words, r["answer"].strip())]
@@ -216,12 +253,31 @@ def check_tasks(data, tasks, template):
             raise UserError(f"{path}: no records; leave {task} out of --tasks")
 
 
+def normalise(text):
+    """How answers of an answers.json folder are compared: lower case, every run of blanks one space, no trailing
+    .,;:!? ("Get  Weather." is "get weather"). Nothing else is rewritten: "get_weather" is not "get weather"."""
+    return " ".join(text.lower().split()).rstrip(".,;:!? ")
+
+
 def extract(text, how, words):
+    """The answer a generation gives. words: the task's answer regex, or (answers.json) its tuple of answers."""
+    if isinstance(words, tuple):  # answer words: the first line after the trigger (all of it without one)
+        if how == "paper":
+            _, found, rest = text.partition(TRIGGER)
+            return normalise((rest if found else text).split("\n")[0])
+        words = "|".join(re.escape(normalise(a)) for a in sorted(words, key=len, reverse=True))
+        found = re.findall(rf"\b(?:{words})\b", normalise(text))
+        return found[0] if found else ""
     if how == "paper":  # LoReFT: what follows the first "the correct answer is ", stripped
         i = text.find(TRIGGER)
         return text[i + len(TRIGGER):].strip() if i >= 0 else ""
     found = re.findall(words, text)
     return found[0] if found else ""  # LLM-Adapters: the first answer word anywhere in the generation
+
+
+def is_correct(prediction, answer, words):
+    """An extracted prediction against the gold answer: exact, after normalise() for answers.json tasks."""
+    return prediction == (normalise(answer) if isinstance(words, tuple) else answer.strip())
 
 
 def paper_model(a: ModelArgs):
@@ -274,45 +330,74 @@ def adapter_label(config) -> str:
 
 
 @torch.no_grad()
+def score_task(args, model, tok, task, limit, part, parts):
+    """Greedy generations for the first `limit` examples of a test set (every parts-th from part; under torchrun
+    the counts are summed over the ranks): (counts [correct, n, summed target loss, target tokens], generations
+    of every rank). The loss is the held-out cross-entropy per target token, as in training."""
+    records, words = read_test_set(args.data, task, args.template)
+    records = records[:limit or None]
+    mine = list(range(part, len(records), parts))
+    prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
+    order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
+    correct, gens, loss, n_tokens = 0, [], 0.0, 0
+    for k in progress(range(0, len(order), args.eval_batch_size), desc=task,
+                      disable=dist.is_initialized() and dist.get_rank() != 0):
+        idx = order[k:k + args.eval_batch_size]
+        for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
+            text = tok.decode(ids)
+            pred = extract(text, args.extract, words)
+            correct += is_correct(pred, records[i]["answer"], words)
+            gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
+                         "answer": records[i]["answer"]})
+        x, y = collate([example_ids(tok, records[i], args.template, args.max_len) for i in idx],
+                       model.tok_embeddings.weight.device)
+        loss += model(x, y).item()
+        n_tokens += (y != -100).sum().item()
+    counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
+    if parts > 1:
+        dist.all_reduce(counts)
+        everyone = [None] * parts
+        dist.all_gather_object(everyone, gens)
+        gens = [g for part in everyone for g in part]
+    return counts.tolist(), sorted(gens, key=lambda g: g["index"])
+
+
+def eval_parts(args, rank, world):
+    # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
+    # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
+    return (0, 1) if args.fsdp else (rank, world)
+
+
+@torch.no_grad()
+def validate(args, model, tok, rank, world, step) -> dict:
+    """--eval-every's record for log.jsonl: the first of --tasks (the validation split), its first --val-limit
+    examples (None: --eval-limit's, or all), accuracy % and held-out loss; the model is left in training mode."""
+    t0, was_training = time.time(), model.training
+    model.eval()
+    (correct, n, loss, n_tokens), _ = score_task(args, model, tok, args.tasks[0], args.val_limit or args.eval_limit,
+                                                 *eval_parts(args, rank, world))
+    model.train(was_training)
+    record = {"step": step, "val_task": args.tasks[0], "val_accuracy": round(100 * correct / max(1, n), 2),
+              "val_loss": round(loss / max(1, n_tokens), 5), "val_n": int(n), "val_seconds": round(time.time() - t0, 2)}
+    print0(f"step {step}: {args.tasks[0]} {record['val_accuracy']:.1f}% of {int(n)}, loss {record['val_loss']}")
+    return record
+
+
+@torch.no_grad()
 def evaluate(args, model, tok, rank, world, config):
     """Accuracy (%) per task; each rank generates for every world-th example. Also the held-out loss: the mean
     cross-entropy per target token, as in training. Writes eval.json, eval.md and eval_generations.jsonl to
     --out on rank 0. config: the adapter's run config, None for the base model (zero-shot)."""
     model.eval()
     acc, rows, stats = {}, [], {"n": {}, "correct": {}, "loss": {}}
-    # Under FSDP every forward gathers the blocks' weights from all ranks, so the ranks must run the same
-    # batches in lockstep: each generates every example (no speed-up), rank 0 writes.
-    part, parts = (0, 1) if args.fsdp else (rank, world)
     for task in args.tasks:
-        records, words = read_test_set(args.data, task, args.template)
-        records = records[:args.eval_limit or None]
-        mine = list(range(part, len(records), parts))
-        prompts = {i: tok.encode(prompt_of(records[i], args.template), tok.add_bos, eos=False) for i in mine}
-        order = sorted(mine, key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-        correct, gens, loss, n_tokens = 0, [], 0.0, 0
-        for k in progress(range(0, len(order), args.eval_batch_size), desc=task, disable=rank != 0):
-            idx = order[k:k + args.eval_batch_size]
-            for i, ids in zip(idx, generate(model, [prompts[i] for i in idx], args.max_new_tokens, tok.stop_ids)):
-                text = tok.decode(ids)
-                pred = extract(text, args.extract, words)
-                correct += pred == records[i]["answer"].strip()
-                gens.append({"task": task, "index": i, "generation": text, "prediction": pred,
-                             "answer": records[i]["answer"]})
-            x, y = collate([example_ids(tok, records[i], args.template, args.max_len) for i in idx],
-                           model.tok_embeddings.weight.device)
-            loss += model(x, y).item()
-            n_tokens += (y != -100).sum().item()
-        counts = torch.tensor([correct, len(mine), loss, n_tokens], dtype=torch.float64)
-        if parts > 1:
-            dist.all_reduce(counts)
-            everyone = [None] * world
-            dist.all_gather_object(everyone, gens)
-            gens = [g for part in everyone for g in part]
-        acc[task] = 100 * counts[0].item() / max(1, counts[1].item())
-        stats["n"][task], stats["correct"][task] = int(counts[1]), int(counts[0])
-        stats["loss"][task] = counts[2].item() / max(1, counts[3].item())
-        rows += sorted(gens, key=lambda g: g["index"])
-        print0(f"{task}: {acc[task]:.1f}% of {int(counts[1])}, held-out loss {stats['loss'][task]:.4f}")
+        (correct, n, loss, n_tokens), gens = score_task(args, model, tok, task, args.eval_limit,
+                                                        *eval_parts(args, rank, world))
+        acc[task] = 100 * correct / max(1, n)
+        stats["n"][task], stats["correct"][task] = int(n), int(correct)
+        stats["loss"][task] = loss / max(1, n_tokens)
+        rows += gens
+        print0(f"{task}: {acc[task]:.1f}% of {int(n)}, held-out loss {stats['loss'][task]:.4f}")
     acc["avg"] = sum(acc.values()) / len(acc)
     if rank == 0:
         write_results(args, acc, None if config is None else paper_model(model.args), rows, stats, config,

@@ -86,3 +86,54 @@ def test_commonsense_seed_table(tmp_path):
     assert f"| boolq | 70.0% +- 10.0% | {rows['boolq']['pooled_interval95'][0]}-" in table and "| 60.0% |" in table
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [1, 2, 3]
     assert math.isclose(rows["avg"]["mean"], 70.0)
+
+
+def _answer_folder(tmp_path, answers, records, list_in_prompt=False):
+    (tmp_path / "dataset" / "intents").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "dataset" / "intents" / "test.json").write_text(json.dumps(records))
+    (tmp_path / "answers.json").write_text(json.dumps({"answers": answers, "list_in_prompt": list_in_prompt}))
+    return tmp_path
+
+
+def test_commonsense_answer_words_are_compared_normalised(tmp_path):
+    """Issue 20: a folder with answers.json takes words as answers; the prediction is the first line after the
+    trigger (all of the first line without one), compared after normalise() (case, blanks, trailing punctuation),
+    nothing else rewritten; list_in_prompt appends the allowed answers to every instruction."""
+    recs = [{"instruction": "Wake me up", "answer": "set alarm"}, {"instruction": "Rain?", "answer": "Get Weather"}]
+    data = _answer_folder(tmp_path, ["get weather", "set alarm"], recs, list_in_prompt=True)
+    records, words = cs.read_test_set(data, "intents")
+    assert words == ("get weather", "set alarm")
+    assert records[0]["instruction"] == "Wake me up\n\nAnswer format: get weather/set alarm"
+    assert cs.extract("the correct answer is Get  weather.\nBecause it rains", "paper", words) == "get weather"
+    assert cs.extract("so the correct answer is set alarm!", "paper", words) == "set alarm"
+    assert cs.extract("Set alarm", "paper", words) == "set alarm"  # no trigger: the first line
+    assert cs.extract("get_weather", "paper", words) == "get_weather"  # underscores stay: wrong, not rewritten
+    assert cs.extract("I would say set alarm, or get weather", "first_match", words) == "set alarm"
+    assert cs.extract("set alarms", "first_match", words) == ""  # whole words only
+    assert cs.is_correct("get weather", records[1]["answer"], words)
+    assert not cs.is_correct("get weather", "set alarm", words)
+    assert cs.is_correct("answer2", " answer2", "answer[1-9]") and not cs.is_correct("Answer2", "answer2", "answer[1-9]")
+    assert cs.normalise("  Play\tMusic ?! ") == "play music" and cs.normalise("3.5") == "3.5"
+    _answer_folder(tmp_path, ["get weather", "set alarm"], recs)  # list_in_prompt false: the prompt as written
+    assert cs.read_test_set(data, "intents")[0][0]["instruction"] == "Wake me up"
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"answers": "yes/no"}, r"answers.json: \"answers\" is 'yes/no', expected a list of non-empty strings"),
+    ({"answers": ["yes", " "]}, r"expected a list of non-empty strings"),
+    ({"answers": ["Yes", "yes."]}, r"two answers are the same after normalisation"),
+    ({"answers": ["yes", "no"], "list_in_prompt": "yes"}, r"\"list_in_prompt\" is 'yes', expected true or false"),
+    ([1], r"answers.json: \"answers\" is 'None'")])
+def test_commonsense_answers_json_is_checked(tmp_path, spec, match):
+    _answer_folder(tmp_path, [], [{"instruction": "x", "answer": "yes"}])
+    (tmp_path / "answers.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=match):
+        cs.read_test_set(tmp_path, "intents")
+
+
+def test_commonsense_gold_answer_outside_answers_json_is_refused(tmp_path):
+    data = _answer_folder(tmp_path, ["get weather"], [{"instruction": "x", "answer": "get weather"},
+                                                      {"instruction": "y", "answer": "play music"}])
+    with pytest.raises(UserError, match=r"intents.test.json: record 1's answer 'play music' is not one of "
+                                         r".*answers.json's answers \(get weather\)"):
+        cs.check_tasks(data, ["intents"], "paper")

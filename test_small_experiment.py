@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fileio import write_safetensors
-from commonsense import wilson_interval
+from commonsense import extract, normalise, wilson_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "docs" / "small_experiment"))
 import curves  # noqa: E402
@@ -171,3 +171,8 @@ def test_prepare_normalise_and_prediction():
     assert prepare.prediction("the correct answer is Book Restaurant.\nBecause ...") == "book restaurant"
     assert prepare.prediction("I think the correct answer is get weather") == "get weather"
     assert prepare.prediction("Get weather.") == "get weather"  # no prefix: the first line
+    for text in ["  Get\tWeather .\n", "rate_book", "3.5", "the correct answer is Book Restaurant.\nBecause ...",
+                 "I think the correct answer is get weather", "Get weather.", "a\nthe correct answer is b"]:
+        # prepare.py's rule (its docstring) and train_llama.py's evaluation (commonsense.py) are the same rule
+        assert prepare.normalise(text) == normalise(text), text
+        assert prepare.prediction(text) == extract(text, "paper", ("get weather",)), text

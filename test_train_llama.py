@@ -61,7 +61,8 @@ def test_llama_resume_equals_uninterrupted(tmp_path, _llama_demo, capsys, monkey
     (config_a, a), (config_b, b) = _llama_adapter(tmp_path / "a"), _llama_adapter(tmp_path / "b")
     assert config_a == config_b == {"script": "train_llama.py", "method": "gift", "rank": 8, "share": "type",
                                     "targets": ["attention.wq", "attention.wv"], "model": str(model_dir),
-                                    "base": config_a["base"]} and re.fullmatch("[0-9a-f]{16}", config_a["base"])
+                                    "base": config_a["base"], "lr": 1e-2, "seed": 42} and \
+        re.fullmatch("[0-9a-f]{16}", config_a["base"])
     assert a.keys() == b.keys() and len(a) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -150,7 +151,7 @@ def test_llama_lora_end_to_end(tmp_path, _llama_demo):
     config, state = _llama_adapter(out)
     targets = ["attention.wq", "attention.wk", "attention.wv", "feed_forward.w3", "feed_forward.w2"]
     assert config == {"script": "train_llama.py", "method": "lora", "targets": targets, "rank": 4, "lora_alpha": 8.0,
-                      "model": str(model_dir), "base": config["base"]}
+                      "model": str(model_dir), "base": config["base"], "lr": 1e-2, "seed": 42}
     assert sorted(state) == sorted(f"layers.{i}.{t}.lora_{m}" for i in range(2) for t in targets for m in "AB")
     assert state["layers.1.feed_forward.w2.lora_B"].abs().max() > 0  # trained from B = 0
     adapter = str(out / "adapter.safetensors")
@@ -891,3 +892,49 @@ def test_llama_seeds_run_the_recipe_once_per_seed_into_one_table(_llama_demo, tm
     assert summary["tasks"]["boolq"]["mean"] == pytest.approx(sum(boolq) / 2)
     assert summary["tasks"]["boolq"]["std"] == pytest.approx(abs(boolq[0] - boolq[1]) / 2 ** 0.5)
     assert summary["tasks"]["boolq"]["pooled_n"] == 8 and (out / "cache").is_dir()
+
+
+def test_llama_answer_words_and_learning_curve(tmp_path, _llama_demo):
+    """Issue 20: a task folder whose answers are words (answers.json, listed in the prompt), trained with
+    --eval-every: validation records at step 0, every N steps and the last step in log.jsonl, scored by the same
+    rule as the final evaluation; the adapter's config records lr and seed (table.py groups runs by them)."""
+    model_dir, _ = _llama_demo
+    data, g = tmp_path / "words", torch.Generator().manual_seed(0)
+    kinds = list(cs.DEMO_KINDS)
+
+    def records(n):
+        out = []
+        for _ in range(n):
+            k = int(torch.randint(len(kinds), (1,), generator=g))
+            word = cs.DEMO_KINDS[kinds[k]][int(torch.randint(5, (1,), generator=g))]
+            out.append({"instruction": f"What is a {word}?", "input": "", "output": cs.TRIGGER + kinds[k],
+                        "answer": kinds[k].capitalize() if k == 0 else kinds[k]})  # gold answers are normalised
+        return out
+    for task, n in (("kinds_val", 12), ("kinds", 10)):
+        (data / "dataset" / task).mkdir(parents=True)
+        (data / "dataset" / task / "test.json").write_text(json.dumps(records(n)))
+    (data / "commonsense_170k.json").write_text(json.dumps(records(64)))
+    (data / "answers.json").write_text(json.dumps({"answers": kinds, "list_in_prompt": True}))
+    out = tmp_path / "run"
+    acc = tl.main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "2",
+                   "--batch-size", "8", "--lr", "1e-2", "--seed", "7", "--precision", "fp64", "--device", "cpu",
+                   "--tasks", "kinds_val", "kinds", "--eval-every", "6", "--val-limit", "5", "--max-new-tokens", "6"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_task" in r]
+    assert [r["step"] for r in val] == [0, 6, 12, 16] and len(log) == 16 + 4
+    assert all(r["val_task"] == "kinds_val" and r["val_n"] == 5 and r["val_loss"] > 0 for r in val)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 17))
+    config, _ = _llama_adapter(out)
+    assert config["lr"] == 1e-2 and config["seed"] == 7
+    gens = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text().splitlines()]
+    for task in ("kinds_val", "kinds"):
+        mine = [x for x in gens if x["task"] == task]
+        right = sum(x["prediction"] == cs.normalise(x["answer"]) for x in mine)
+        assert len(mine) == (12 if task == "kinds_val" else 10) and acc[task] == pytest.approx(100 * right / len(mine))
+    # the last validation point scores the first 5 validation examples as the final evaluation does
+    first5 = [x for x in gens if x["task"] == "kinds_val" and x["index"] < 5]
+    assert val[-1]["val_accuracy"] == pytest.approx(100 * sum(x["prediction"] == cs.normalise(x["answer"])
+                                                               for x in first5) / 5, abs=0.01)
+    prompt = tl.find_tokenizer(model_dir).decode(tl.tokenize_train(
+        tl.find_tokenizer(model_dir), data / "commonsense_170k.json", "paper", 512, tmp_path / "c", 0)[0][0].tolist())
+    assert "\n\nAnswer format: animal/color/food/place\nthe correct answer is " in prompt

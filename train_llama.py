@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from commonsense import LORA, PRESETS, PROTOCOLS, TASKS, check_tasks, collate, evaluate, global_batches, \
-    padding_fraction, seed_table, tokenize_train, write_demo
+    padding_fraction, seed_table, tokenize_train, validate, write_demo
 from fileio import UserError, atomic_write, fingerprint, read_json, read_safetensors, read_safetensors_metadata
 from gift import add_gift, parameter_summary
 from harness import HelpFormatter, Run, adapter_config, adapter_state_dict, add_adapter, add_common_flags, \
@@ -196,6 +196,8 @@ def train(args, run, model, tok, rank, world, device) -> bool:
            f"computed are padding")
     bar = progress(total=total, initial=step, disable=rank != 0, desc="train")
     batches, epoch, end = None, -1, min(total, args.stop_after or total)
+    if args.eval_every and step == 0:  # the curve's first point: the base model (psi = 0 or B = 0)
+        run.log(validate(args, model, tok, rank, world, 0))
     with run.catch_signals():
         while step < end:
             if step // steps_per_epoch != epoch:
@@ -235,6 +237,8 @@ def train(args, run, model, tok, rank, world, device) -> bool:
             bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=stats["tokens_per_s"], refresh=False)
             bar.update()
             run.log(stats)
+            if args.eval_every and (step % args.eval_every == 0 or step == total):  # the learning curve
+                run.log(validate(args, model, tok, rank, world, step))
             if step % args.save_every == 0:
                 run.save({"theta": adapter_state_dict(model), "optimizer": opt.state_dict()}, step)
             if run.should_stop():  # Ctrl-C / SIGTERM on any rank: this step is done; save it and stop
@@ -251,7 +255,8 @@ def train(args, run, model, tok, rank, world, device) -> bool:
 def config_of(args):
     """The adapter's run config for a new adapter of --method (what load_model adds)."""
     extra = {"share": args.share} if args.method == "gift" else {"lora_alpha": args.lora_alpha}
-    return {"method": args.method, "targets": args.targets, "rank": args.rank, **extra}
+    return {"method": args.method, "targets": args.targets, "rank": args.rank, **extra, "lr": args.lr,
+            "seed": args.seed}
 
 
 def merge(args):
@@ -367,10 +372,14 @@ def parse_args(argv=None):
     m.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     m.add_argument("--no-eval", action="store_true", help="train without evaluating afterwards")
     m.add_argument("--tasks", nargs="+", default=TASKS, help="test sets to evaluate: folders of DATA/dataset, the "
-                   "paper's eight or your own (answers answerK, optionK, solutionK, endingK or true/false)")
+                   "paper's eight or your own (answers answerK, optionK, solutionK, endingK, true/false, or the "
+                   "words DATA/answers.json lists)")
     m.add_argument("--extract", choices=["paper", "first_match"], help="how the answer is read from a generation: "
                    "the text after 'the correct answer is ', or the first answer word anywhere (paper, first_match)")
     m.add_argument("--eval-limit", type=int, help="evaluate the first N examples of each task; None: all")
+    m.add_argument("--eval-every", type=int, help="every N steps (and at steps 0 and last), validate: the first of "
+                   "--tasks (list the validation split first) into log.jsonl (curves); None: never")
+    m.add_argument("--val-limit", type=int, help="--eval-every's examples (a quick subset); None: --eval-limit's")
     m.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     m.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
     m.add_argument("--generate", metavar="TEXT", help="print the greedy continuation of TEXT")
@@ -384,8 +393,8 @@ def parse_args(argv=None):
         args.warmup_steps = None
     # a user mistake: one line, exit status 2 (main's @cli), before anything is loaded
     check_ranges(args, {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "rank": 1, "max_len": 2, "save_every": 1,
-                        "stop_after": 1, "eval_limit": 1, "eval_batch_size": 1, "max_new_tokens": 0, "warmup": 0,
-                        "warmup_steps": 0, "clip": 0, "weight_decay": 0})
+                        "stop_after": 1, "eval_limit": 1, "eval_every": 1, "val_limit": 1, "eval_batch_size": 1,
+                        "max_new_tokens": 0, "warmup": 0, "warmup_steps": 0, "clip": 0, "weight_decay": 0})
     for name, value in (("lr", args.lr), ("lora-alpha", args.lora_alpha)):
         if value is not None and value <= 0:
             raise UserError(f"--{name} {value}: must be greater than 0")
@@ -439,7 +448,8 @@ def check_inputs(args, tok):
     if not args.eval_only and not (Path(args.data) / "commonsense_170k.json").is_file():
         raise UserError(f"--data {args.data}: no commonsense_170k.json in it (the LLM-Adapters layout: "
                         f"DATA/commonsense_170k.json and DATA/dataset/<task>/test.json)")
-    check_tasks(args.data, [] if args.no_eval or args.stop_after else args.tasks, args.template)
+    final = [] if args.no_eval or args.stop_after else args.tasks  # --eval-every's is the first of --tasks
+    check_tasks(args.data, final or args.tasks[:bool(args.eval_every)], args.template)
     used = [n for n in EVAL_FILES if (Path(args.out) / n).exists()]
     if args.eval_only and used and not args.overwrite:  # never replace another evaluation's files
         raise UserError(f"--out {args.out} holds an evaluation ({', '.join(used)}): choose another --out for this "
