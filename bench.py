@@ -44,6 +44,7 @@ Run:
     python bench.py --threads 1 --json bench.json     # CPU: ViT-B/16 batch 2; LLaMA-7B widths, 2 layers, seq 128
     python bench.py --model vit --batch 4 --steps 10  # ViT only
     python bench.py --model llama --compile           # each variant torch.compile'd (compiled in the untimed step)
+    python bench.py --model vit --compile --compile-mode reduce-overhead   # and CUDA graphs (GPU)
     python bench.py --model tokenizer --sp-model llama-2-7b/tokenizer.model --tiktoken-model llama-3-8b/tokenizer.model
     python bench.py --device cuda --llama 8b --layers 32 --seq 512 --json bench.json   # GPU: ViT batch 32, bf16
 """
@@ -68,6 +69,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from gift import add_gift, gift_layers, gift_state_dict, merge_gift
+from harness import COMPILE_MODES, compile_model
 from tokenizer import LLAMA3_PATTERN, load_tokenizer, train_tiny_tokenizer, write_sentencepiece_model
 from lora import add_lora
 from llama import ModelArgs, Transformer
@@ -293,7 +295,7 @@ def bench_model(kind, args, device):
     models["full"], trainable["full"], saved["full"] = model, backbone, model.state_dict()
     fused = device.type == "cuda" or None  # as the scripts: one fused AdamW kernel on a GPU
     opts = {name: torch.optim.AdamW(ps, lr=1e-5, fused=fused) for name, ps in trainable.items() if ps}
-    compiled = {name: torch.compile(m, backend=args.compile) if args.compile else m for name, m in models.items()}
+    compiled = {name: compiled_model(m, args) for name, m in models.items()}
 
     def step(name):
         for p in backbone:  # the backbone's tensors are shared: only full fine-tuning trains them
@@ -340,14 +342,15 @@ def bench_model(kind, args, device):
     def run(m):
         infer_fn(m)
 
-    infer = {n: torch.compile(m, backend=args.compile) if args.compile else m for n, m in infer.items()}
+    infer = {n: compiled_model(m, args) for n, m in infer.items()}
     for m in infer.values():  # untimed (--compile: compiled here)
         run(m)
     times = interleaved_times({n: (lambda m=m: run(m)) for n, m in infer.items()}, "base", args.steps, args.warmup,
                               device)
     inference = [{"variant": n, "forward_s": t["wall_s"], "x_base": t["x_ref"], "cpu_s": t["cpu_s"],
                   "x_base_cpu": t["x_ref_cpu"]} for n, t in times.items()]
-    return {"model": kind, **info, "lora": {"rank": lora_rank, "alpha": lora_alpha}, "compiled": args.compile,
+    compiled = args.compile and (f"inductor, mode {args.compile_mode}" if args.compile == "inductor" else args.compile)
+    return {"model": kind, **info, "lora": {"rank": lora_rank, "alpha": lora_alpha}, "compiled": compiled,
             "ops_counted": "CUDA kernels" if device.type == "cuda" else "aten ops", "train": train,
             "inference": inference}
 
@@ -452,6 +455,14 @@ def _size(n):
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB" if n >= 2**10 else f"{n} B"
 
 
+def compiled_model(model, args):
+    """--compile BACKEND [--compile-mode MODE]: the scripts' compile (harness.compile_model) for inductor."""
+    if not args.compile:
+        return model
+    return compile_model(model, args.compile_mode) if args.compile == "inductor" else \
+        torch.compile(model, backend=args.compile)
+
+
 def markdown_machine(result) -> str:
     m = result["machine"]
     return f"{m['device']}, torch {m['torch']}, {m['date']}"
@@ -523,6 +534,8 @@ def main(argv=None):
                    "model (and the inference models) with this backend (inductor when none is given; aot_eager "
                    "needs no C++ compiler) before timing; compilation happens in the untimed first step. The ops "
                    "column then counts what the compiled step still dispatches")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="inductor's mode, as the "
+                   "scripts' --compile MODE: reduce-overhead adds CUDA graphs (one launch per step on a GPU)")
     p.add_argument("--json", help="also write the results here (rewritten after each part)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

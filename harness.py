@@ -90,8 +90,10 @@ def add_common_flags(p, *, targets, gift_rank, lora_rank, lora_alpha, out, preci
                    "torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--precision", choices=["fp32", "bf16"], default=precision,
                    help="fp32, or bf16" + ("; None: bf16 on a GPU, fp32 on a CPU" if precision is None else ""))
-    r.add_argument("--compile", action="store_true", help="torch.compile the adapted model (GPUs: faster steps "
-                   "after a compile of a minute or so; CPUs need a C++ compiler)")
+    r.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the adapted model (GPUs: faster steps after a compile of a minute or so; CPUs "
+                   "need a C++ compiler). MODE: default; reduce-overhead: also CUDA graphs, for steps of fixed "
+                   "shapes (train_vit.py's); max-autotune: also searches kernels (slow to compile)")
     r.add_argument("--demo", action="store_true", help="generated model and data, then the whole pipeline: "
                    "under a minute on a CPU")
     return p
@@ -148,10 +150,23 @@ def fused_adamw(params, **kwargs):
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def compile_model(model):
-    """--compile: torch.compile(model). GIFT_COMPILE_BACKEND picks another backend, e.g. aot_eager, which needs no
-    C++ compiler (the CPU tests use it)."""
-    return torch.compile(model, backend=os.environ.get("GIFT_COMPILE_BACKEND", "inductor"))
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes of the inductor backend
+
+
+def compile_model(model, mode="default"):
+    """--compile MODE: torch.compile(model, mode=MODE). GIFT_COMPILE_BACKEND picks another backend, e.g. aot_eager,
+    which needs no C++ compiler (the CPU tests use it) and takes no mode. reduce-overhead records each input shape's
+    step as a CUDA graph (on a GPU; elsewhere it is the default mode) and replays it with one launch: one graph
+    for a fixed-shape loop, one more per new shape. A replay overwrites the previous one's outputs, so every call
+    first marks a new step (torch.compiler.cudagraph_mark_step_begin): a loop must use the loss before the next
+    forward (each micro-batch's backward does)."""
+    backend = os.environ.get("GIFT_COMPILE_BACKEND", "inductor")
+    if backend != "inductor":
+        return torch.compile(model, backend=backend)
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    if mode == "reduce-overhead":  # a hook of the compiled wrapper runs eagerly, before each graph's replay
+        compiled.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+    return compiled
 
 
 def close_distributed():

@@ -16,7 +16,7 @@ import torch.nn as nn
 from conftest import ROOT
 from fileio import UserError, read_safetensors_metadata, write_safetensors
 from harness import Run, adapter_config, add_common_flags, base_identity, check_adapter_base, check_finite, \
-    check_new_output, check_ranges, check_vocab, cli, fused_adamw, lock_out, log_json, progress, resume_checkpoint, \
+    check_new_output, check_ranges, check_vocab, cli, compile_model, fused_adamw, lock_out, log_json, progress, resume_checkpoint, \
     setup_distributed, trim_log
 from lora import add_lora, merge_lora
 
@@ -233,6 +233,29 @@ def test_device_flag_and_common_flags(capsys):
             setup_distributed(torch.device("cuda"))
     opt = fused_adamw([nn.Parameter(torch.zeros(2))], lr=1e-3)
     assert not opt.defaults["fused"]  # on the CPU: the default implementation
+    assert p.parse_args([]).compile is None and p.parse_args(["--compile"]).compile == "default"
+    assert p.parse_args(["--compile", "reduce-overhead", "--rank", "4"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--compile", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_compile_model_modes(monkeypatch):
+    """--compile MODE reaches torch.compile (inductor); reduce-overhead (CUDA graphs) marks a new step before
+    every call, so that a replay never overwrites outputs a loop still uses; another backend takes no mode."""
+    seen, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.delenv("GIFT_COMPILE_BACKEND", raising=False)
+    compile_model(nn.Linear(2, 2))(torch.zeros(1, 2))
+    assert seen == [{"mode": None}] and marks == []
+    model = compile_model(nn.Linear(2, 2), "reduce-overhead")
+    model(torch.zeros(1, 2))
+    model(torch.zeros(1, 2))
+    assert seen[-1] == {"mode": "reduce-overhead"} and marks == [1, 1]
+    monkeypatch.setenv("GIFT_COMPILE_BACKEND", "aot_eager")
+    compile_model(nn.Linear(2, 2), "max-autotune")
+    assert seen[-1] == {"backend": "aot_eager"}
 
 
 def test_base_identity_tells_a_merged_or_other_model_from_the_base(tmp_path):

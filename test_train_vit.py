@@ -479,6 +479,19 @@ def test_vit_demo_on_cuda(tmp_path, capsys):
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_vit_cuda_compile_and_cuda_graphs_match_eager(_vit_demo, tmp_path, mode):
+    """--compile MODE on the GPU (inductor; reduce-overhead replays one CUDA graph per shape, 2 here: the full
+    batches and the last, partial one) against eager on the GPU: the same Theta after 1 epoch, fp32."""
+    argv = [a if a != "cpu" else "cuda" for a in _vit_demo["args"]] + ["--epochs", "1", "--drop-path", "0",
+                                                                       "--precision", "fp32"]
+    eager = train_vit.train(train_vit.parse_args(argv + ["--out", str(tmp_path / "eager")]))
+    compiled = train_vit.train(train_vit.parse_args(argv + ["--out", str(tmp_path / mode), "--compile", mode]))
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+
+
+@cuda
 def test_vit_gift_step0_is_the_base_model_and_merge_matches_in_bf16(_vit_demo):
     base = load_vit(_vit_demo["ckpt"], num_classes=4).cuda().eval()
     model = load_vit(_vit_demo["ckpt"], num_classes=4).cuda().eval()

@@ -102,7 +102,7 @@ def train(args):
                   "history": history, "loss_sum": loss_sum}, len(history))
         saved = step
 
-    net = compile_model(model) if args.compile else model
+    net = compile_model(model, args.compile) if args.compile else model
     # DDP over the trainable tensors only: the frozen backbone is never synchronised. `model` stays the module.
     ddp = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device] if device.type == "cuda" else None)
@@ -209,7 +209,7 @@ def evaluate_only(args):
     dev, = load_splits(model_dir, config, args.data, task, max_len, ["dev"])
     model = model_with_adapter(args.adapter, args.model, args.any_base)[1] if args.adapter else load_model(model_dir,
                                                                                                        log=print0)
-    net = compile_model(model.to(device)) if args.compile else model.to(device)
+    net = compile_model(model.to(device), args.compile) if args.compile else model.to(device)
     value = evaluate(net, dev, task.metric, config.pad_token_id, args, device)
     print0(f"{args.task} dev {task.metric}: {value:.2f} (" + (f"{run['method']} r={run['rank']} adapter {args.adapter}"
            f" on the base model {model_dir})" if args.adapter else f"the merged model {model_dir}, its own head)"))
@@ -316,7 +316,7 @@ def demo(args):
     model_dir, data = make_demo(root)
     torch.set_num_threads(1)  # 64-wide matrices: a second thread only adds synchronisation on a small shared CPU
     run = ["--precision", args.precision, *(["--device", str(args.device)] if args.device else []),
-           *(["--compile"] if args.compile else [])]
+           *(["--compile", args.compile] if args.compile else [])]
     for method in ("gift", "lora"):
         main(["--model", str(model_dir), "--task", "sst2", "--data", str(data), "--epochs", "12", "--batch-size",
               "32", "--lr", "3e-3", "--method", method, "--out", str(root / method), *run])

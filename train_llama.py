@@ -188,7 +188,7 @@ def train(args, run, model, tok, rank, world, device) -> bool:
     if world > 1 and not args.fsdp:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
-    forward = compile_model(ddp) if args.compile else ddp
+    forward = compile_model(ddp, args.compile) if args.compile else ddp
     model.train()
     pad = padding_fraction(lengths, global_batches(lengths, args.batch_size, args.seed, 0, args.group_by_length),
                            args.micro_batch_size)
@@ -288,7 +288,8 @@ def demo(args):
     out = root / "run"
     args = parse_args(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "16",
                        "--rank", "16", "--lr", "2e-2", "--eval-batch-size", "128", "--device", str(device)]
-                      + (["--precision", args.precision] if args.precision else []) + ["--compile"] * args.compile)
+                      + (["--precision", args.precision] if args.precision else [])
+                      + (["--compile", args.compile] if args.compile else []))
     variant = lambda **kw: argparse.Namespace(**{**vars(args), **kw})  # noqa: E731
     dtype, tok = precision_dtype(args.precision, device), find_tokenizer(args.model)
     run = start_run(args, dtype, tok, 0)

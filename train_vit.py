@@ -130,7 +130,7 @@ def train(args):
     # hook fires once per step, and the frozen backbone is not synchronised at all
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None)
-    net = compile_model(ddp) if args.compile else ddp
+    net = compile_model(ddp, args.compile) if args.compile else ddp
     autocast, stopped = autocast_for(args, device), False
     with run.catch_signals():
         print0(f"training: {total} steps ({args.epochs} epochs of {steps}), from step {step}")
@@ -278,7 +278,8 @@ def eval_only(args):
     test_set = ImageDataset(check_labels(samples, model.config.num_classes), model.config.image_size, mode)
     batches = loader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
                      max(1, args.batch_size // world), args.workers, device)
-    top1 = evaluate(compile_model(model) if args.compile else model, batches, device, autocast_for(args, device))
+    net = compile_model(model, args.compile) if args.compile else model
+    top1 = evaluate(net, batches, device, autocast_for(args, device))
     print0(f"{label} on {args.test}: top-1 {top1:.2f}% of {len(test_set)} images" + (
         f"; stored in the adapter: {stored:.2f}%" if stored is not None else "; stored in the adapter: none"
         if args.adapter else ""))
@@ -374,7 +375,7 @@ def demo(args):
     torch.set_num_threads(1)
     run = os.path.join(root, "run")
     same = [*(["--device", str(args.device)] if args.device else []), "--precision", args.precision] + (
-        ["--compile"] if args.compile else [])
+        ["--compile", args.compile] if args.compile else [])
     train(parse_args(["--model", checkpoint, "--train", train_dir, "--test", test_dir, "--out", run, "--epochs", "5",
                       "--warmup", "1", "--schedule", "step", "--batch-size", "16", "--lr", "3e-3", "--workers", "2",
                       "--visualize", "2", *same]))
