@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -171,8 +172,10 @@ def compile_model(model, mode="default"):
 
 def close_distributed():
     """Leaves the process group (if any) once every rank got here: nobody tears it down while another rank still
-    talks (gloo aborts). Free DDP wrappers before: their Reducer holds the group."""
+    talks (gloo aborts). Drop DDP wrappers before: their Reducer holds the group, and a wrapper left in a
+    reference cycle is collected here, not after the group is gone."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
