@@ -93,6 +93,18 @@ def test_curves_png_size_colours_and_legend(runs, tmp_path):
     assert curves.COLOURS[0] in {c for _, c in lower.getcolors(1 << 20)}
 
 
+def test_curves_widens_the_picture_for_a_long_legend_label(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TARGETS", [f"layers.{{i}}.{name}" for name in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2")])
+    run = make_run(tmp_path, "long", method="lora", lr=3e-4, seed=12, rank=32)
+    png = tmp_path / "curves.png"
+    width, _ = curves.draw_curves([run], png)
+    assert width > 1000
+    image = Image.open(png).convert("RGB")
+    edge = image.crop((width - 8, 0, width, image.size[1]))  # the label ends before the picture does
+    assert {c for _, c in edge.getcolors(1 << 20)} == {(255, 255, 255)}
+
+
 def test_curves_needs_validation_records(tmp_path):
     run = make_run(tmp_path, "r", val_points=())
     with pytest.raises(SystemExit, match="--eval-every"):

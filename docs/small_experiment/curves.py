@@ -1,6 +1,6 @@
 """Learning curves of train_llama.py runs as a PNG (Pillow only; no matplotlib):
 
-    python docs/small_experiment/curves.py runs/study/intent_words/* --out curves.png [--loss]
+    python docs/small_experiment/curves.py runs/study/snips_words/* --out curves.png [--loss]
 
 Top panel: validation accuracy (%) against training steps, from the validation records that --eval-every writes
 into each run's log.jsonl, one line per run. With --loss, a second panel: the training loss per target token
@@ -9,7 +9,7 @@ into each run's log.jsonl, one line per run. With --loss, a second panel: the tr
 names both. A run folder's log.jsonl holds two kinds of records (table.py reads the same ones):
 
     {"step": 12, "epoch": 0, "loss": 0.41, "lr": 0.001, "tokens_per_s": 480, "seconds": 2.0}    a training step
-    {"step": 20, "val_task": "intent_recognition_words_val", "val_accuracy": 61.9, "val_loss": 0.23,
+    {"step": 20, "val_task": "snips_words_val", "val_accuracy": 61.9, "val_loss": 0.23,
      "val_n": 139, "val_seconds": 31.0}     validation after step 20 (val_n and val_seconds may be absent)
 """
 import argparse
@@ -130,9 +130,10 @@ def draw_curves(runs, out, task=None, loss=False, smooth=10):
         losses.append((moving_mean([(r["step"], r["loss"]) for r in log if "loss" in r], smooth), colour, seed))
         entries.append((f"{i['label']}, seed {i['seed'] if i['seed'] is not None else '?'}", colour, seed))
     x_max = max(s for points, _, _ in acc + losses for s, _ in points)
-    image = Image.new("RGB", (PANEL[0], PANEL[1] * (2 if loss else 1)), "white")
-    draw = ImageDraw.Draw(image)
     font, small = ImageFont.load_default(size=17), ImageFont.load_default(size=14)
+    legend_right = PANEL[0] - MARGIN["right"] + 66 + max(small.getlength(label) for label, _, _ in entries) + 10
+    image = Image.new("RGB", (max(PANEL[0], math.ceil(legend_right)), PANEL[1] * (2 if loss else 1)), "white")
+    draw = ImageDraw.Draw(image)  # wider than PANEL when a legend label would be cut off
     panel(draw, 0, acc, x_max, 100, f"validation accuracy % ({task})", font, small, markers=True)
     legend(draw, entries, 0, small)
     if loss:
