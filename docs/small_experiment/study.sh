@@ -55,9 +55,7 @@ for m in $METHODS; do LR[$m]=$(choose "$m"); echo "chosen on validation: $m lr $
 
 { for m in $METHODS; do for seed in 2 3; do
     echo "snips_words $m-lr${LR[$m]} $seed ${FLAGS[$m]} --lr ${LR[$m]}"; done; done
-  for m in gift-qv lora-qkvud-r32; do for seed in 1 2 3; do  # the answer-format confound: the index form
-    echo "snips_index $m-lr${LR[$m]} $seed ${FLAGS[$m]} --lr ${LR[$m]}"; done; done
-  for m in $METHODS; do for seed in 1 2 3; do
-    echo "trec $m-lr${LR[$m]} $seed ${FLAGS[$m]} --lr ${LR[$m]}"; done; done
+  for task in trec snips_index; do for m in $METHODS; do for seed in 1 2 3; do  # snips_index: the index form
+    echo "$task $m-lr${LR[$m]} $seed ${FLAGS[$m]} --lr ${LR[$m]}"; done; done; done
 } | parallel
 python3 docs/small_experiment/table.py "$OUT"/*/*-s* --per-seed
