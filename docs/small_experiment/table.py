@@ -1,13 +1,13 @@
 """The small experiment's results tables, from train_llama.py's run folders (standard library only).
 
-    python docs/small_experiment/table.py runs/study/*/* [--test intent_recognition_words ...] [--per-seed]
+    python docs/small_experiment/table.py runs/study/*/* [--test snips_words ...] [--per-seed]
 
-Runs are grouped by recipe: test task (which also names the answer form: intent_recognition has answers
-answer1..answer7, intent_recognition_words the intents' names), method, targets, rank and learning rate. One row
-per recipe: test accuracy as mean +- sample standard deviation over its seeds, the number of seeds, the 95%
-Wilson interval of the pooled predictions (all seeds' correct answers over all their test examples), the
-validation accuracy (mean over seeds; it is what chooses the learning rate), trainable parameters, adapter
-size, steps and training time (mean per run). --per-seed adds one row per run.
+Runs are grouped by recipe: test task (which also names the answer form: snips_index has answers answer1..answer7,
+snips_words the intents' names), method, targets, rank and learning rate. One row per recipe: test accuracy as mean
++- sample standard deviation over its seeds, the number of seeds, the 95% Wilson interval of the pooled predictions
+(all seeds' correct answers over all their test examples), the validation accuracy (mean over seeds; it is what
+chooses the learning rate), trainable parameters, adapter size, steps and training time (mean per run). --per-seed
+adds one row per run.
 
 What a run folder holds:
 - eval.json (train_llama.py's evaluation): "accuracy" {task: %}, "n" {task: examples}, "interval95" {task: [lo,
