@@ -2,7 +2,6 @@
 the tests that need them skip cleanly where they are absent."""
 import collections
 import copy
-import gc
 import io
 import os
 import re
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gift import (GIFTLinear, add_gift, cluster_head, count_parameters, gift_disabled, gift_layers,
     gift_state_dict, load_gift_state_dict, merge_gift, parameter_summary)
+from harness import close_distributed  # the scripts' teardown, used by the DDP test's workers
 
 
 # ----------------------------------------------------------------------------------------------- gift.py
@@ -693,10 +693,8 @@ def _gift_ddp_worker(rank, world, store, out):
         theta = _gift_shared_theta_run(rank, world)
         if rank == 0:
             torch.save(theta, out)
-    finally:  # the DDP wrapper is in a reference cycle: collect its Reducer before the group goes, and let no
-        gc.collect()  # rank tear the group down while the other still talks (gloo aborts: CI saw SIGABRT once)
-        dist.barrier()
-        dist.destroy_process_group()
+    finally:  # the scripts' teardown: collect the DDP wrapper's cycle, meet at a barrier, then leave (gloo aborts
+        close_distributed()  # when a rank leaves while the other still talks: CI saw SIGABRT once)
 
 
 def test_gift_ddp_two_processes_with_checkpointing_equal_one(tmp_path):

@@ -20,12 +20,12 @@ TARGETS = ["layers.{i}.attention.wq", "layers.{i}.attention.wv"]
 
 
 def make_run(root, name, method="gift", lr=1e-3, seed=1, acc=None, n=10, val_points=((5, 40.0), (10, 60.0)),
-             steps=10, rank=2):
+             steps=10, rank=2, targets=TARGETS):
     """A run folder as train_llama.py writes it: adapter.safetensors (2 tensors of rank x 4, the config in its
     metadata), eval.json and log.jsonl (a training record per step, validation records at val_points)."""
     run = root / name
     run.mkdir(parents=True)
-    config = {"script": "train_llama.py", "method": method, "targets": TARGETS, "rank": rank, "seed": seed}
+    config = {"script": "train_llama.py", "method": method, "targets": targets, "rank": rank, "seed": seed}
     if lr is not None:
         config["lr"] = lr
     write_safetensors(run / "adapter.safetensors", {f"t{k}": torch.zeros(rank, 4) for k in range(2)},
@@ -93,10 +93,10 @@ def test_curves_png_size_colours_and_legend(runs, tmp_path):
     assert curves.COLOURS[0] in {c for _, c in lower.getcolors(1 << 20)}
 
 
-def test_curves_widens_the_picture_for_a_long_legend_label(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "TARGETS", [f"layers.{{i}}.{name}" for name in (
-        "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2")])
-    run = make_run(tmp_path, "long", method="lora", lr=3e-4, seed=12, rank=32)
+def test_curves_widens_the_picture_for_a_long_legend_label(tmp_path):
+    targets = [f"layers.{{i}}.{name}" for name in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2")]
+    run = make_run(tmp_path, "long", method="lora", lr=3e-4, seed=12, rank=32, targets=targets)
     png = tmp_path / "curves.png"
     width, _ = curves.draw_curves([run], png)
     assert width > 1000

@@ -29,6 +29,7 @@ MARKERS = ["circle", "square", "triangle", "diamond"]
 DASHES = [None, (10, 6), (3, 4), (14, 4, 3, 4)]  # on/off lengths in pixels; None: solid
 PANEL = (1000, 420)  # width, height of one panel in pixels
 MARGIN = {"left": 80, "right": 270, "top": 40, "bottom": 60}  # the legend sits in the right margin
+LEGEND_X, LEGEND_TEXT = PANEL[0] - MARGIN["right"] + 20, 46  # where its entries start; their labels, past the line
 
 
 def nice_ticks(hi, n=6):
@@ -98,12 +99,12 @@ def panel(draw, top, series, x_max, y_max, y_label, font, small, markers):
 
 def legend(draw, entries, top, font):
     """[(label, colour, seed index)] in the right margin, each with its line style and marker."""
-    x = PANEL[0] - MARGIN["right"] + 20
+    x = LEGEND_X
     for i, (label, colour, seed) in enumerate(entries):
         y = top + MARGIN["top"] + 10 + 24 * i
         dashed(draw, [(x, y), (x + 36, y)], colour, 2, DASHES[seed % len(DASHES)])
         marker(draw, x + 18, y, MARKERS[seed % len(MARKERS)], colour)
-        draw.text((x + 46, y), label, fill="black", font=font, anchor="lm")
+        draw.text((x + LEGEND_TEXT, y), label, fill="black", font=font, anchor="lm")
 
 
 def moving_mean(points, window):
@@ -131,7 +132,7 @@ def draw_curves(runs, out, task=None, loss=False, smooth=10):
         entries.append((f"{i['label']}, seed {i['seed'] if i['seed'] is not None else '?'}", colour, seed))
     x_max = max(s for points, _, _ in acc + losses for s, _ in points)
     font, small = ImageFont.load_default(size=17), ImageFont.load_default(size=14)
-    legend_right = PANEL[0] - MARGIN["right"] + 66 + max(small.getlength(label) for label, _, _ in entries) + 10
+    legend_right = LEGEND_X + LEGEND_TEXT + max(small.getlength(label) for label, _, _ in entries) + 10
     image = Image.new("RGB", (max(PANEL[0], math.ceil(legend_right)), PANEL[1] * (2 if loss else 1)), "white")
     draw = ImageDraw.Draw(image)  # wider than PANEL when a legend label would be cut off
     panel(draw, 0, acc, x_max, 100, f"validation accuracy % ({task})", font, small, markers=True)
